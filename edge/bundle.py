@@ -1,0 +1,159 @@
+"""The model bundle: one file with the fitted tensors, a JSON manifest and a content hash.
+
+File layout (a `torch.save` of plain containers, read back with `weights_only=True`, never a pickle of
+code objects):
+    {"format": "linewatch-bundle", "manifest": <JSON text>, "hash": <sha256 hex>, "tensors": {name: Tensor}}
+The hash covers the manifest text and every tensor's name, dtype, shape and bytes, so any edit to the
+file, or a bundle assembled from mismatched parts, is refused on load.
+The backbone's weights are not copied in; the manifest records their SHA-256 and loading checks it,
+so a bundle never silently runs with other weights than it was fitted with.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import platform
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from edge.backbones import load_backbone
+from edge.models import AnomalyModel, get_model_class
+from edge.preprocessing import Preprocessing
+
+FORMAT = "linewatch-bundle"
+FORMAT_VERSION = 1
+
+
+class BundleError(ValueError):
+    """A bundle file that cannot be used; the message names the file and the problem."""
+
+
+@dataclass(frozen=True)
+class Bundle:
+    model: AnomalyModel
+    preprocessing: Preprocessing
+    manifest: dict[str, Any]
+    hash: str
+    path: Path | None = None
+
+
+def versions() -> dict[str, str]:
+    def version(dist: str) -> str:
+        try:
+            return metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            return "unknown"
+
+    return {
+        "linewatch": version("linewatch"),
+        "torch": torch.__version__,
+        "torchvision": version("torchvision"),
+        "python": platform.python_version(),
+    }
+
+
+def content_hash(manifest_text: str, tensors: dict[str, torch.Tensor]) -> str:
+    digest = hashlib.sha256(manifest_text.encode())
+    for name in sorted(tensors):
+        t = tensors[name].detach().cpu().contiguous()
+        digest.update(f"\n{name}|{t.dtype}|{tuple(t.shape)}\n".encode())
+        digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return digest.hexdigest()
+
+
+def build_manifest(
+    model: AnomalyModel,
+    preprocessing: Preprocessing,
+    weights_sha256: str,
+    extra: dict[str, Any],
+) -> dict[str, Any]:
+    manifest: dict[str, Any] = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "model": model.name,
+        "model_params": model.params(),
+        "backbone": {
+            "name": model.backbone.name,
+            "layers": list(model.backbone.layers),
+            "border_pad": model.backbone.border_pad,
+            "weights_sha256": weights_sha256,
+        },
+        "preprocessing": preprocessing.to_dict(),
+        "input_size": list(preprocessing.input_size),
+        "threshold": None,
+        "normalization": None,
+        "versions": versions(),
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
+    }
+    manifest.update(extra)
+    return manifest
+
+
+def save_bundle(path: str | Path, model: AnomalyModel, manifest: dict[str, Any]) -> str:
+    """Write the bundle atomically (temp file + rename) and return its content hash."""
+    path = Path(path)
+    tensors = {k: v.detach().cpu().contiguous() for k, v in model.tensors().items()}
+    text = json.dumps(manifest, sort_keys=True)
+    digest = content_hash(text, tensors)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save({"format": FORMAT, "manifest": text, "hash": digest, "tensors": tensors}, tmp)
+    tmp.replace(path)
+    return digest
+
+
+def read_bundle_file(path: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tensor], str]:
+    """Read and verify a bundle file: (manifest, tensors, hash). Raises BundleError with the reason."""
+    path = Path(path)
+    if not path.is_file():
+        raise BundleError(f"{path}: bundle file does not exist")
+    try:
+        raw = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # unpickling errors come in many types
+        raise BundleError(f"{path}: not a linewatch bundle (cannot be read without pickle: {exc})") from exc
+    if not isinstance(raw, dict) or raw.get("format") != FORMAT:
+        raise BundleError(f"{path}: not a linewatch bundle (no '{FORMAT}' header)")
+    text, recorded, tensors = raw.get("manifest"), raw.get("hash"), raw.get("tensors")
+    if not isinstance(text, str) or not isinstance(recorded, str) or not isinstance(tensors, dict):
+        raise BundleError(f"{path}: bundle is missing its manifest, hash or tensors")
+    actual = content_hash(text, tensors)
+    if actual != recorded:
+        raise BundleError(
+            f"{path}: content hash mismatch (recorded {recorded[:12]}, actual {actual[:12]}): "
+            "the file is corrupt or was modified"
+        )
+    manifest = json.loads(text)
+    version = manifest.get("format_version")
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise BundleError(
+            f"{path}: bundle format_version {version!r} is not supported by this linewatch "
+            f"(supports <= {FORMAT_VERSION}); upgrade linewatch"
+        )
+    return manifest, tensors, recorded
+
+
+def load_bundle(path: str | Path, backbone_weights: str | Path | None = None) -> Bundle:
+    """Load a bundle, rebuild its model on the CPU in eval mode, and check the backbone weights match."""
+    manifest, tensors, digest = read_bundle_file(path)
+    bb = manifest["backbone"]
+    backbone = load_backbone(
+        bb["name"], tuple(bb["layers"]), backbone_weights or bb.get("weights_path"), int(bb.get("border_pad", 0))
+    )
+    if backbone.weights_sha256 != bb["weights_sha256"]:
+        raise BundleError(
+            f"{path}: backbone weights {backbone.weights_path} (sha256 {backbone.weights_sha256[:12]}) differ from "
+            f"those the model was fitted with (sha256 {bb['weights_sha256'][:12]})"
+        )
+    preprocessing = Preprocessing.from_dict(manifest["preprocessing"])
+    cls = get_model_class(manifest["model"])
+    try:
+        model = cls.from_tensors(backbone.module, preprocessing.input_size, manifest["model_params"], tensors)
+    except (KeyError, ValueError) as exc:
+        raise BundleError(f"{path}: bundle tensors do not fit model {manifest['model']}: {exc}") from exc
+    return Bundle(model=model.eval(), preprocessing=preprocessing, manifest=manifest, hash=digest, path=Path(path))

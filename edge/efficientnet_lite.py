@@ -1,0 +1,130 @@
+"""EfficientNet-Lite (Tan & Le 2019, "Lite" variant for edge devices), written for feature extraction.
+
+Lite differs from EfficientNet-B*: no squeeze-excitation, ReLU6 instead of swish, fixed stem and head.
+Parameter names follow the layout of the published PyTorch conversion of the TensorFlow checkpoints
+(`_conv_stem`, `_blocks.N._depthwise_conv`, ...) so that state dict loads with `strict=True`.
+Convolutions use TensorFlow "SAME" padding (asymmetric for stride 2), as the weights were trained with
+it; symmetric padding shifts every stride-2 feature map by half a pixel and costs accuracy.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+BN_EPS = 1e-3  # TensorFlow's default, used by the original checkpoints
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    kernel: int
+    stride: int
+    expand: int
+    out_channels: int
+    repeats: int
+
+
+# EfficientNet-B0 / Lite0 stages: (kernel, stride, expand ratio, output channels, repeats).
+LITE0_STAGES: tuple[StageSpec, ...] = (
+    StageSpec(3, 1, 1, 16, 1),
+    StageSpec(3, 2, 6, 24, 2),
+    StageSpec(5, 2, 6, 40, 2),
+    StageSpec(3, 2, 6, 80, 3),
+    StageSpec(5, 1, 6, 112, 3),
+    StageSpec(5, 2, 6, 192, 4),
+    StageSpec(3, 1, 6, 320, 1),
+)
+
+
+class SameConv2d(nn.Conv2d):
+    """Conv2d with TensorFlow "SAME" padding computed from the input size (static under export)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        pads: list[int] = []
+        for size, k, s, d in zip(
+            reversed(x.shape[-2:]),
+            reversed(self.kernel_size),
+            reversed(self.stride),
+            reversed(self.dilation),
+            strict=True,
+        ):
+            total = max((math.ceil(size / s) - 1) * s + (k - 1) * d + 1 - size, 0)
+            pads += [total // 2, total - total // 2]
+        if any(pads):
+            x = F.pad(x, pads)
+        return F.conv2d(x, self.weight, self.bias, self.stride, 0, self.dilation, self.groups)
+
+
+class MBConvBlock(nn.Module):
+    """Inverted residual block: 1x1 expand -> kxk depthwise -> 1x1 project (+ identity skip)."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel: int, stride: int, expand: int) -> None:
+        super().__init__()
+        hidden = in_channels * expand
+        self.has_expand = expand != 1
+        if self.has_expand:
+            self._expand_conv = nn.Conv2d(in_channels, hidden, 1, bias=False)
+            self._bn0 = nn.BatchNorm2d(hidden, eps=BN_EPS)
+        self._depthwise_conv = SameConv2d(hidden, hidden, kernel, stride=stride, groups=hidden, bias=False)
+        self._bn1 = nn.BatchNorm2d(hidden, eps=BN_EPS)
+        self._project_conv = nn.Conv2d(hidden, out_channels, 1, bias=False)
+        self._bn2 = nn.BatchNorm2d(out_channels, eps=BN_EPS)
+        self.use_skip = stride == 1 and in_channels == out_channels
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = x
+        if self.has_expand:
+            y = F.relu6(self._bn0(self._expand_conv(y)))
+        y = F.relu6(self._bn1(self._depthwise_conv(y)))
+        y = self._bn2(self._project_conv(y))
+        return y + x if self.use_skip else y
+
+
+class EfficientNetLite(nn.Module):
+    """EfficientNet-Lite classifier whose `forward_blocks` exposes the output of every block.
+
+    Input: (N, 3, H, W) normalised as in `edge.preprocessing` for this backbone.
+    """
+
+    def __init__(self, stages: tuple[StageSpec, ...] = LITE0_STAGES, num_classes: int = 1000) -> None:
+        super().__init__()
+        self._conv_stem = SameConv2d(3, 32, 3, stride=2, bias=False)
+        self._bn0 = nn.BatchNorm2d(32, eps=BN_EPS)
+        blocks: list[MBConvBlock] = []
+        in_ch = 32
+        for spec in stages:
+            for r in range(spec.repeats):
+                stride = spec.stride if r == 0 else 1
+                blocks.append(MBConvBlock(in_ch, spec.out_channels, spec.kernel, stride, spec.expand))
+                in_ch = spec.out_channels
+        self._blocks = nn.ModuleList(blocks)
+        self._conv_head = nn.Conv2d(in_ch, 1280, 1, bias=False)
+        self._bn1 = nn.BatchNorm2d(1280, eps=BN_EPS)
+        self._fc = nn.Linear(1280, num_classes)
+
+    def block_channels(self, index: int) -> int:
+        return self._blocks[index]._bn2.num_features
+
+    def block_stride(self, index: int) -> int:
+        stride = 2  # stem
+        for block in self._blocks[: index + 1]:
+            stride *= block._depthwise_conv.stride[0]
+        return stride
+
+    def forward_blocks(self, x: torch.Tensor, last_block: int) -> list[torch.Tensor]:
+        """Outputs of blocks 0..last_block (inclusive); later blocks are not computed."""
+        x = F.relu6(self._bn0(self._conv_stem(x)))
+        outs: list[torch.Tensor] = []
+        for block in self._blocks[: last_block + 1]:
+            x = block(x)
+            outs.append(x)
+        return outs
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.forward_blocks(x, len(self._blocks) - 1)[-1]
+        x = F.relu6(self._bn1(self._conv_head(x)))
+        return self._fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))

@@ -1,0 +1,132 @@
+"""Scoring pieces shared by the models: patch embeddings, nearest neighbours, anomaly-map smoothing.
+
+Everything here is plain tensor code with static control flow so `torch.export` (and TensorRT through
+it) sees the same graph as eager mode.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+# Elements of one (queries x bank-chunk) distance block: 2^24 floats = 64 MiB, whatever the bank size.
+DEFAULT_CHUNK_ELEMENTS = 1 << 24
+
+
+class ScoreResult(NamedTuple):
+    """Output of every model: image scores (N,) and anomaly maps (N, H, W) at the input resolution."""
+
+    scores: torch.Tensor
+    maps: torch.Tensor
+
+
+def concat_feature_maps(features: list[torch.Tensor], pool: bool) -> torch.Tensor:
+    """Upsample every map to the first (finest) one's size and concatenate channels: (N, sum C, h, w).
+
+    With `pool`, each map is first 3x3 average-pooled (stride 1): PatchCore's "locally aware" patch
+    features, which aggregate a neighbourhood without losing resolution.
+    """
+    size = features[0].shape[-2:]
+    out = []
+    for f in features:
+        if pool:
+            f = F.avg_pool2d(f, 3, stride=1, padding=1, count_include_pad=False)
+        if f.shape[-2:] != size:
+            f = F.interpolate(f, size=size, mode="bilinear", align_corners=False)
+        out.append(f)
+    return torch.cat(out, dim=1)
+
+
+def squared_norms(x: torch.Tensor) -> torch.Tensor:
+    return (x * x).sum(dim=1)
+
+
+def _chunk_rows(n_queries: int, n_bank: int, chunk_elements: int) -> int:
+    return max(1, min(n_bank, chunk_elements // max(n_queries, 1)))
+
+
+def nearest_neighbor(
+    queries: torch.Tensor, bank: torch.Tensor, bank_sq: torch.Tensor, chunk_elements: int = DEFAULT_CHUNK_ELEMENTS
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Euclidean distance and index of each query's nearest bank row.
+
+    queries (Q, C), bank (M, C), bank_sq (M,) = |bank|^2 -> (Q,), (Q,).
+    ||q - b||^2 = |q|^2 - 2 q.b + |b|^2 as a matmul instead of cdist: exports to TensorRT and runs on
+    BLAS; the bank is processed in chunks so peak memory is bounded by `chunk_elements`.
+    """
+    q_sq = squared_norms(queries).unsqueeze(1)
+    rows = _chunk_rows(queries.shape[0], bank.shape[0], chunk_elements)
+    best_d: torch.Tensor | None = None
+    best_i: torch.Tensor | None = None
+    for start in range(0, bank.shape[0], rows):
+        chunk = bank[start : start + rows]
+        d = torch.addmm(q_sq + bank_sq[start : start + rows].unsqueeze(0), queries, chunk.t(), alpha=-2.0)
+        d_min, i_min = d.min(dim=1)
+        i_min = i_min + start
+        if best_d is None or best_i is None:
+            best_d, best_i = d_min, i_min
+        else:
+            better = d_min < best_d
+            best_d = torch.where(better, d_min, best_d)
+            best_i = torch.where(better, i_min, best_i)
+    assert best_d is not None and best_i is not None
+    return best_d.clamp_min(0).sqrt(), best_i
+
+
+def k_nearest(
+    queries: torch.Tensor,
+    bank: torch.Tensor,
+    bank_sq: torch.Tensor,
+    k: int,
+    chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
+) -> torch.Tensor:
+    """Indices (Q, k) of each query's k nearest bank rows, ascending by distance; chunked like above."""
+    q_sq = squared_norms(queries).unsqueeze(1)
+    rows = max(k, _chunk_rows(queries.shape[0], bank.shape[0], chunk_elements))
+    best_d: torch.Tensor | None = None
+    best_i: torch.Tensor | None = None
+    for start in range(0, bank.shape[0], rows):
+        chunk = bank[start : start + rows]
+        d = torch.addmm(q_sq + bank_sq[start : start + rows].unsqueeze(0), queries, chunk.t(), alpha=-2.0)
+        idx = torch.arange(start, start + chunk.shape[0], device=bank.device).expand_as(d)
+        if best_d is not None and best_i is not None:
+            d = torch.cat([best_d, d], dim=1)
+            idx = torch.cat([best_i, idx], dim=1)
+        best_d, pos = d.topk(min(k, d.shape[1]), dim=1, largest=False)
+        best_i = idx.gather(1, pos)
+    assert best_i is not None
+    return best_i
+
+
+def gaussian_kernel1d(sigma: float) -> torch.Tensor:
+    """Normalised 1-D Gaussian with radius 4 sigma (truncation error < 1e-4)."""
+    radius = max(1, int(math.ceil(4.0 * sigma)))
+    x = torch.arange(-radius, radius + 1, dtype=torch.float32)
+    k = torch.exp(-0.5 * (x / sigma) ** 2)
+    return k / k.sum()
+
+
+class AnomalyMapSmoother(nn.Module):
+    """Patch scores (N, h, w) -> anomaly map (N, H, W): bilinear upsampling, then a separable Gaussian blur.
+
+    The kernel is a buffer, so it travels with the model and is a constant in exported graphs.
+    """
+
+    def __init__(self, output_size: tuple[int, int], sigma: float = 4.0) -> None:
+        super().__init__()
+        self.output_size = output_size
+        self.sigma = sigma
+        self.register_buffer("kernel", gaussian_kernel1d(sigma) if sigma > 0 else torch.ones(1), persistent=False)
+
+    def forward(self, patch_scores: torch.Tensor) -> torch.Tensor:
+        x = F.interpolate(patch_scores.unsqueeze(1), size=self.output_size, mode="bilinear", align_corners=False)
+        if self.sigma > 0:
+            k = self.kernel
+            r = k.numel() // 2
+            x = F.conv2d(F.pad(x, (r, r, 0, 0), mode="replicate"), k.view(1, 1, 1, -1))
+            x = F.conv2d(F.pad(x, (0, 0, r, r), mode="replicate"), k.view(1, 1, -1, 1))
+        return x.squeeze(1)

@@ -1,0 +1,132 @@
+"""The `linewatch` command line: fit, evaluate, demo.
+
+Every expected failure (bad config, unreadable data, missing weights, tampered bundle) ends with one
+line `linewatch: error: ...` on stderr and exit status 2; stdout carries only results.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from calibration.datasets import DatasetError, MVTecCategory, normal_frames
+from calibration.evaluate import evaluate
+from calibration.fit import fit
+from edge.backbones import BACKBONES, WeightsNotFound
+from edge.bundle import BundleError, load_bundle, save_bundle
+from edge.models import MODELS
+from pipeline.config import Config, ConfigError, load_config, with_overrides
+
+EXIT_ERROR = 2
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", type=Path, help="config file (default: built-in defaults)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--skip-bad", action="store_true", help="skip unreadable or mismatched files and report them")
+
+
+def _config(args: argparse.Namespace) -> Config:
+    config = load_config(args.config)
+    overrides = {
+        "model.name": getattr(args, "model_name", None),
+        "model.backbone": getattr(args, "backbone", None),
+        "model.backbone_weights": getattr(args, "backbone_weights", None),
+        "fit.seed": getattr(args, "seed", None),
+    }
+    config = with_overrides(config, overrides)
+    if config.fit.threads:
+        torch.set_num_threads(config.fit.threads)
+    return config
+
+
+def cmd_fit(args: argparse.Namespace) -> int:
+    config = _config(args)
+    samples = normal_frames(args.data)
+    result = fit(config, samples, skip_bad=args.skip_bad, progress=not args.quiet)
+    result.skipped.print()
+    digest = save_bundle(args.out, result.model, result.manifest)
+    print(
+        f"fitted {config.model.name} ({config.model.backbone}) on {result.manifest['dataset']['n_images']} images "
+        f"in {result.seconds:.1f}s -> {args.out} (hash {digest[:12]})",
+        file=sys.stderr,
+    )
+    return 0
+
+
+def _format_metric(value: float | None) -> str:
+    return "   n/a" if value is None else f"{value:6.3f}"
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    bundle = load_bundle(args.model, args.backbone_weights)
+    category = MVTecCategory(args.data)
+    result, report = evaluate(bundle, category, skip_bad=args.skip_bad, progress=not (args.quiet or args.json))
+    report.print()
+    if args.json:
+        print(json.dumps(result.to_dict()))
+    else:
+        r = result
+        print(
+            f"{category.name}: image AUROC {_format_metric(r.image_auroc)}  pixel AUROC {_format_metric(r.pixel_auroc)}"
+            f"  PRO {_format_metric(r.pro)}  F1 {_format_metric(r.f1)}  images {r.n_images}  "
+            f"{r.ms_per_image:.1f} ms/image"
+        )
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from pipeline.demo import run_demo
+
+    return run_demo(args.workdir, quiet=args.quiet, n_train=args.n_train)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="linewatch", description="Real-time camera inspection for factory lines.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("fit", help="fit a model on normal frames and write a bundle")
+    p.add_argument("--data", required=True, type=Path, help="MVTec AD category or folder of normal images")
+    p.add_argument("--out", required=True, type=Path, help="bundle file to write")
+    p.add_argument("--model", dest="model_name", choices=sorted(MODELS))
+    p.add_argument("--backbone", choices=sorted(BACKBONES))
+    p.add_argument("--backbone-weights", help="path to the backbone's .pth weights")
+    p.add_argument("--seed", type=int)
+    _add_common(p)
+    p.set_defaults(func=cmd_fit)
+
+    p = sub.add_parser("evaluate", help="score an MVTec AD category's test set")
+    p.add_argument("--model", required=True, type=Path, help="bundle written by fit")
+    p.add_argument("--data", required=True, type=Path, help="MVTec AD category folder")
+    p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    p.add_argument("--backbone-weights", help="path to the backbone's .pth weights")
+    _add_common(p)
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("demo", help="generate a demo dataset, fit, evaluate, print results")
+    p.add_argument("--workdir", type=Path, default=Path("linewatch-demo"), help="where data and bundles go")
+    p.add_argument("--n-train", type=int, default=100, help="normal training images per category")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except (ConfigError, DatasetError, BundleError, WeightsNotFound, ValueError) as exc:
+        print(f"linewatch: error: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        print("linewatch: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

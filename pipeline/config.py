@@ -1,0 +1,211 @@
+"""The linewatch configuration: one typed schema, loaded and validated in one place.
+
+Each section is a frozen dataclass; field metadata states the allowed range or choices. Unknown keys,
+wrong types and out-of-range values fail at load time with a message naming the key, the value and
+what is allowed. Command-line flags are applied with `with_overrides`, which validates the same way.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from edge.backbones import BACKBONES
+from edge.models import MODELS
+
+
+class ConfigError(ValueError):
+    """Invalid configuration; the message names the file, the key, the value and what is allowed."""
+
+
+def _range(lo: float | None = None, hi: float | None = None, lo_open: bool = False) -> dict[str, Any]:
+    return {"min": lo, "max": hi, "min_open": lo_open}
+
+
+@dataclass(frozen=True)
+class PatchCoreConfig:
+    coreset_ratio: float = field(default=0.1, metadata=_range(0.0, 1.0, lo_open=True))
+    """Fraction of training patches kept in the memory bank (paper: 0.1 or 0.01)."""
+    projection_dim: int = field(default=128, metadata=_range(0))
+    """Random-projection dimension used only to select the coreset; 0 = no projection."""
+    num_neighbors: int = field(default=9, metadata=_range(1))
+    """b in the paper's image-score reweighting."""
+
+
+@dataclass(frozen=True)
+class PadimConfig:
+    n_features: int = field(default=100, metadata=_range(1))
+    """Random subset of feature channels modelled per position (paper: 100 for ResNet18)."""
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    name: str = field(default="patchcore", metadata={"choices": tuple(MODELS)})
+    backbone: str = field(default="efficientnet_lite0", metadata={"choices": tuple(BACKBONES)})
+    backbone_weights: str | None = None
+    """Path to the backbone's .pth; default: the weights package (Lite0) or the torch hub cache."""
+    layers: tuple[str, ...] | None = None
+    """Feature layers; default stride 8 and 16 of the backbone."""
+    input_size: int = field(default=256, metadata=_range(32, 2048))
+    crop_size: int | None = field(default=None, metadata=_range(32, 2048))
+    border_pad: int = field(default=16, metadata=_range(0, 256))
+    """Mirrored pixels added around the frame before the backbone (multiple of its largest stride)."""
+    sigma: float = field(default=4.0, metadata=_range(0.0, 64.0))
+    """Gaussian smoothing of the anomaly map, in input pixels; 0 = none."""
+    patchcore: PatchCoreConfig = PatchCoreConfig()
+    padim: PadimConfig = PadimConfig()
+
+
+@dataclass(frozen=True)
+class FitConfig:
+    batch_size: int = field(default=16, metadata=_range(1, 1024))
+    seed: int = field(default=0, metadata=_range(0))
+    threads: int = field(default=0, metadata=_range(0, 1024))
+    """torch CPU threads; 0 = torch's default (one per core)."""
+
+
+@dataclass(frozen=True)
+class Config:
+    model: ModelConfig = ModelConfig()
+    fit: FitConfig = FitConfig()
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if origin is tuple:
+        return f"list of {_type_name(typing.get_args(tp)[0])}"
+    if dataclasses.is_dataclass(tp):
+        return "mapping"
+    return "null" if tp is type(None) else getattr(tp, "__name__", str(tp))
+
+
+def _convert(value: Any, tp: Any, key: str) -> Any:
+    """Check `value` against type `tp`, returning it converted (lists -> tuples, int -> float)."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        for arg in typing.get_args(tp):
+            try:
+                return _convert(value, arg, key)
+            except ConfigError:
+                continue
+        raise ConfigError(f"{key} = {value!r}: expected {_type_name(tp)}")
+    if tp is type(None):
+        if value is None:
+            return None
+        raise ConfigError(f"{key} = {value!r}: expected null")
+    if origin is tuple:
+        if not isinstance(value, list | tuple) or not value:
+            raise ConfigError(f"{key} = {value!r}: expected a non-empty {_type_name(tp)}")
+        return tuple(_convert(v, typing.get_args(tp)[0], f"{key}[{i}]") for i, v in enumerate(value))
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key} = {value!r}: expected a mapping")
+        return _build(tp, value, key)  # type: ignore[arg-type]
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+    raise ConfigError(f"{key} = {value!r}: expected {_type_name(tp)}")
+
+
+def _check_field(f: dataclasses.Field, value: Any, key: str, raw: Any) -> None:
+    """Choices and range of a converted `value`; messages quote the `raw` value as written."""
+    meta = f.metadata
+    if value is None:
+        return
+    choices = meta.get("choices")
+    if choices is not None and value not in choices:
+        raise ConfigError(f"{key} = {raw!r}: expected one of {', '.join(map(str, choices))}")
+    lo, hi, lo_open = meta.get("min"), meta.get("max"), meta.get("min_open")
+    below = lo is not None and (value <= lo if lo_open else value < lo)
+    above = hi is not None and value > hi
+    if below or above:
+        allowed = [f"> {lo}" if lo_open else f">= {lo}"] if lo is not None else []
+        allowed += [f"<= {hi}"] if hi is not None else []
+        raise ConfigError(f"{key} = {raw!r}: out of range, expected a value {' and '.join(allowed)}")
+
+
+def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for key in data:
+        if key not in fields:
+            where = f"{prefix}.{key}" if prefix else key
+            raise ConfigError(f"{where}: unknown key, expected one of {', '.join(fields)}")
+    kwargs = {}
+    for name, f in fields.items():
+        key = f"{prefix}.{name}" if prefix else name
+        if name in data:
+            value = _convert(data[name], hints[name], key)
+            _check_field(f, value, key, data[name])
+            kwargs[name] = value
+    return cls(**kwargs)
+
+
+def config_from_dict(data: dict[str, Any] | None) -> Config:
+    return _build(Config, data or {}, "")
+
+
+def load_config(path: str | Path | None) -> Config:
+    """Read and validate a YAML config; None gives the defaults. Errors are prefixed with the file name."""
+    if path is None:
+        return Config()
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: config file does not exist") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {' '.join(str(exc).split())}") from exc
+    if data is not None and not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of sections at the top level, got {type(data).__name__}")
+    try:
+        return config_from_dict(data)
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
+
+
+def to_dict(config: Any) -> dict[str, Any]:
+    """Plain (YAML/JSON-serialisable) dict of a config dataclass; tuples become lists."""
+
+    def plain(v: Any) -> Any:
+        if isinstance(v, tuple):
+            return [plain(x) for x in v]
+        if isinstance(v, dict):
+            return {k: plain(x) for k, x in v.items()}
+        return v
+
+    return plain(dataclasses.asdict(config))
+
+
+def with_overrides(config: Config, overrides: dict[str, Any]) -> Config:
+    """Apply dotted-key overrides (e.g. {"model.name": "padim"}) from the command line; None = not given."""
+    data = to_dict(config)
+    for dotted, value in overrides.items():
+        if value is None:
+            continue
+        node = data
+        *parents, last = dotted.split(".")
+        for p in parents:
+            node = node[p]
+        node[last] = value
+    try:
+        return config_from_dict(data)
+    except ConfigError as exc:
+        raise ConfigError(f"command line: {exc}") from None

@@ -1,0 +1,46 @@
+import torch
+
+from calibration.coreset import coverage_radius, k_center_greedy
+
+
+def _reference_k_center(x: torch.Tensor, n: int, start: int) -> torch.Tensor:
+    """Textbook greedy k-center in float64, no projection."""
+    x = x.double()
+    selected = [start]
+    d = ((x - x[start]) ** 2).sum(1)
+    for _ in range(n - 1):
+        i = int(d.argmax())
+        selected.append(i)
+        d = torch.minimum(d, ((x - x[i]) ** 2).sum(1))
+    return torch.tensor(selected)
+
+
+def test_one_dimensional_farthest_first() -> None:
+    x = torch.tensor([[0.0], [1.0], [2.0], [10.0], [11.0]])
+    sel = k_center_greedy(x, 3, projection_dim=0, seed=0)
+    assert len(set(sel.tolist())) == 3
+    # Whatever the start, the three picks cover both clusters and the coverage radius is at most 1.
+    assert coverage_radius(x, sel) <= 1.0
+
+
+def test_same_coverage_as_reference_algorithm() -> None:
+    g = torch.Generator().manual_seed(0)
+    centres = torch.randn(20, 64, generator=g) * 5
+    x = (centres[torch.randint(20, (3000,), generator=g)] + torch.randn(3000, 64, generator=g)).float()
+    sel = k_center_greedy(x, 300, projection_dim=0, seed=3)
+    ref = _reference_k_center(x, 300, int(sel[0]))
+    ours, theirs = coverage_radius(x, sel), coverage_radius(x, ref)
+    assert len(set(sel.tolist())) == 300
+    assert ours <= theirs * 1.05
+    # With the JL projection the coverage stays equivalent.
+    projected = coverage_radius(x, k_center_greedy(x, 300, projection_dim=32, seed=3))
+    assert projected <= theirs * 1.15
+
+
+def test_beats_random_subset() -> None:
+    g = torch.Generator().manual_seed(1)
+    x = torch.cat([torch.randn(2000, 16, generator=g), torch.randn(20, 16, generator=g) + 30])
+    sel = k_center_greedy(x, 50, projection_dim=0, seed=0)
+    rand = torch.randperm(x.shape[0], generator=g)[:50]
+    assert coverage_radius(x, sel) < coverage_radius(x, rand)
+    assert (sel >= 2000).any()  # the far cluster is always represented

@@ -1,0 +1,71 @@
+import numpy as np
+import pytest
+
+from calibration.metrics import auroc, best_f1, pixel_auroc, pro_score, roc_curve
+
+
+def test_auroc_hand_computed_with_ties() -> None:
+    # Pairs (pos, neg): pos scores 0.8, 0.4; neg scores 0.4, 0.1.
+    # 0.8 > 0.4, 0.8 > 0.1, 0.4 == 0.4 (1/2), 0.4 > 0.1 -> 3.5 / 4.
+    assert auroc([1, 1, 0, 0], [0.8, 0.4, 0.4, 0.1]) == pytest.approx(0.875)
+    assert auroc([1, 0], [1.0, 0.0]) == 1.0
+    assert auroc([1, 0], [0.0, 1.0]) == 0.0
+    assert auroc([1, 1, 0, 0], [0.5, 0.5, 0.5, 0.5]) == pytest.approx(0.5)
+
+
+def test_auroc_equals_mann_whitney_on_random_data() -> None:
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 2, 300)
+    scores = np.round(rng.normal(labels * 0.7, 1.0), 1)  # rounding creates many ties
+    pos, neg = scores[labels == 1], scores[labels == 0]
+    u = (pos[:, None] > neg[None, :]).sum() + 0.5 * (pos[:, None] == neg[None, :]).sum()
+    assert auroc(labels, scores) == pytest.approx(u / (pos.size * neg.size))
+
+
+def test_roc_curve_points() -> None:
+    fpr, tpr, thr = roc_curve([0, 1, 1, 0], [0.1, 0.9, 0.6, 0.6])
+    assert np.allclose(fpr, [0, 0, 0.5, 1]) and np.allclose(tpr, [0, 0.5, 1, 1])
+    assert np.isinf(thr[0]) and np.allclose(thr[1:], [0.9, 0.6, 0.1])
+    with pytest.raises(ValueError, match="both normal and anomalous"):
+        roc_curve([1, 1], [0.1, 0.2])
+
+
+def test_best_f1_hand_computed() -> None:
+    # Thresholding at >= 0.6: TP 2, FP 1, FN 0 -> P 2/3, R 1, F1 0.8; at >= 0.9: P 1, R 1/2, F1 2/3.
+    f1, t = best_f1([0, 1, 1, 0], [0.1, 0.9, 0.6, 0.6])
+    assert f1 == pytest.approx(0.8) and t == pytest.approx(0.6)
+
+
+def test_pixel_auroc_over_all_pixels() -> None:
+    masks = np.zeros((2, 2, 2), bool)
+    masks[0, 0, 0] = True
+    maps = np.zeros((2, 2, 2))
+    maps[0, 0, 0] = 1.0
+    maps[1, 1, 1] = 1.0  # a tie with the positive pixel: 7 negatives, one tied -> 6.5 / 7
+    assert pixel_auroc(masks, maps) == pytest.approx(6.5 / 7)
+    with pytest.raises(ValueError, match="differ in shape"):
+        pixel_auroc(masks, maps[:1])
+
+
+def test_pro_hand_computed() -> None:
+    # One image 1 x 10: region A = pixels 0-1, region B = pixels 5-8; 4 normal pixels.
+    masks = np.zeros((1, 1, 10), bool)
+    masks[0, 0, [0, 1]] = True
+    masks[0, 0, 5:9] = True
+    maps = np.array([[[0.9, 0.2, 0.3, 0.1, 0.1, 0.8, 0.8, 0.8, 0.8, 0.1]]])
+    # Sweep: t=0.9 -> A 1/2, B 0 -> PRO 0.25, FPR 0; t=0.8 -> B 1 -> PRO 0.75, FPR 0;
+    # t=0.3 -> FPR 1/4 (pixel 2), PRO 0.75; t=0.2 -> A complete, PRO 1, FPR 1/4; t=0.1 -> FPR 1.
+    # Up to FPR 0.3: area = 0.25 * 0.75 (0..1/4) + interpolate between (1/4, 1.0) and (1, 1.0) -> 0.05 * 1.0.
+    expected = (0.25 * 0.75 + 0.05 * 1.0) / 0.3
+    assert pro_score(masks, maps, max_fpr=0.3) == pytest.approx(expected)
+
+
+def test_pro_perfect_and_errors() -> None:
+    masks = np.zeros((2, 8, 8), bool)
+    masks[0, 2:4, 2:4] = True
+    masks[1, 5:7, 1:3] = True
+    assert pro_score(masks, masks.astype(float)) == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="at least one anomalous region"):
+        pro_score(np.zeros((1, 4, 4), bool), np.zeros((1, 4, 4)))
+    with pytest.raises(ValueError, match="NaN"):
+        auroc([0, 1], [0.0, float("nan")])

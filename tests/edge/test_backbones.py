@@ -1,0 +1,84 @@
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torchvision
+
+from edge.backbones import BACKBONES, WeightsNotFound, load_backbone, resolve_weights
+from edge.efficientnet_lite import EfficientNetLite
+
+skimage_data = pytest.importorskip("skimage.data", reason="scikit-image is in the dev extra")
+
+
+def _classify(image: np.ndarray) -> int:
+    """Top-1 ImageNet class of an RGB image with the shipped Lite0 weights and Lite0 preprocessing."""
+    spec = BACKBONES["efficientnet_lite0"]
+    net = EfficientNetLite()
+    net.load_state_dict(torch.load(resolve_weights(spec, None), weights_only=True))
+    net.eval()
+    x = torch.from_numpy(spec.preprocessing(224)(image)).unsqueeze(0)
+    with torch.inference_mode():
+        return int(net(x).argmax())
+
+
+def test_lite0_weights_are_the_real_imagenet_ones() -> None:
+    assert 281 <= _classify(skimage_data.chelsea()) <= 285  # tabby / tiger / Persian / Siamese / Egyptian cat
+    assert _classify(skimage_data.coffee()) in (967, 968)  # espresso / cup
+
+
+def test_lite0_feature_maps_have_strides_8_and_16() -> None:
+    bb = load_backbone("efficientnet_lite0").module
+    feats = bb(torch.zeros(2, 3, 128, 96))
+    assert [tuple(f.shape) for f in feats] == [(2, 40, 16, 12), (2, 112, 8, 6)]
+    assert bb.strides == [8, 16] and bb.channels == [40, 112]
+
+
+def test_border_pad_keeps_output_size_and_changes_edge_features() -> None:
+    plain = load_backbone("efficientnet_lite0").module
+    padded = load_backbone("efficientnet_lite0", border_pad=16).module
+    x = torch.randn(1, 3, 64, 64)
+    with torch.inference_mode():
+        a, b = plain(x), padded(x)
+    assert [f.shape for f in a] == [f.shape for f in b]
+    # Edge cells differ (no zero padding there any more) ...
+    assert not torch.allclose(a[0][..., 0, 0], b[0][..., 0, 0])
+    with pytest.raises(ValueError, match="multiple of 16"):
+        load_backbone("efficientnet_lite0", border_pad=8)
+
+
+def test_torchvision_backbone_from_explicit_path(tmp_path: Path) -> None:
+    weights = tmp_path / "r18.pth"
+    torch.save(torchvision.models.resnet18(weights=None).state_dict(), weights)
+    loaded = load_backbone("resnet18", weights=weights)
+    feats = loaded.module(torch.zeros(1, 3, 64, 64))
+    assert [tuple(f.shape) for f in feats] == [(1, 128, 8, 8), (1, 256, 4, 4)]
+    assert loaded.weights_path == weights and len(loaded.weights_sha256) == 64
+
+
+def test_missing_torchvision_weights_say_where_to_put_them(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
+    with pytest.raises(WeightsNotFound) as err:
+        load_backbone("wide_resnet50_2")
+    msg = str(err.value)
+    assert "wide_resnet50_2-95faca4d.pth" in msg and str(tmp_path / "hub" / "checkpoints") in msg
+    with pytest.raises(WeightsNotFound, match="does not exist"):
+        load_backbone("resnet18", weights=tmp_path / "nope.pth")
+
+
+def test_weights_for_another_network_are_refused(tmp_path: Path) -> None:
+    weights = tmp_path / "r18.pth"
+    torch.save(torchvision.models.resnet18(weights=None).state_dict(), weights)
+    with pytest.raises(WeightsNotFound, match="does not fit efficientnet_lite0"):
+        load_backbone("efficientnet_lite0", weights=weights)
+    garbage = tmp_path / "garbage.pth"
+    garbage.write_bytes(b"not a checkpoint")
+    with pytest.raises(WeightsNotFound, match="could not be read"):
+        load_backbone("resnet18", weights=garbage)
+
+
+def test_unknown_layer_and_backbone() -> None:
+    with pytest.raises(ValueError, match="no layer 'layer9'"):
+        load_backbone("efficientnet_lite0", layers=("layer9",))
+    with pytest.raises(ValueError, match="unknown backbone"):
+        load_backbone("vgg")

@@ -1,0 +1,95 @@
+from pathlib import Path
+
+import pytest
+import torch
+
+from calibration.datasets import SkipReport, normal_frames
+from calibration.fit import fit, preprocess_samples
+from edge.bundle import BundleError, load_bundle, read_bundle_file, save_bundle
+from pipeline.config import config_from_dict
+
+
+@pytest.mark.parametrize("model_name", ["patchcore", "padim"])
+def test_fit_save_load_gives_identical_scores(small_category: Path, tmp_path: Path, model_name: str) -> None:
+    config = config_from_dict({"model": {"name": model_name, "input_size": 128}})
+    result = fit(config, normal_frames(small_category)[:8])
+    path = tmp_path / "m.pt"
+    digest = save_bundle(path, result.model, result.manifest)
+    bundle = load_bundle(path)
+    assert bundle.hash == digest
+    assert bundle.manifest["model"] == model_name
+    assert bundle.manifest["backbone"]["name"] == "efficientnet_lite0"
+    assert bundle.manifest["versions"]["torch"] == torch.__version__
+    assert bundle.manifest["dataset"]["n_images"] == 8
+    x = torch.from_numpy(
+        preprocess_samples(normal_frames(small_category)[8:10], bundle.preprocessing, False, SkipReport()).numpy()
+    )
+    with torch.inference_mode():
+        a, b = result.model(x), bundle.model(x)
+    assert torch.equal(a.scores, b.scores) and torch.equal(a.maps, b.maps)
+    # The file holds tensors and strings only: loadable without pickle.
+    raw = torch.load(path, weights_only=True)
+    assert set(raw) == {"format", "manifest", "hash", "tensors"}
+
+
+@pytest.fixture()
+def saved(small_category: Path, tmp_path: Path) -> Path:
+    config = config_from_dict({"model": {"input_size": 128, "patchcore": {"coreset_ratio": 0.05}}})
+    result = fit(config, normal_frames(small_category)[:4])
+    path = tmp_path / "m.pt"
+    save_bundle(path, result.model, result.manifest)
+    return path
+
+
+def test_tampered_bundle_is_refused(saved: Path) -> None:
+    raw = torch.load(saved, weights_only=True)
+    raw["tensors"]["memory_bank"][0, 0] += 1.0
+    torch.save(raw, saved)
+    with pytest.raises(BundleError, match="content hash mismatch"):
+        load_bundle(saved)
+
+
+def test_edited_manifest_is_refused(saved: Path) -> None:
+    raw = torch.load(saved, weights_only=True)
+    raw["manifest"] = raw["manifest"].replace('"num_neighbors": 9', '"num_neighbors": 3')
+    torch.save(raw, saved)
+    with pytest.raises(BundleError, match="content hash mismatch"):
+        read_bundle_file(saved)
+
+
+def test_other_backbone_weights_are_refused(saved: Path, tmp_path: Path) -> None:
+    from edge.backbones import BACKBONES, resolve_weights
+
+    state = torch.load(resolve_weights(BACKBONES["efficientnet_lite0"], None), weights_only=True)
+    state["_fc.bias"] = state["_fc.bias"] + 1.0
+    other = tmp_path / "other.pth"
+    torch.save(state, other)
+    with pytest.raises(BundleError, match="differ from those the model was fitted with"):
+        load_bundle(saved, backbone_weights=other)
+
+
+def test_not_a_bundle(tmp_path: Path) -> None:
+    junk = tmp_path / "junk.pt"
+    junk.write_bytes(b"\x00garbage")
+    with pytest.raises(BundleError, match="not a linewatch bundle"):
+        load_bundle(junk)
+    torch.save({"a": torch.zeros(1)}, junk)
+    with pytest.raises(BundleError, match="no 'linewatch-bundle' header"):
+        load_bundle(junk)
+    with pytest.raises(BundleError, match="does not exist"):
+        load_bundle(tmp_path / "missing.pt")
+
+
+def test_newer_format_is_refused(saved: Path) -> None:
+    import json
+
+    from edge.bundle import content_hash
+
+    raw = torch.load(saved, weights_only=True)
+    manifest = json.loads(raw["manifest"])
+    manifest["format_version"] = 99
+    raw["manifest"] = json.dumps(manifest, sort_keys=True)
+    raw["hash"] = content_hash(raw["manifest"], raw["tensors"])
+    torch.save(raw, saved)
+    with pytest.raises(BundleError, match="format_version 99 is not supported"):
+        load_bundle(saved)

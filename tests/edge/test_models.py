@@ -1,0 +1,102 @@
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from calibration.datasets import MVTecCategory, SkipReport, normal_frames
+from calibration.fit import fit_padim, fit_patchcore, preprocess_samples
+from edge.backbones import get_spec, load_backbone
+from edge.models.padim import PadimModel
+from edge.models.patchcore import PatchCoreModel, patchcore_embedding
+
+
+@pytest.fixture(scope="module")
+def images(small_category: Path) -> torch.Tensor:
+    pre = get_spec("efficientnet_lite0").preprocessing(128)
+    return preprocess_samples(normal_frames(small_category), pre, False, SkipReport())
+
+
+@pytest.fixture(scope="module")
+def defect_images(small_category: Path) -> torch.Tensor:
+    pre = get_spec("efficientnet_lite0").preprocessing(128)
+    anomalous = [s for s in MVTecCategory(small_category).test if s.label == 1]
+    return preprocess_samples(anomalous, pre, False, SkipReport())
+
+
+def test_patchcore_full_bank_scores_training_images_zero(images: torch.Tensor) -> None:
+    bb = load_backbone("efficientnet_lite0").module
+    model = fit_patchcore(bb, images[:4], coreset_ratio=1.0).eval()
+    with torch.inference_mode():
+        out = model(images[:2])
+    assert out.scores.shape == (2,) and out.maps.shape == (2, 128, 128)
+    # Zero up to float32 cancellation in |q|^2 - 2 q.b + |b|^2 (|q|^2 ~ 2500): sqrt(~1e-3) ~ 0.03,
+    # against unseen-normal patch distances of ~20-40.
+    assert float(out.maps.abs().max()) < 0.1 and float(out.scores.abs().max()) < 0.1
+
+
+def test_patchcore_reweighting_matches_paper_formula(images: torch.Tensor) -> None:
+    bb = load_backbone("efficientnet_lite0").module
+    model = fit_patchcore(bb, images[:6], coreset_ratio=0.5, num_neighbors=3).eval()
+    x = images[6:8]
+    with torch.inference_mode():
+        emb = patchcore_embedding(bb, x)
+        patches = emb.permute(0, 2, 3, 1).reshape(2, -1, emb.shape[1])
+        bank = model.memory_bank
+        for i in range(2):
+            d = torch.cdist(patches[i], bank)
+            patch_scores = d.min(dim=1).values
+            p = int(patch_scores.argmax())
+            s_star = patch_scores[p]
+            m_star = int(d[p].argmin())
+            support = torch.cdist(bank[m_star : m_star + 1], bank)[0].topk(3, largest=False).indices
+            dist = torch.cdist(patches[i][p : p + 1], bank[support])[0].double()
+            w = 1 - torch.exp(dist[0]) / torch.exp(dist).sum()
+            assert float(model(x[i : i + 1]).scores[0]) == pytest.approx(float(w * s_star), rel=1e-4)
+
+
+def test_patchcore_scores_defects_above_normals(images: torch.Tensor, defect_images: torch.Tensor) -> None:
+    bb = load_backbone("efficientnet_lite0", border_pad=16).module
+    model = fit_patchcore(bb, images[:12], coreset_ratio=0.2).eval()
+    with torch.inference_mode():
+        normal = model(images[12:]).scores
+        defect = model(defect_images).scores
+    assert float(defect.median()) > float(normal.max())
+
+
+def test_patchcore_refuses_empty_or_mismatched_bank() -> None:
+    bb = load_backbone("efficientnet_lite0").module
+    with pytest.raises(ValueError, match="memory bank is empty"):
+        PatchCoreModel(bb, torch.zeros(0, 152), (64, 64))
+    with pytest.raises(ValueError, match="152"):
+        PatchCoreModel(bb, torch.zeros(10, 9), (64, 64))
+
+
+def test_padim_mahalanobis_matches_numpy(images: torch.Tensor) -> None:
+    bb = load_backbone("efficientnet_lite0").module
+    model = fit_padim(bb, images[:12], n_features=20, sigma=0.0).eval()
+    assert isinstance(model, PadimModel)
+    with torch.inference_mode():
+        out = model(images[12:13])
+        emb = torch.cat(
+            [
+                bb(images[12:13])[0],
+                torch.nn.functional.interpolate(
+                    bb(images[12:13])[1], size=(16, 16), mode="bilinear", align_corners=False
+                ),
+            ],
+            dim=1,
+        )
+    e = emb[0, model.channel_idx].reshape(20, -1).T.double().numpy()  # (P, d)
+    delta = e - model.mean.double().numpy()
+    m = np.sqrt(np.einsum("pi,pij,pj->p", delta, model.inv_cov.double().numpy(), delta)).reshape(16, 16)
+    assert np.allclose(model.distance_map(images[12:13])[0].numpy(), m, rtol=1e-3)
+    assert out.maps.shape == (1, 128, 128)
+    assert float(out.scores[0]) == pytest.approx(float(out.maps[0].max()))
+
+
+def test_padim_fit_needs_two_images(images: torch.Tensor) -> None:
+    from calibration.datasets import DatasetError
+
+    with pytest.raises(DatasetError, match="at least 2"):
+        fit_padim(load_backbone("efficientnet_lite0").module, images[:1])

@@ -1,0 +1,64 @@
+from pathlib import Path
+
+import pytest
+
+from pipeline.config import Config, ConfigError, config_from_dict, load_config, with_overrides
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_documented_config_is_valid_and_equals_defaults() -> None:
+    assert load_config(REPO / "config.yaml") == Config()
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        ({"model": {"nam": "x"}}, "model.nam: unknown key, expected one of name, backbone"),
+        ({"modle": {}}, "modle: unknown key"),
+        ({"model": {"input_size": "big"}}, "model.input_size = 'big': expected int"),
+        ({"model": {"input_size": 16}}, "model.input_size = 16: out of range, expected a value >= 32"),
+        ({"model": {"patchcore": {"coreset_ratio": 0}}}, "coreset_ratio = 0: out of range, expected a value > 0.0"),
+        (
+            {"model": {"patchcore": {"coreset_ratio": 1.5}}},
+            "coreset_ratio = 1.5: out of range, expected a value > 0.0 and <= 1.0",
+        ),
+        ({"model": {"name": "effnet"}}, "model.name = 'effnet': expected one of patchcore, padim"),
+        ({"model": {"backbone": "vgg16"}}, "model.backbone = 'vgg16': expected one of efficientnet_lite0"),
+        ({"fit": {"batch_size": True}}, "fit.batch_size = True: expected int"),
+        ({"model": {"layers": []}}, "model.layers = []: expected"),
+        ({"fit": 3}, "fit = 3: expected a mapping"),
+    ],
+)
+def test_invalid_values_name_key_value_and_allowed(data: dict, message: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        config_from_dict(data)
+    assert message in str(err.value)
+
+
+def test_file_errors_name_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text("model:\n  sigma: -1\n")
+    with pytest.raises(ConfigError, match=r"c\.yaml: model\.sigma = -1: out of range"):
+        load_config(path)
+    path.write_text("model: [1, 2\n")
+    with pytest.raises(ConfigError, match=r"c\.yaml: not valid YAML"):
+        load_config(path)
+    path.write_text("- 1\n")
+    with pytest.raises(ConfigError, match="expected a mapping of sections"):
+        load_config(path)
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "missing.yaml")
+
+
+def test_ints_accepted_for_floats_and_lists_for_tuples() -> None:
+    c = config_from_dict({"model": {"sigma": 2, "layers": ["stride8"]}})
+    assert c.model.sigma == 2.0 and isinstance(c.model.sigma, float)
+    assert c.model.layers == ("stride8",)
+
+
+def test_overrides_apply_and_validate() -> None:
+    c = with_overrides(Config(), {"model.name": "padim", "model.backbone": None, "fit.seed": 7})
+    assert c.model.name == "padim" and c.model.backbone == "efficientnet_lite0" and c.fit.seed == 7
+    with pytest.raises(ConfigError, match="command line: fit.seed = -1"):
+        with_overrides(Config(), {"fit.seed": -1})

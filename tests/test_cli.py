@@ -1,0 +1,122 @@
+"""End to end through the `linewatch` command line on generated data."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from pipeline.cli import main
+
+EVAL_KEYS = {"image_auroc", "pixel_auroc", "pro", "f1", "n_images", "ms_per_image"}
+
+
+@pytest.fixture(scope="module")
+def bundle(small_category: Path, small_config_file: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("b") / "brick.pt"
+    rc = main(["fit", "--data", str(small_category), "--out", str(out), "--config", str(small_config_file), "--quiet"])
+    assert rc == 0 and out.is_file()
+    return out
+
+
+def test_fit_then_evaluate_json(bundle: Path, small_category: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    capsys.readouterr()
+    assert main(["evaluate", "--model", str(bundle), "--data", str(small_category), "--json"]) == 0
+    out = capsys.readouterr().out
+    result = json.loads(out)  # exactly one JSON object on stdout
+    assert set(result) == EVAL_KEYS
+    assert result["n_images"] == 14
+    assert result["image_auroc"] >= 0.9 and result["pixel_auroc"] >= 0.9
+    assert 0 < result["pro"] <= 1 and 0 < result["f1"] <= 1 and result["ms_per_image"] > 0
+
+
+def test_evaluate_without_masks_reports_null(
+    bundle: Path, small_category: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    cat = tmp_path / "nomask"
+    shutil.copytree(small_category, cat)
+    shutil.rmtree(cat / "ground_truth")
+    capsys.readouterr()
+    assert main(["evaluate", "--model", str(bundle), "--data", str(cat), "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["pixel_auroc"] is None and result["pro"] is None and result["image_auroc"] is not None
+
+
+def test_padim_via_flag(
+    small_category: Path, small_config_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "padim.pt"
+    assert (
+        main(
+            [
+                "fit",
+                "--data",
+                str(small_category),
+                "--out",
+                str(out),
+                "--model",
+                "padim",
+                "--config",
+                str(small_config_file),
+                "--quiet",
+            ]
+        )
+        == 0
+    )
+    capsys.readouterr()
+    assert main(["evaluate", "--model", str(out), "--data", str(small_category), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["image_auroc"] >= 0.8
+
+
+def test_errors_are_one_line_with_exit_2(
+    small_category: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    bad_cfg = tmp_path / "bad.yaml"
+    bad_cfg.write_text("model:\n  patchcore:\n    coreset_ratio: 2\n")
+    cases = [
+        ["fit", "--data", str(small_category), "--out", str(tmp_path / "x.pt"), "--config", str(bad_cfg)],
+        ["fit", "--data", str(tmp_path / "nowhere"), "--out", str(tmp_path / "x.pt")],
+        ["evaluate", "--model", str(tmp_path / "none.pt"), "--data", str(small_category)],
+    ]
+    expected = [
+        "bad.yaml: model.patchcore.coreset_ratio = 2: out of range",
+        "nowhere: data folder does not exist",
+        "none.pt: bundle file does not exist",
+    ]
+    for argv, msg in zip(cases, expected, strict=True):
+        capsys.readouterr()
+        assert main(argv) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("linewatch: error:") and msg in err[0]
+    assert not (tmp_path / "x.pt").exists()
+
+
+def test_skip_bad_fits_on_the_rest(
+    small_category: Path, small_config_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    cat = tmp_path / "cat"
+    shutil.copytree(small_category, cat)
+    (cat / "train" / "good" / "005.png").write_bytes(b"broken")
+    out = tmp_path / "m.pt"
+    argv = ["fit", "--data", str(cat), "--out", str(out), "--config", str(small_config_file), "--quiet"]
+    assert main(argv) == 2 and "005.png: cannot be decoded" in capsys.readouterr().err
+    assert main([*argv, "--skip-bad"]) == 0
+    err = capsys.readouterr().err
+    assert "skipped 1 bad file(s)" in err and "005.png" in err and "on 15 images" in err
+
+
+def test_console_script_runs(bundle: Path, small_category: Path) -> None:
+    exe = Path(sys.executable).with_name("linewatch")
+    cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "pipeline.cli"]
+    proc = subprocess.run(
+        [*cmd, "evaluate", "--model", str(bundle), "--data", str(small_category), "--json"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "OMP_NUM_THREADS": "2"},
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert set(json.loads(proc.stdout)) == EVAL_KEYS
