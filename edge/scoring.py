@@ -7,6 +7,7 @@ it) sees the same graph as eager mode.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from typing import NamedTuple
 
 import torch
@@ -45,6 +46,19 @@ def squared_norms(x: torch.Tensor) -> torch.Tensor:
     return (x * x).sum(dim=1)
 
 
+def squared_distance_chunks(
+    queries: torch.Tensor, bank: torch.Tensor, bank_sq: torch.Tensor, rows: int
+) -> Iterator[tuple[int, torch.Tensor]]:
+    """(start, d) per chunk of `rows` bank rows, d (Q, rows) = ||q - b||^2 = |q|^2 - 2 q.b + |b|^2.
+
+    A matmul instead of cdist: exports to TensorRT and runs on BLAS; chunking bounds peak memory.
+    """
+    q_sq = squared_norms(queries).unsqueeze(1)
+    for start in range(0, bank.shape[0], rows):
+        chunk = bank[start : start + rows]
+        yield start, torch.addmm(q_sq + bank_sq[start : start + rows].unsqueeze(0), queries, chunk.t(), alpha=-2.0)
+
+
 def _chunk_rows(n_queries: int, n_bank: int, chunk_elements: int) -> int:
     return max(1, min(n_bank, chunk_elements // max(n_queries, 1)))
 
@@ -54,17 +68,13 @@ def nearest_neighbor(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Euclidean distance and index of each query's nearest bank row.
 
-    queries (Q, C), bank (M, C), bank_sq (M,) = |bank|^2 -> (Q,), (Q,).
-    ||q - b||^2 = |q|^2 - 2 q.b + |b|^2 as a matmul instead of cdist: exports to TensorRT and runs on
-    BLAS; the bank is processed in chunks so peak memory is bounded by `chunk_elements`.
+    queries (Q, C), bank (M, C), bank_sq (M,) = |bank|^2 -> (Q,), (Q,). Peak memory is bounded by
+    `chunk_elements` floats whatever the bank size.
     """
-    q_sq = squared_norms(queries).unsqueeze(1)
     rows = _chunk_rows(queries.shape[0], bank.shape[0], chunk_elements)
     best_d: torch.Tensor | None = None
     best_i: torch.Tensor | None = None
-    for start in range(0, bank.shape[0], rows):
-        chunk = bank[start : start + rows]
-        d = torch.addmm(q_sq + bank_sq[start : start + rows].unsqueeze(0), queries, chunk.t(), alpha=-2.0)
+    for start, d in squared_distance_chunks(queries, bank, bank_sq, rows):
         d_min, i_min = d.min(dim=1)
         i_min = i_min + start
         if best_d is None or best_i is None:
@@ -85,14 +95,11 @@ def k_nearest(
     chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
 ) -> torch.Tensor:
     """Indices (Q, k) of each query's k nearest bank rows, ascending by distance; chunked like above."""
-    q_sq = squared_norms(queries).unsqueeze(1)
     rows = max(k, _chunk_rows(queries.shape[0], bank.shape[0], chunk_elements))
     best_d: torch.Tensor | None = None
     best_i: torch.Tensor | None = None
-    for start in range(0, bank.shape[0], rows):
-        chunk = bank[start : start + rows]
-        d = torch.addmm(q_sq + bank_sq[start : start + rows].unsqueeze(0), queries, chunk.t(), alpha=-2.0)
-        idx = torch.arange(start, start + chunk.shape[0], device=bank.device).expand_as(d)
+    for start, d in squared_distance_chunks(queries, bank, bank_sq, rows):
+        idx = torch.arange(start, start + d.shape[1], device=bank.device).expand_as(d)
         if best_d is not None and best_i is not None:
             d = torch.cat([best_d, d], dim=1)
             idx = torch.cat([best_i, idx], dim=1)

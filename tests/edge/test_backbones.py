@@ -47,12 +47,14 @@ def test_border_pad_keeps_output_size_and_changes_edge_features() -> None:
         load_backbone("efficientnet_lite0", border_pad=8)
 
 
-def test_torchvision_backbone_from_explicit_path(tmp_path: Path) -> None:
-    weights = tmp_path / "r18.pth"
-    torch.save(torchvision.models.resnet18(weights=None).state_dict(), weights)
-    loaded = load_backbone("resnet18", weights=weights)
+@pytest.mark.parametrize(("name", "channels"), [("resnet18", (128, 256)), ("wide_resnet50_2", (512, 1024))])
+def test_torchvision_backbone_from_explicit_path(tmp_path: Path, name: str, channels: tuple[int, int]) -> None:
+    weights = tmp_path / f"{name}.pth"
+    torch.save(getattr(torchvision.models, name)(weights=None).state_dict(), weights)
+    loaded = load_backbone(name, weights=weights)
     feats = loaded.module(torch.zeros(1, 3, 64, 64))
-    assert [tuple(f.shape) for f in feats] == [(1, 128, 8, 8), (1, 256, 4, 4)]
+    assert [tuple(f.shape) for f in feats] == [(1, channels[0], 8, 8), (1, channels[1], 4, 4)]
+    assert loaded.module.channels == list(channels)
     assert loaded.weights_path == weights and len(loaded.weights_sha256) == 64
 
 
