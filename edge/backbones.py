@@ -30,6 +30,10 @@ class WeightsNotFound(FileNotFoundError):
     """No weights file for a backbone; the message says where one is looked for."""
 
 
+# torch.nn.functional.pad modes for the frame border (see FeatureBackbone).
+BORDER_MODES = ("circular", "reflect", "replicate")
+
+
 @dataclass(frozen=True)
 class BackboneSpec:
     """How to build one backbone and which feature points it offers.
@@ -153,12 +157,23 @@ class FeatureBackbone(nn.Module):
 
     forward: (N, 3, H, W) normalised -> list of (N, C_l, H / s_l, W / s_l), in the order of `layers`.
 
-    `border_pad` pixels of mirrored image are added on every side before the network and the
-    corresponding feature cells cropped off after it: the CNN's zero padding then falls outside the
-    frame, so patches at the frame's edge look like interior patches instead of scoring as anomalies.
+    `border_pad` pixels are added on every side before the network (`border_mode`: "circular" wraps
+    the opposite edge around, "reflect" mirrors) and the matching feature cells cropped off again: the
+    CNN's zero padding then falls outside the frame, so patches at the frame's edge look like interior
+    patches instead of scoring as anomalies. Wrapping is the default because on textures a mirrored
+    corner is a symmetric pattern that never occurs inside a frame, and it scored as a defect.
+    Models that post-process features spatially (PatchCore's 3x3 pooling) do so on `padded(x)` and
+    `crop` afterwards, so edge cells are pooled over real neighbours too.
     """
 
-    def __init__(self, spec: BackboneSpec, net: nn.Module, layers: tuple[str, ...], border_pad: int = 0) -> None:
+    def __init__(
+        self,
+        spec: BackboneSpec,
+        net: nn.Module,
+        layers: tuple[str, ...],
+        border_pad: int = 0,
+        border_mode: str = "circular",
+    ) -> None:
         super().__init__()
         for layer in layers:
             if layer not in spec.feature_points:
@@ -172,19 +187,27 @@ class FeatureBackbone(nn.Module):
         self.channels = [spec.feature_points[layer][2] for layer in layers]
         if border_pad < 0 or border_pad % max(self.strides):
             raise ValueError(f"border_pad must be a non-negative multiple of {max(self.strides)}, got {border_pad}")
+        if border_mode not in BORDER_MODES:
+            raise ValueError(f"border_mode must be one of {', '.join(BORDER_MODES)}, got {border_mode!r}")
         self.border_pad = border_pad
+        self.border_mode = border_mode
         self.net = net
         self.is_lite = isinstance(net, EfficientNetLite)
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        return [self.crop(f, s) for f, s in zip(self.padded(x), self.strides, strict=True)]
+
+    def padded(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """Feature maps of the padded frame, border cells still on: crop each with `crop`."""
         p = self.border_pad
-        if p == 0:
-            return self._features(x)
-        feats = self._features(F.pad(x, (p, p, p, p), mode="reflect"))
-        return [
-            f[:, :, p // s : f.shape[2] - p // s, p // s : f.shape[3] - p // s]
-            for f, s in zip(feats, self.strides, strict=True)
-        ]
+        return self._features(F.pad(x, (p, p, p, p), mode=self.border_mode) if p else x)
+
+    def crop(self, feature_map: torch.Tensor, stride: int) -> torch.Tensor:
+        """Drop the `border_pad` cells of a stride-`stride` map of the padded frame."""
+        c = self.border_pad // stride
+        if c == 0:
+            return feature_map
+        return feature_map[:, :, c : feature_map.shape[2] - c, c : feature_map.shape[3] - c]
 
     def _features(self, x: torch.Tensor) -> list[torch.Tensor]:
         last = max(self.indices)
@@ -210,7 +233,11 @@ class LoadedBackbone:
 
 
 def load_backbone(
-    name: str, layers: tuple[str, ...] | None = None, weights: str | Path | None = None, border_pad: int = 0
+    name: str,
+    layers: tuple[str, ...] | None = None,
+    weights: str | Path | None = None,
+    border_pad: int = 0,
+    border_mode: str = "circular",
 ) -> LoadedBackbone:
     """Build backbone `name`, load its pretrained weights (strictly) and put it in eval mode."""
     spec = get_spec(name)
@@ -227,6 +254,6 @@ def load_backbone(
     except RuntimeError as exc:
         first = str(exc).splitlines()[0]
         raise WeightsNotFound(f"backbone weights file {path} does not fit {name}: {first}") from exc
-    module = FeatureBackbone(spec, net, layers or spec.default_layers, border_pad).eval()
+    module = FeatureBackbone(spec, net, layers or spec.default_layers, border_pad, border_mode).eval()
     module.requires_grad_(False)
     return LoadedBackbone(module=module, weights_sha256=file_sha256(path), weights_path=path)

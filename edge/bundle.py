@@ -82,6 +82,7 @@ def build_manifest(
             "name": model.backbone.name,
             "layers": list(model.backbone.layers),
             "border_pad": model.backbone.border_pad,
+            "border_mode": model.backbone.border_mode,
             "weights_sha256": weights_sha256,
         },
         "preprocessing": preprocessing.to_dict(),
@@ -143,7 +144,11 @@ def load_bundle(path: str | Path, backbone_weights: str | Path | None = None) ->
     manifest, tensors, digest = read_bundle_file(path)
     bb = manifest["backbone"]
     backbone = load_backbone(
-        bb["name"], tuple(bb["layers"]), backbone_weights or bb.get("weights_path"), int(bb.get("border_pad", 0))
+        bb["name"],
+        tuple(bb["layers"]),
+        backbone_weights or bb.get("weights_path"),
+        int(bb.get("border_pad", 0)),
+        str(bb.get("border_mode", "reflect")),  # bundles written before the mode was recorded mirrored
     )
     if backbone.weights_sha256 != bb["weights_sha256"]:
         raise BundleError(

@@ -8,11 +8,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+if TYPE_CHECKING:
+    from edge.backbones import FeatureBackbone
 
 # Elements of one (queries x bank-chunk) distance block: 2^24 floats = 64 MiB, whatever the bank size.
 DEFAULT_CHUNK_ELEMENTS = 1 << 24
@@ -40,6 +43,15 @@ def concat_feature_maps(features: list[torch.Tensor], pool: bool) -> torch.Tenso
             f = F.interpolate(f, size=size, mode="bilinear", align_corners=False)
         out.append(f)
     return torch.cat(out, dim=1)
+
+
+def patch_features(backbone: FeatureBackbone, x: torch.Tensor, pool: bool) -> torch.Tensor:
+    """`concat_feature_maps` of the backbone's maps of the padded frame, border cells cropped last.
+
+    Pooling and upsampling before the crop means the frame's edge cells see real neighbours
+    (from the padding) rather than a truncated window.
+    """
+    return backbone.crop(concat_feature_maps(backbone.padded(x), pool), backbone.strides[0])
 
 
 def squared_norms(x: torch.Tensor) -> torch.Tensor:

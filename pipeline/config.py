@@ -16,7 +16,7 @@ from typing import Any
 
 import yaml
 
-from edge.backbones import BACKBONES
+from edge.backbones import BACKBONES, BORDER_MODES
 from edge.models import MODELS
 
 
@@ -55,7 +55,9 @@ class ModelConfig:
     input_size: int = field(default=256, metadata=_range(32, 2048))
     crop_size: int | None = field(default=None, metadata=_range(32, 2048))
     border_pad: int = field(default=16, metadata=_range(0, 256))
-    """Mirrored pixels added around the frame before the backbone (multiple of its largest stride)."""
+    """Pixels added around the frame before the backbone (multiple of its largest stride)."""
+    border_mode: str = field(default="circular", metadata={"choices": BORDER_MODES})
+    """How those pixels are filled: circular (wrap the opposite edge), reflect or replicate."""
     sigma: float = field(default=4.0, metadata=_range(0.0, 64.0))
     """Gaussian smoothing of the anomaly map, in input pixels; 0 = none."""
     patchcore: PatchCoreConfig = PatchCoreConfig()

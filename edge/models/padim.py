@@ -12,12 +12,12 @@ import torch
 from torch import nn
 
 from edge.backbones import FeatureBackbone
-from edge.scoring import AnomalyMapSmoother, ScoreResult, concat_feature_maps
+from edge.scoring import AnomalyMapSmoother, ScoreResult, patch_features
 
 
 def padim_embedding(backbone: FeatureBackbone, x: torch.Tensor, channel_idx: torch.Tensor) -> torch.Tensor:
     """Selected channels (N, d, h, w) of the backbone maps, upsampled to the finest and concatenated."""
-    return concat_feature_maps(backbone(x), pool=False).index_select(1, channel_idx)
+    return patch_features(backbone, x, pool=False).index_select(1, channel_idx)
 
 
 class PadimModel(nn.Module):

@@ -16,16 +16,16 @@ from edge.scoring import (
     DEFAULT_CHUNK_ELEMENTS,
     AnomalyMapSmoother,
     ScoreResult,
-    concat_feature_maps,
     k_nearest,
     nearest_neighbor,
+    patch_features,
     squared_norms,
 )
 
 
 def patchcore_embedding(backbone: FeatureBackbone, x: torch.Tensor) -> torch.Tensor:
     """Locally aware patch features (N, C, h, w): 3x3-pooled backbone maps, upsampled and concatenated."""
-    return concat_feature_maps(backbone(x), pool=True)
+    return patch_features(backbone, x, pool=True)
 
 
 class PatchCoreModel(nn.Module):

@@ -7,6 +7,7 @@ import torchvision
 
 from edge.backbones import BACKBONES, WeightsNotFound, load_backbone, resolve_weights
 from edge.efficientnet_lite import EfficientNetLite
+from edge.scoring import concat_feature_maps, patch_features
 
 skimage_data = pytest.importorskip("skimage.data", reason="scikit-image is in the dev extra")
 
@@ -45,6 +46,37 @@ def test_border_pad_keeps_output_size_and_changes_edge_features() -> None:
     assert not torch.allclose(a[0][..., 0, 0], b[0][..., 0, 0])
     with pytest.raises(ValueError, match="multiple of 16"):
         load_backbone("efficientnet_lite0", border_pad=8)
+    with pytest.raises(ValueError, match="border_mode must be one of circular, reflect, replicate"):
+        load_backbone("efficientnet_lite0", border_pad=16, border_mode="zeros")
+
+
+def test_padded_maps_crop_to_forward_and_modes_differ_only_near_the_edge() -> None:
+    wrap = load_backbone("efficientnet_lite0", border_pad=16, border_mode="circular").module
+    mirror = load_backbone("efficientnet_lite0", border_pad=16, border_mode="reflect").module
+    x = torch.randn(1, 3, 96, 96)
+    with torch.inference_mode():
+        padded = wrap.padded(x)
+        cropped = wrap(x)
+        assert [tuple(f.shape[-2:]) for f in padded] == [(16, 16), (8, 8)]  # (96 + 2 * 16) / stride
+        for f, c, s in zip(padded, cropped, wrap.strides, strict=True):
+            assert torch.equal(wrap.crop(f, s), c)
+        a, b = wrap(x)[0], mirror(x)[0]
+    assert not torch.allclose(a[..., 0, 0], b[..., 0, 0], atol=1e-3)
+    # The centre of a 12x12 stride-8 map is far enough from the padding for both modes to agree.
+    assert torch.allclose(a[..., 5:7, 5:7], b[..., 5:7, 5:7], atol=1e-4)
+
+
+def test_patch_features_pool_edge_cells_over_the_padding() -> None:
+    bb = load_backbone("efficientnet_lite0", border_pad=16).module
+    x = torch.randn(1, 3, 128, 128)
+    with torch.inference_mode():
+        ours = patch_features(bb, x, pool=True)
+        pooled_after_crop = concat_feature_maps(bb(x), pool=True)
+    assert ours.shape == pooled_after_crop.shape == (1, 152, 16, 16)
+    # Edge cells differ (their 3x3 window reaches into the padding), interior cells are the same.
+    assert not torch.allclose(ours[..., 0, :], pooled_after_crop[..., 0, :], atol=1e-4)
+    # (3 cells: the upsampled stride-16 map reaches one coarse cell, i.e. up to 3 fine cells, inward.)
+    assert torch.allclose(ours[..., 3:-3, 3:-3], pooled_after_crop[..., 3:-3, 3:-3], atol=1e-5)
 
 
 @pytest.mark.parametrize(("name", "channels"), [("resnet18", (128, 256)), ("wide_resnet50_2", (512, 1024))])

@@ -9,9 +9,11 @@ from edge.bundle import BundleError, load_bundle, read_bundle_file, save_bundle
 from pipeline.config import config_from_dict
 
 
-@pytest.mark.parametrize("model_name", ["patchcore", "padim"])
-def test_fit_save_load_gives_identical_scores(small_category: Path, tmp_path: Path, model_name: str) -> None:
-    config = config_from_dict({"model": {"name": model_name, "input_size": 128}})
+@pytest.mark.parametrize(("model_name", "border_mode"), [("patchcore", "circular"), ("padim", "reflect")])
+def test_fit_save_load_gives_identical_scores(
+    small_category: Path, tmp_path: Path, model_name: str, border_mode: str
+) -> None:
+    config = config_from_dict({"model": {"name": model_name, "input_size": 128, "border_mode": border_mode}})
     result = fit(config, normal_frames(small_category)[:8])
     path = tmp_path / "m.pt"
     digest = save_bundle(path, result.model, result.manifest)
@@ -19,6 +21,7 @@ def test_fit_save_load_gives_identical_scores(small_category: Path, tmp_path: Pa
     assert bundle.hash == digest
     assert bundle.manifest["model"] == model_name
     assert bundle.manifest["backbone"]["name"] == "efficientnet_lite0"
+    assert bundle.model.backbone.border_mode == bundle.manifest["backbone"]["border_mode"] == border_mode
     assert bundle.manifest["versions"]["torch"] == torch.__version__
     assert bundle.manifest["dataset"]["n_images"] == 8
     x = torch.from_numpy(
