@@ -24,6 +24,8 @@ class Evaluation:
     f1: float | None
     n_images: int
     ms_per_image: float
+    fpr_at_threshold: float | None = None  # good frames rejected / good frames, at the bundle's threshold
+    tpr_at_threshold: float | None = None  # defect frames rejected / defect frames
 
     def to_dict(self) -> dict[str, float | int | None]:
         return asdict(self)
@@ -36,6 +38,7 @@ class ScoredSet:
     maps: np.ndarray  # (N, H, W) float32
     masks: np.ndarray | None  # (N, H, W) bool, None when the category has no ground truth
     ms: np.ndarray  # (N,) scoring time at batch 1
+    kinds: list[str]  # (N,) "good" or the defect type of each image
 
 
 def score_category(
@@ -46,7 +49,7 @@ def score_category(
         raise DatasetError(f"{category.root / 'test'}: no test images to evaluate on")
     category.check_masks(skip_bad, report)
     model, pre = bundle.model, bundle.preprocessing
-    labels, scores, maps, masks, ms = [], [], [], [], []
+    labels, scores, maps, masks, ms, kinds = [], [], [], [], [], []
     with torch.inference_mode(), Progress("evaluate", len(category.test), enabled=progress) as bar:
         warm = True
         for loaded in iter_loaded(category.test, skip_bad, report):
@@ -58,6 +61,7 @@ def score_category(
             result = model(x)
             ms.append((time.perf_counter() - t0) * 1000.0)
             labels.append(loaded.sample.label)
+            kinds.append(loaded.sample.defect_type)
             scores.append(float(result.scores[0]))
             maps.append(result.maps[0].numpy().astype(np.float32))
             if loaded.mask is not None:
@@ -73,10 +77,11 @@ def score_category(
         maps=np.stack(maps),
         masks=np.stack(masks) if category.has_masks else None,
         ms=np.asarray(ms),
+        kinds=kinds,
     )
 
 
-def metrics_of(scored: ScoredSet) -> Evaluation:
+def metrics_of(scored: ScoredSet, threshold: float | None = None) -> Evaluation:
     both = 0 < scored.labels.sum() < scored.labels.size
     has_regions = scored.masks is not None and bool(scored.masks.any())
     return Evaluation(
@@ -86,7 +91,16 @@ def metrics_of(scored: ScoredSet) -> Evaluation:
         f1=best_f1(scored.labels, scored.scores)[0] if scored.labels.sum() > 0 else None,
         n_images=int(scored.labels.size),
         ms_per_image=float(scored.ms.mean()),
+        fpr_at_threshold=_rate(scored.scores[scored.labels == 0], threshold),
+        tpr_at_threshold=_rate(scored.scores[scored.labels == 1], threshold),
     )
+
+
+def _rate(scores: np.ndarray, threshold: float | None) -> float | None:
+    """Share of `scores` above `threshold` (rejected); None without a threshold or without frames."""
+    if threshold is None or scores.size == 0:
+        return None
+    return float((scores > threshold).mean())
 
 
 def evaluate(
@@ -94,4 +108,4 @@ def evaluate(
 ) -> tuple[Evaluation, SkipReport]:
     report = SkipReport()
     scored = score_category(bundle, category, skip_bad, report, progress)
-    return metrics_of(scored), report
+    return metrics_of(scored, bundle.threshold), report

@@ -14,6 +14,7 @@ number of held-out frames: ceil(ln delta / ln(1 - alpha)), e.g. 299 for alpha = 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -72,11 +73,30 @@ def fpr_upper_bound(n: int, k: int, confidence: float) -> float:
     """The FPR level that threshold s(k) stays under with probability `confidence` (Beta quantile)."""
     if not 1 <= k <= n:
         raise ValueError(f"order statistic k must be in 1..{n}, got {k}")
-    delta = 1.0 - confidence
-    lo, hi = 0.0, 1.0  # exceed_probability(n, k, a) falls from 1 to 0 as a goes from 0 to 1
-    for _ in range(100):
+    return _solve_decreasing(lambda a: exceed_probability(n, k, a), 1.0 - confidence)
+
+
+def proportion_interval(successes: int, trials: int, confidence: float = 0.95) -> tuple[float, float]:
+    """Two-sided Clopper-Pearson interval for a rate such as recall: successes out of trials."""
+    if not 0 <= successes <= trials or trials == 0:
+        raise ValueError(f"need 0 <= successes <= trials and trials > 0, got {successes}/{trials}")
+    tail = (1.0 - confidence) / 2.0
+    # lower: P(Bin(m, p) >= x) = tail; upper: P(Bin(m, p) <= x) = tail, i.e. P(Bin(m, p) >= x + 1) = 1 - tail
+    low = 0.0 if successes == 0 else 1.0 - _solve_decreasing(lambda q: binomial_tail(trials, 1 - q, successes), tail)
+    high = (
+        1.0
+        if successes == trials
+        else 1.0 - _solve_decreasing(lambda q: binomial_tail(trials, 1 - q, successes + 1), 1.0 - tail)
+    )
+    return low, high
+
+
+def _solve_decreasing(f: Callable[[float], float], level: float) -> float:
+    """Smallest a in [0, 1] with f(a) <= level, for f falling from 1 to 0 (bisection to ~1e-12)."""
+    lo, hi = 0.0, 1.0
+    for _ in range(45):
         mid = (lo + hi) / 2.0
-        if exceed_probability(n, k, mid) <= delta:
+        if f(mid) <= level:
             hi = mid
         else:
             lo = mid

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import platform
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -41,6 +42,12 @@ class Bundle:
     manifest: dict[str, Any]
     hash: str
     path: Path | None = None
+
+    @property
+    def threshold(self) -> float | None:
+        """Reject when score > threshold; None for a bundle written by `fit` (not calibrated)."""
+        t = self.manifest.get("threshold")
+        return None if t is None else float(t["value"])
 
 
 def versions() -> dict[str, str]:
@@ -155,6 +162,7 @@ def load_bundle(path: str | Path, backbone_weights: str | Path | None = None) ->
             f"{path}: backbone weights {backbone.weights_path} (sha256 {backbone.weights_sha256[:12]}) differ from "
             f"those the model was fitted with (sha256 {bb['weights_sha256'][:12]})"
         )
+    _check_threshold(path, manifest.get("threshold"))
     preprocessing = Preprocessing.from_dict(manifest["preprocessing"])
     cls = get_model_class(manifest["model"])
     try:
@@ -162,3 +170,11 @@ def load_bundle(path: str | Path, backbone_weights: str | Path | None = None) ->
     except (KeyError, ValueError) as exc:
         raise BundleError(f"{path}: bundle tensors do not fit model {manifest['model']}: {exc}") from exc
     return Bundle(model=model.eval(), preprocessing=preprocessing, manifest=manifest, hash=digest, path=Path(path))
+
+
+def _check_threshold(path: str | Path, threshold: Any) -> None:
+    if threshold is None:
+        return
+    value = threshold.get("value") if isinstance(threshold, dict) else None
+    if not isinstance(value, int | float) or isinstance(value, bool) or not math.isfinite(value):
+        raise BundleError(f"{path}: manifest threshold.value = {value!r}: expected a finite number")

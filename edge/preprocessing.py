@@ -49,7 +49,11 @@ class Preprocessing:
 
     def __call__(self, image: np.ndarray) -> np.ndarray:
         """Any supported image -> float32 (3, crop_h, crop_w), normalised."""
-        rgb = self.geometry(to_rgb8(image)).astype(np.float32)
+        return self.normalize(self.geometry(to_rgb8(image)))
+
+    def normalize(self, rgb8: np.ndarray) -> np.ndarray:
+        """RGB uint8 (crop_h, crop_w, 3) already through `geometry` -> float32 (3, crop_h, crop_w)."""
+        rgb = rgb8.astype(np.float32)
         rgb -= np.asarray(self.mean, dtype=np.float32)
         rgb /= np.asarray(self.std, dtype=np.float32)
         return np.ascontiguousarray(rgb.transpose(2, 0, 1))

@@ -1,4 +1,4 @@
-"""The `linewatch` command line: fit, evaluate, demo.
+"""The `linewatch` command line: fit, calibrate, evaluate, demo.
 
 Every expected failure (bad config, unreadable data, missing weights, tampered bundle) ends with one
 line `linewatch: error: ...` on stderr and exit status 2; stdout carries only results.
@@ -38,6 +38,11 @@ def _config(args: argparse.Namespace) -> Config:
         "model.backbone": getattr(args, "backbone", None),
         "model.backbone_weights": getattr(args, "backbone_weights", None),
         "fit.seed": getattr(args, "seed", None),
+        "calibration.seed": getattr(args, "seed", None),
+        "calibration.target_fpr": getattr(args, "target_fpr", None),
+        "calibration.confidence": getattr(args, "confidence", None),
+        "calibration.holdout_fraction": getattr(args, "holdout", None),
+        "calibration.allow_weak_bound": True if getattr(args, "allow_weak_bound", False) else None,
     }
     config = with_overrides(config, overrides)
     if config.fit.threads:
@@ -59,6 +64,41 @@ def cmd_fit(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    from calibration.calibrate import calibrate
+    from calibration.report import write_report
+
+    config = _config(args)
+    samples = normal_frames(args.data)
+    test = MVTecCategory(args.data) if (Path(args.data) / "train" / "good").is_dir() else None
+    cal = calibrate(config, samples, test, skip_bad=args.skip_bad, progress=not args.quiet)
+    cal.skipped.print()
+    digest = save_bundle(args.out, cal.fit.model, cal.manifest)
+    report_dir = args.report_dir or Path(args.out).parent
+    write_report(report_dir, cal, Path(args.out), digest)
+    c = cal.choice
+    bound = "meets" if c.meets_target else "MISSES"
+    lines = [
+        f"threshold {c.threshold:.4g} (reject when score > threshold): held-out good frames n={c.n}, k={c.k}",
+        f"  false-reject rate <= {c.fpr_bound:.4f} with {c.confidence:.0%} confidence ({bound} target {c.target_fpr:g};"
+        f" P(rate > target) = {c.exceed_probability:.4f})",
+        f"  plain {1 - c.target_fpr:.0%} quantile would be {c.empirical_threshold:.4g}"
+        f" (P(rate > target) = {c.empirical_exceed_probability:.2f})",
+    ]
+    for r in cal.synthetic_recall:
+        low, high = r.interval
+        lines.append(f"  synthetic {r.label:8s} detected {r.hits}/{r.n} = {r.value:.1%} (95% CI {low:.1%}-{high:.1%})")
+    if cal.labelled is not None:
+        lab = cal.labelled
+        lines.append(
+            f"  real test set: false rejects {lab.fpr.hits}/{lab.fpr.n},"
+            f" defects detected {lab.recall.hits}/{lab.recall.n}"
+        )
+    lines.append(f"bundle {args.out} (hash {digest[:12]}), report {report_dir / 'report.html'}")
+    print("\n".join(lines), file=sys.stderr)
+    return 0
+
+
 def _format_metric(value: float | None) -> str:
     return "   n/a" if value is None else f"{value:6.3f}"
 
@@ -77,6 +117,11 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
             f"  PRO {_format_metric(r.pro)}  F1 {_format_metric(r.f1)}  images {r.n_images}  "
             f"{r.ms_per_image:.1f} ms/image"
         )
+        if r.fpr_at_threshold is not None or r.tpr_at_threshold is not None:
+            print(
+                f"  at threshold {bundle.threshold:.4g}: false-reject rate {_format_metric(r.fpr_at_threshold)}"
+                f"  defects detected {_format_metric(r.tpr_at_threshold)}"
+            )
     return 0
 
 
@@ -99,6 +144,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int)
     _add_common(p)
     p.set_defaults(func=cmd_fit)
+
+    p = sub.add_parser("calibrate", help="fit on normal frames and choose a threshold with a false-reject bound")
+    p.add_argument("--data", required=True, type=Path, help="MVTec AD category or folder of normal images")
+    p.add_argument("--out", required=True, type=Path, help="bundle file to write (report.html goes next to it)")
+    p.add_argument("--target-fpr", type=float, help="false-reject rate to stay under (default 0.01)")
+    p.add_argument("--confidence", type=float, help="probability the bound holds (default 0.95)")
+    p.add_argument("--holdout", type=float, help="share of normal frames held out for the threshold (default 0.5)")
+    p.add_argument("--allow-weak-bound", action="store_true", help="too few frames: use the max score, say so")
+    p.add_argument("--report-dir", type=Path, help="where report.html and its PNGs go (default: next to --out)")
+    p.add_argument("--model", dest="model_name", choices=sorted(MODELS))
+    p.add_argument("--backbone", choices=sorted(BACKBONES))
+    p.add_argument("--backbone-weights", help="path to the backbone's .pth weights")
+    p.add_argument("--seed", type=int)
+    _add_common(p)
+    p.set_defaults(func=cmd_calibrate)
 
     p = sub.add_parser("evaluate", help="score an MVTec AD category's test set")
     p.add_argument("--model", required=True, type=Path, help="bundle written by fit")

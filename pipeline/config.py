@@ -73,9 +73,26 @@ class FitConfig:
 
 
 @dataclass(frozen=True)
+class CalibrationConfig:
+    target_fpr: float = field(default=0.01, metadata=_range(0.0, 0.5, lo_open=True))
+    """False-reject rate the threshold must stay under (fraction of good parts rejected)."""
+    confidence: float = field(default=0.95, metadata=_range(0.5, 0.9999))
+    """Probability that the true false-reject rate is at or under target_fpr."""
+    holdout_fraction: float = field(default=0.5, metadata=_range(0.0, 0.95, lo_open=True))
+    """Share of the normal frames held out from fitting to choose the threshold."""
+    seed: int = field(default=0, metadata=_range(0))
+    """Seed of the fit/held-out split and of the synthetic defects."""
+    synthetic_per_kind: int = field(default=40, metadata=_range(0, 100000))
+    """Held-out frames given each synthetic defect kind for the recall estimate; 0 = skip."""
+    allow_weak_bound: bool = False
+    """Use the largest held-out score when there are too few frames for the bound (and say so)."""
+
+
+@dataclass(frozen=True)
 class Config:
     model: ModelConfig = ModelConfig()
     fit: FitConfig = FitConfig()
+    calibration: CalibrationConfig = CalibrationConfig()
 
 
 def _type_name(tp: Any) -> str:

@@ -11,7 +11,16 @@ import pytest
 
 from pipeline.cli import main
 
-EVAL_KEYS = {"image_auroc", "pixel_auroc", "pro", "f1", "n_images", "ms_per_image"}
+EVAL_KEYS = {
+    "image_auroc",
+    "pixel_auroc",
+    "pro",
+    "f1",
+    "n_images",
+    "ms_per_image",
+    "fpr_at_threshold",
+    "tpr_at_threshold",
+}
 
 
 @pytest.fixture(scope="module")
@@ -31,6 +40,7 @@ def test_fit_then_evaluate_json(bundle: Path, small_category: Path, capsys: pyte
     assert result["n_images"] == 14
     assert result["image_auroc"] >= 0.9 and result["pixel_auroc"] >= 0.9
     assert 0 < result["pro"] <= 1 and 0 < result["f1"] <= 1 and result["ms_per_image"] > 0
+    assert result["fpr_at_threshold"] is None and result["tpr_at_threshold"] is None  # fit sets no threshold
 
 
 def test_evaluate_without_masks_reports_null(

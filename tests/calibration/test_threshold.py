@@ -12,6 +12,7 @@ from calibration.threshold import (
     exceed_probability,
     fpr_upper_bound,
     min_calibration_frames,
+    proportion_interval,
 )
 
 
@@ -87,3 +88,13 @@ def test_bad_levels_and_scores() -> None:
         choose_threshold(np.array([1.0, np.nan]), 0.5, 0.5)
     with pytest.raises(InsufficientCalibrationData):
         choose_threshold(np.array([]), 0.5, 0.5)
+
+
+def test_proportion_interval_clopper_pearson() -> None:
+    # 0 of 10: upper = 1 - 0.025^(1/10); 10 of 10: lower = 0.025^(1/10)
+    assert proportion_interval(0, 10) == (0.0, pytest.approx(1 - 0.025**0.1, rel=1e-6))
+    assert proportion_interval(10, 10) == (pytest.approx(0.025**0.1, rel=1e-6), 1.0)
+    low, high = proportion_interval(5, 10)
+    assert low == pytest.approx(0.187086, abs=1e-5) and high == pytest.approx(0.812914, abs=1e-5)
+    with pytest.raises(ValueError):
+        proportion_interval(3, 2)
