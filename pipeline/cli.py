@@ -21,6 +21,7 @@ from edge.backbones import BACKBONES, WeightsNotFound
 from edge.bundle import BundleError, load_bundle, save_bundle
 from edge.models import MODELS
 from pipeline.config import Config, ConfigError, load_config, with_overrides
+from pipeline.state import PipelineError
 
 EXIT_ERROR = 2
 
@@ -125,6 +126,45 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_run(args: argparse.Namespace) -> int:
+    from pipeline.config import SourceConfig
+    from pipeline.supervisor import Pipeline
+
+    config = _config(args)
+    bundle = args.bundle or config.pipeline.bundle
+    if bundle is None:
+        raise ConfigError("pipeline.bundle: no bundle given (pass --bundle or set it in the config)")
+    sources = tuple(SourceConfig(spec=s) for s in args.source) if args.source else config.pipeline.sources
+    pipeline = Pipeline(config, Path(bundle), sources)
+    summary = pipeline.run(duration_s=args.duration)
+    if args.json:
+        keys = (
+            "frames",
+            "verdicts",
+            "rejects",
+            "errors",
+            "drops",
+            "restarts",
+            "latency_ms_p50",
+            "latency_ms_p99",
+            "fps",
+        )
+        print(json.dumps({k: getattr(summary, k) for k in keys}))
+    else:
+        p50, p99 = summary.latency_ms_p50, summary.latency_ms_p99
+        lat = "n/a" if p50 is None or p99 is None else f"p50 {p50:.1f} ms, p99 {p99:.1f} ms"
+        print(
+            f"frames {summary.frames}: {summary.verdicts} verdicts ({summary.rejects} rejects, "
+            f"{summary.errors} errors), {summary.drops} dropped, {summary.restarts} restarts; "
+            f"latency {lat}; {summary.fps:.1f} frames/s"
+        )
+        for cam, counts in summary.cameras.items():
+            print(f"  {cam}: {counts}")
+        if summary.drops:
+            print(f"  drops by reason: {summary.drops_by_reason}")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from pipeline.demo import run_demo
 
@@ -168,6 +208,18 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(p)
     p.set_defaults(func=cmd_evaluate)
 
+    p = sub.add_parser("run", help="run the streaming pipeline: sources -> model -> rejects over ZeroMQ")
+    p.add_argument("--config", type=Path, help="config file (default: built-in defaults)")
+    p.add_argument("--bundle", help="calibrated bundle (overrides pipeline.bundle)")
+    p.add_argument(
+        "--source",
+        action="append",
+        help="folder:PATH, video:PATH or camera:INDEX_OR_URL; repeat for several cameras (replaces the config's)",
+    )
+    p.add_argument("--duration", type=float, help="stop after this many seconds")
+    p.add_argument("--json", action="store_true", help="print one JSON summary object on stdout")
+    p.set_defaults(func=cmd_run)
+
     p = sub.add_parser("demo", help="generate a demo dataset, fit, evaluate, print results")
     p.add_argument("--workdir", type=Path, default=Path("linewatch-demo"), help="where data and bundles go")
     p.add_argument("--n-train", type=int, default=100, help="normal training images per category")
@@ -180,7 +232,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args))
-    except (ConfigError, DatasetError, BundleError, WeightsNotFound, ValueError) as exc:
+    except (ConfigError, DatasetError, BundleError, WeightsNotFound, ValueError, OSError, PipelineError) as exc:
         print(f"linewatch: error: {exc}", file=sys.stderr)
         return EXIT_ERROR
     except KeyboardInterrupt:

@@ -50,7 +50,7 @@ class ModelConfig:
     backbone: str = field(default="efficientnet_lite0", metadata={"choices": tuple(BACKBONES)})
     backbone_weights: str | None = None
     """Path to the backbone's .pth; default: the weights package (Lite0) or the torch hub cache."""
-    layers: tuple[str, ...] | None = None
+    layers: tuple[str, ...] | None = field(default=None, metadata={"nonempty": True})
     """Feature layers; default stride 8 and 16 of the backbone."""
     input_size: int = field(default=256, metadata=_range(32, 2048))
     crop_size: int | None = field(default=None, metadata=_range(32, 2048))
@@ -88,11 +88,72 @@ class CalibrationConfig:
     """Use the largest held-out score when there are too few frames for the bound (and say so)."""
 
 
+SOURCE_KINDS = ("folder", "video", "camera")
+
+
+@dataclass(frozen=True)
+class SourceConfig:
+    spec: str
+    """folder:PATH (recursive, sorted; an MVTec category replays test/ with labels), video:PATH,
+    camera:INDEX_OR_URL."""
+    id: str | None = None
+    """camera_id in rejects and metrics; default cam0, cam1, ... in list order."""
+    rate_ppm: float = field(default=0.0, metadata=_range(0.0, 1e6))
+    """Replay pace in parts per minute (folder/video); 0 = as fast as the pipeline takes them."""
+    loop: bool = False
+    """Replay the folder/video again when it ends."""
+    policy: str | None = field(default=None, metadata={"choices": ("block", "drop_oldest")})
+    """block: every frame is processed (the source waits); drop_oldest: stay current, count drops.
+    Default: block for folder/video, drop_oldest for camera."""
+    reconnect_max_s: float = field(default=5.0, metadata=_range(0.1, 600.0))
+    """Longest wait between reconnect attempts of a lost camera (backoff doubles up to this)."""
+
+
+@dataclass(frozen=True)
+class PipelineConfig:
+    bundle: str | None = None
+    """Calibrated bundle to run (linewatch calibrate); --bundle overrides."""
+    sources: tuple[SourceConfig, ...] = ()
+    ring_slots: int = field(default=8, metadata=_range(2, 1024))
+    """Frames buffered per camera between capture and preprocessing."""
+    tensor_slots: int = field(default=16, metadata=_range(2, 4096))
+    """Preprocessed frames buffered before inference (>= max_batch)."""
+    max_frame_height: int = field(default=1080, metadata=_range(16, 16384))
+    max_frame_width: int = field(default=1920, metadata=_range(16, 16384))
+    """Frames larger than this are downscaled at capture (they are resized for the model anyway)."""
+    max_batch: int = field(default=8, metadata=_range(1, 1024))
+    max_wait_ms: float = field(default=2.0, metadata=_range(0.0, 1000.0))
+    """How long inference waits for a fuller batch once a frame is ready."""
+    device: str = "cpu"
+    """torch device for inference: cpu, cuda, cuda:1, ..."""
+    heartbeat_timeout_s: float = field(default=30.0, metadata=_range(1.0, 3600.0))
+    """A stage silent for this long is restarted like a crashed one."""
+
+
+@dataclass(frozen=True)
+class PublisherConfig:
+    address: str = "tcp://127.0.0.1:5556"
+    """ZeroMQ PUB endpoint the PLC bridge subscribes to."""
+    send_hwm: int = field(default=10000, metadata=_range(1))
+    """Messages queued per slow subscriber before ZeroMQ drops for it (the line never waits)."""
+
+
+@dataclass(frozen=True)
+class MetricsConfig:
+    enabled: bool = True
+    host: str = "127.0.0.1"
+    port: int = field(default=9108, metadata=_range(0, 65535))
+    """Prometheus /metrics port; 0 = any free port."""
+
+
 @dataclass(frozen=True)
 class Config:
     model: ModelConfig = ModelConfig()
     fit: FitConfig = FitConfig()
     calibration: CalibrationConfig = CalibrationConfig()
+    pipeline: PipelineConfig = PipelineConfig()
+    publisher: PublisherConfig = PublisherConfig()
+    metrics: MetricsConfig = MetricsConfig()
 
 
 def _type_name(tp: Any) -> str:
@@ -121,8 +182,8 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
             return None
         raise ConfigError(f"{key} = {value!r}: expected null")
     if origin is tuple:
-        if not isinstance(value, list | tuple) or not value:
-            raise ConfigError(f"{key} = {value!r}: expected a non-empty {_type_name(tp)}")
+        if not isinstance(value, list | tuple):
+            raise ConfigError(f"{key} = {value!r}: expected a {_type_name(tp)}")
         return tuple(_convert(v, typing.get_args(tp)[0], f"{key}[{i}]") for i, v in enumerate(value))
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
@@ -148,6 +209,8 @@ def _check_field(f: dataclasses.Field, value: Any, key: str, raw: Any) -> None:
     meta = f.metadata
     if value is None:
         return
+    if meta.get("nonempty") and value == ():
+        raise ConfigError(f"{key} = {raw!r}: expected a non-empty list")
     choices = meta.get("choices")
     if choices is not None and value not in choices:
         raise ConfigError(f"{key} = {raw!r}: expected one of {', '.join(map(str, choices))}")

@@ -60,7 +60,10 @@ class PatchCoreModel(nn.Module):
         self.smoother = AnomalyMapSmoother(input_size, sigma)
 
     def forward(self, x: torch.Tensor) -> ScoreResult:
-        emb = patchcore_embedding(self.backbone, x)
+        return self.score_embedding(patchcore_embedding(self.backbone, x))
+
+    def score_embedding(self, emb: torch.Tensor) -> ScoreResult:
+        """Scores and maps from patch features (N, C, h, w) already computed by `patchcore_embedding`."""
         n, c, h, w = emb.shape
         patches = emb.permute(0, 2, 3, 1).reshape(n * h * w, c)
         dist, nn_idx = nearest_neighbor(patches, self.memory_bank, self.bank_sq, self.chunk_elements)

@@ -1,0 +1,104 @@
+"""Prometheus metrics of a run, served by the supervisor process.
+
+Stages do not touch Prometheus: the supervisor sees every verdict record (with the stage timestamps
+it carries) and reads the shared counters, so one registry in one process covers all processes.
+Names and buckets follow the design notes; base units (seconds); never a frame id in a label.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, start_http_server
+
+from pipeline.ring import VERDICT_NAMES
+from pipeline.state import DROP_REASONS, RunState
+
+LATENCY_BUCKETS = tuple(ms / 1000.0 for ms in (0.5, 1, 2, 3, 5, 7.5, 10, 15, 20, 30, 50, 75, 100, 150, 250, 500, 1000))
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
+
+
+class PipelineMetrics:
+    def __init__(self, cameras: list[str], stages: list[str], score_buckets: tuple[float, ...]) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.cameras, self.stages = cameras, stages
+        self.e2e = Histogram(
+            "linewatch_e2e_latency_seconds", "Capture to verdict published", buckets=LATENCY_BUCKETS, registry=r
+        )
+        self.stage = Histogram(
+            "linewatch_stage_latency_seconds", "Time spent per stage", ["stage"], buckets=LATENCY_BUCKETS, registry=r
+        )
+        self.frames = Counter("linewatch_frames", "Verdicts published", ["camera", "verdict"], registry=r)
+        self.dropped = Counter(
+            "linewatch_dropped_frames", "Frames dropped, by reason", ["camera", "reason"], registry=r
+        )
+        self.occupancy = Gauge("linewatch_ring_occupancy", "Frames waiting in a ring", ["ring"], registry=r)
+        self.batch = Histogram("linewatch_batch_size", "Inference batch size", buckets=BATCH_BUCKETS, registry=r)
+        self.score = Histogram("linewatch_anomaly_score", "Anomaly scores", buckets=score_buckets, registry=r)
+        self.threshold = Gauge("linewatch_threshold", "Current reject threshold", registry=r)
+        self.restarts = Counter("linewatch_stage_restarts", "Stage process restarts", ["stage"], registry=r)
+        self.connected = Gauge("linewatch_camera_connected", "1 while the camera delivers", ["camera"], registry=r)
+        self.reconnects = Counter("linewatch_camera_reconnects", "Camera reconnect attempts", ["camera"], registry=r)
+        self.bundle = Info("linewatch_bundle", "Model bundle in use", registry=r)
+        for cam in cameras:
+            for verdict in VERDICT_NAMES:
+                self.frames.labels(cam, verdict)
+            for reason in DROP_REASONS:
+                self.dropped.labels(cam, reason)
+        self._seen_drops = np.zeros((len(cameras), len(DROP_REASONS)), dtype=np.int64)
+        self._seen_restarts: dict[str, int] = {}
+        self._seen_reconnects = np.zeros(len(cameras), dtype=np.int64)
+        self._server: Any = None
+
+    def serve(self, host: str, port: int) -> int:
+        """Start the /metrics HTTP server; returns the bound port (useful with port 0)."""
+        try:
+            self._server, _thread = start_http_server(port, addr=host, registry=self.registry)
+        except OSError as exc:
+            raise OSError(f"metrics.port = {port}: cannot serve /metrics on {host}:{port} ({exc.strerror})") from None
+        return int(self._server.server_port)
+
+    def close(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            self._server = None
+
+    def observe(self, rec: np.void) -> None:
+        """One verdict record (RECORD) with its stage timestamps."""
+        cam = self.cameras[int(rec["camera"])]
+        verdict = VERDICT_NAMES[int(rec["verdict"])]
+        self.frames.labels(cam, verdict).inc()
+        self.e2e.observe((int(rec["m_decide_ns"]) - int(rec["m_capture_ns"])) / 1e9)
+        stamps = ("m_capture_ns", "m_pre_ns", "m_infer_ns", "m_decide_ns")
+        for stage, (a, b) in zip(("preprocess", "infer", "decide"), zip(stamps, stamps[1:], strict=False), strict=True):
+            if rec[a] and rec[b]:
+                self.stage.labels(stage).observe(max(0, int(rec[b]) - int(rec[a])) / 1e9)
+        if verdict != "error":
+            self.score.observe(float(rec["score"]))
+        if rec["batch"] > 0:  # set on the first record of each inference batch only
+            self.batch.observe(int(rec["batch"]))
+
+    def sync(self, state: RunState, rings: dict[str, int], restarts: dict[str, int]) -> None:
+        """Bring counters and gauges up to date with the shared state (counters move by their deltas)."""
+        drops = state.drops.copy()
+        for c, cam in enumerate(self.cameras):
+            for j, reason in enumerate(DROP_REASONS):
+                delta = int(drops[c, j] - self._seen_drops[c, j])
+                if delta > 0:
+                    self.dropped.labels(cam, reason).inc(delta)
+            self.connected.labels(cam).set(int(state.connected[c]))
+            delta = int(state.reconnects[c] - self._seen_reconnects[c])
+            if delta > 0:
+                self.reconnects.labels(cam).inc(delta)
+        self._seen_drops = drops
+        self._seen_reconnects = state.reconnects.copy()
+        for ring, occupied in rings.items():
+            self.occupancy.labels(ring).set(occupied)
+        for stage, n in restarts.items():
+            delta = n - self._seen_restarts.get(stage, 0)
+            if delta > 0:
+                self.restarts.labels(stage).inc(delta)
+            self._seen_restarts[stage] = n

@@ -1,0 +1,180 @@
+"""Shared-memory rings between stage processes: fixed slots, one writer, one reader, no locks.
+
+Every link of the pipeline (source -> preprocess -> infer -> decide -> supervisor) is a `FrameRing`:
+N slots, each a `RECORD` header plus an optional pixel/tensor payload, in one shared-memory block.
+Pixel data never goes through a pipe or a pickle; only ring names and shapes are passed at spawn.
+
+Why no locks: a lock held by a process that is killed stays held forever and freezes the pipeline.
+Instead each field has one writer at a time. The writer fills a FREE slot and sets state WRITTEN
+last; the reader uses a WRITTEN slot and sets it FREE last. If the reader dies while holding a slot,
+the slot is still WRITTEN, so its restarted successor processes it again (re-queue on crash); the
+`attempts` field stops a frame that crashes the stage from doing so forever.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from multiprocessing import resource_tracker, shared_memory
+
+import numpy as np
+
+FREE, WRITTEN = 0, 1
+NO_TRIGGER = np.iinfo(np.int64).min
+VERDICT_PASS, VERDICT_REJECT, VERDICT_ERROR = 0, 1, 2
+VERDICT_NAMES = ("pass", "reject", "error")
+
+# One record layout for every ring; each stage copies the header forward and fills its own fields.
+RECORD = np.dtype(
+    [
+        ("state", np.int64),
+        ("seq", np.int64),  # order of writing into this ring (FIFO for the reader)
+        ("camera", np.int32),  # index into the run's camera list
+        ("h", np.int32),
+        ("w", np.int32),
+        ("attempts", np.int32),  # times a reader started processing this slot
+        ("frame_id", np.int64),
+        ("trigger", np.int64),  # encoder / trigger value from the source, NO_TRIGGER when none
+        ("label", np.int64),  # ground truth when replaying a labelled set: -1 unknown, 0 good, 1 defect
+        ("t_capture_ns", np.int64),  # time.time_ns() at capture: what a PLC bridge shifts by
+        ("m_capture_ns", np.int64),  # time.monotonic_ns() at capture, for latencies
+        ("m_pre_ns", np.int64),  # preprocess done
+        ("m_infer_start_ns", np.int64),
+        ("m_infer_ns", np.int64),  # inference done
+        ("m_decide_ns", np.int64),  # verdict published
+        ("t_decision_ns", np.int64),
+        ("batch", np.int32),
+        ("verdict", np.int32),
+        ("score", np.float64),
+        ("source_index", np.int64),  # position in a replayed folder (for offline comparison)
+    ]
+)
+
+
+@dataclass(frozen=True)
+class RingSpec:
+    """What a process needs to attach to a ring (picklable, small)."""
+
+    name: str
+    slots: int
+    payload_shape: tuple[int, ...]
+    payload_dtype: str
+
+
+class FrameRing:
+    def __init__(self, spec: RingSpec, shm: shared_memory.SharedMemory, owner: bool) -> None:
+        self.spec = spec
+        self._shm = shm
+        self._owner = owner
+        n = spec.slots
+        header_bytes = RECORD.itemsize * n
+        self.meta = np.ndarray((2,), dtype=np.int64, buffer=shm.buf, offset=0)  # [next_seq, unused]
+        self.headers = np.ndarray((n,), dtype=RECORD, buffer=shm.buf, offset=16)
+        payload_offset = 16 + header_bytes
+        payload_offset += (-payload_offset) % 64
+        shape = (n, *spec.payload_shape) if spec.payload_shape else (n, 0)  # header-only ring: empty payloads
+        self.payloads = np.ndarray(shape, dtype=np.dtype(spec.payload_dtype), buffer=shm.buf, offset=payload_offset)
+
+    @staticmethod
+    def _size(slots: int, payload_shape: tuple[int, ...], dtype: str) -> int:
+        payload = int(np.prod(payload_shape, dtype=np.int64)) * np.dtype(dtype).itemsize if payload_shape else 0
+        return 16 + RECORD.itemsize * slots + 64 + payload * slots
+
+    @classmethod
+    def create(cls, slots: int, payload_shape: tuple[int, ...] = (), dtype: str = "uint8") -> FrameRing:
+        if slots < 1:
+            raise ValueError(f"a ring needs at least 1 slot, got {slots}")
+        shm = shared_memory.SharedMemory(create=True, size=cls._size(slots, payload_shape, dtype))
+        spec = RingSpec(shm.name, slots, tuple(payload_shape), dtype)
+        ring = cls(spec, shm, owner=True)
+        ring.meta[:] = 0
+        ring.headers[:] = np.zeros(slots, dtype=RECORD)
+        return ring
+
+    @classmethod
+    def attach(cls, spec: RingSpec) -> FrameRing:
+        return cls(spec, attach_untracked(spec.name), owner=False)
+
+    # writer side
+    def free_slot(self) -> int | None:
+        free = np.flatnonzero(self.headers["state"] == FREE)
+        return int(free[0]) if free.size else None
+
+    def wait_free_slot(self, stop: Callable[[], bool]) -> int | None:
+        """Block until a slot is free (backpressure); None when `stop()` turns true first."""
+        idle = Idle()
+        while True:
+            slot = self.free_slot()
+            if slot is not None:
+                return slot
+            if stop():
+                return None
+            idle.sleep()
+
+    def commit(self, slot: int, record: np.void | None = None) -> None:
+        """Publish slot to the reader; `record` (a RECORD) is copied in first when given."""
+        if record is not None:
+            self.headers[slot] = record
+        self.headers[slot]["seq"] = self.meta[0]
+        self.headers[slot]["attempts"] = 0
+        self.meta[0] += 1
+        self.headers[slot]["state"] = WRITTEN  # last: the reader may take the slot from here on
+
+    # reader side
+    def written(self) -> np.ndarray:
+        """WRITTEN slots, oldest first."""
+        slots = np.flatnonzero(self.headers["state"] == WRITTEN)
+        return slots[np.argsort(self.headers["seq"][slots], kind="stable")]
+
+    def release(self, slot: int) -> None:
+        self.headers[slot]["state"] = FREE
+
+    def occupancy(self) -> int:
+        return int((self.headers["state"] == WRITTEN).sum())
+
+    def close(self) -> None:
+        # Views into the buffer must go before the block can be closed.
+        del self.meta, self.headers, self.payloads
+        self._shm.close()
+        if self._owner:
+            try:
+                self._shm.unlink()
+            except FileNotFoundError:
+                pass
+
+
+def attach_untracked(name: str) -> shared_memory.SharedMemory:
+    """Attach to an existing block without registering it with the resource tracker.
+
+    The creating process owns and unlinks the block; on Python < 3.13 an attaching process would
+    otherwise have it unlinked (and warned about as leaked) when that process exits or is restarted.
+    """
+    if sys.version_info >= (3, 13):
+        return shared_memory.SharedMemory(name=name, track=False)  # type: ignore[call-arg]
+    original = resource_tracker.register
+    resource_tracker.register = lambda *args, **kwargs: None  # type: ignore[assignment]
+    try:
+        return shared_memory.SharedMemory(name=name)
+    finally:
+        resource_tracker.register = original  # type: ignore[assignment]
+
+
+class Idle:
+    """Sleep of an idle polling loop: short right after work, backing off to `longest_s` when quiet.
+
+    Polling keeps the rings lock-free; the backoff keeps idle stages from eating the CPU the model
+    needs, at the cost of at most `longest_s` extra latency for the first frame after a quiet spell.
+    """
+
+    def __init__(self, shortest_s: float = 0.0002, longest_s: float = 0.002) -> None:
+        self.shortest_s, self.longest_s = shortest_s, longest_s
+        self.current = shortest_s
+
+    def sleep(self) -> None:
+        time.sleep(self.current)
+        self.current = min(self.current * 2, self.longest_s)
+
+    def reset(self) -> None:
+        self.current = self.shortest_s

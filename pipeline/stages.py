@@ -1,0 +1,310 @@
+"""The stage processes: capture (one per source), preprocess, infer (one per device), decide.
+
+Each `*_main` runs in its own spawned process and talks only through rings and the shared run
+state (`StageContext`). Stages ignore SIGINT/SIGTERM: the supervisor owns shutdown and tells them
+through the stop flags, so a Ctrl-C drains the pipeline instead of killing it mid-frame.
+"""
+
+from __future__ import annotations
+
+import signal
+import sys
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import cv2
+import numpy as np
+
+from pipeline.config import SourceConfig
+from pipeline.ring import NO_TRIGGER, RECORD, VERDICT_ERROR, VERDICT_PASS, VERDICT_REJECT, FrameRing, Idle, RingSpec
+from pipeline.state import RunState, StateSpec
+
+# A frame in hand when its stage died is retried once; if the retry dies too it becomes an `error` verdict.
+MAX_ATTEMPTS = 2
+
+
+@dataclass(frozen=True)
+class StageContext:
+    """What every stage process gets at spawn: small and picklable."""
+
+    state: StateSpec
+    process_index: int
+
+
+def _enter(ctx: StageContext) -> RunState:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    state = RunState.attach(ctx.state)
+    state.heartbeat_ns[ctx.process_index] = time.monotonic_ns()
+    return state
+
+
+def _log(stage: str, message: str) -> None:
+    print(f"linewatch[{stage}]: {message}", file=sys.stderr, flush=True)
+
+
+def fit_into(image: np.ndarray, max_h: int, max_w: int) -> np.ndarray:
+    """Downscale (keeping the aspect ratio) when a frame is larger than a ring slot."""
+    h, w = image.shape[:2]
+    if h <= max_h and w <= max_w:
+        return image
+    scale = min(max_h / h, max_w / w)
+    size = (max(1, int(w * scale)), max(1, int(h * scale)))
+    return cv2.resize(image, size, interpolation=cv2.INTER_AREA)
+
+
+def capture_main(
+    ctx: StageContext, camera: int, config: SourceConfig, policy: str, ring_spec: RingSpec
+) -> None:  # pragma: no cover - runs in a child process; covered by the pipeline tests
+    from pipeline.sources import FrameUnreadable, SourceDisconnected, SourceUnavailable, open_source
+
+    state = _enter(ctx)
+    ring = FrameRing.attach(ring_spec)
+    name = config.id or f"cam{camera}"
+    max_h, max_w = ring.payloads.shape[1:3]
+    period_ns = int(60e9 / config.rate_ppm) if config.rate_ppm > 0 else 0
+    backoff = 0.25
+    source = None
+    next_release = time.monotonic_ns()
+    while not state.stopping_sources():
+        state.heartbeat_ns[ctx.process_index] = time.monotonic_ns()
+        if source is None:
+            try:
+                source = open_source(config, start=int(state.position[camera]))
+                state.connected[camera] = 1
+                backoff = 0.25
+            except SourceUnavailable as exc:
+                state.connected[camera] = 0
+                if config.spec.startswith("camera:"):
+                    _log(name, f"{exc}; retrying in {backoff:.2f}s")
+                    state.reconnects[camera] += 1
+                    _sleep_unless_stopped(state, backoff)
+                    backoff = min(backoff * 2, config.reconnect_max_s)
+                    continue
+                _log(name, str(exc))
+                state.done[camera] = 1
+                break
+        try:
+            frame = source.read()
+        except FrameUnreadable as exc:
+            _log(name, f"{exc} (counted as an unreadable drop)")
+            state.captured[camera] += 1
+            state.drop(camera, "unreadable")
+            state.position[camera] = exc.index + 1
+            continue
+        except SourceDisconnected as exc:
+            _log(name, f"{exc}; reconnecting")
+            state.connected[camera] = 0
+            source.close()
+            source = None
+            continue
+        if frame is None:
+            state.done[camera] = 1
+            break
+        if period_ns:  # conveyor pace: release parts on a fixed schedule, never in a burst
+            now = time.monotonic_ns()
+            if next_release > now:
+                time.sleep((next_release - now) / 1e9)
+            next_release = max(next_release, now) + period_ns
+        image = fit_into(frame.image, max_h, max_w)
+        if policy == "block":
+            slot = ring.wait_free_slot(state.stopping)
+            if slot is None:
+                break
+        else:
+            slot = ring.free_slot()
+        rec = np.zeros((), dtype=RECORD)
+        rec["camera"] = camera
+        rec["frame_id"] = state.next_frame_id[camera]
+        rec["source_index"] = frame.index
+        rec["label"] = frame.label
+        rec["trigger"] = NO_TRIGGER if frame.trigger is None else frame.trigger
+        rec["t_capture_ns"] = time.time_ns()
+        rec["m_capture_ns"] = time.monotonic_ns()
+        rec["h"], rec["w"] = image.shape[:2]
+        state.next_frame_id[camera] += 1
+        state.position[camera] = frame.index + 1
+        state.captured[camera] += 1
+        if slot is None:
+            state.drop(camera, "ring_full")
+            continue
+        ring.payloads[slot, : image.shape[0], : image.shape[1]] = image
+        ring.commit(slot, rec)
+    if source is not None:
+        source.close()
+
+
+def _sleep_unless_stopped(state: RunState, seconds: float) -> None:
+    end = time.monotonic() + seconds
+    while time.monotonic() < end and not state.stopping_sources():
+        time.sleep(min(0.05, max(0.0, end - time.monotonic())))
+
+
+def preprocess_main(
+    ctx: StageContext, ring_specs: list[RingSpec], policies: list[str], out_spec: RingSpec, pre: dict[str, Any]
+) -> None:  # pragma: no cover - child process
+    from edge.preprocessing import Preprocessing
+
+    state = _enter(ctx)
+    rings = [FrameRing.attach(s) for s in ring_specs]
+    out = FrameRing.attach(out_spec)
+    preprocessing = Preprocessing.from_dict(pre)
+    state.ready[ctx.process_index] = 1
+    idle = Idle()
+    while not state.stopping():
+        state.heartbeat_ns[ctx.process_index] = time.monotonic_ns()
+        busy = False
+        for camera, ring in enumerate(rings):  # round robin: one frame per camera per pass
+            slots = ring.written()
+            if not slots.size:
+                continue
+            if policies[camera] == "drop_oldest" and slots.size > 1:
+                for stale in slots[:-1]:  # stay current: only the newest waiting frame is worth processing
+                    ring.release(int(stale))
+                    state.drop(camera, "stale")
+                slots = slots[-1:]
+            slot = int(slots[0])
+            target = out.wait_free_slot(state.stopping)
+            if target is None:
+                return
+            busy = True
+            rec = ring.headers[slot].copy()
+            rec["verdict"] = VERDICT_PASS
+            if ring.headers[slot]["attempts"] >= MAX_ATTEMPTS:
+                rec["verdict"] = VERDICT_ERROR  # this frame was in hand when the stage died: don't retry it
+            else:
+                ring.headers[slot]["attempts"] += 1
+                try:
+                    image = ring.payloads[slot, : rec["h"], : rec["w"]]
+                    out.payloads[target] = preprocessing(image)
+                except Exception as exc:  # a frame the model cannot take must not stop the line
+                    _log("preprocess", f"frame {int(rec['frame_id'])} of camera {camera}: {exc}")
+                    rec["verdict"] = VERDICT_ERROR
+            rec["m_pre_ns"] = time.monotonic_ns()
+            out.commit(target, rec)
+            ring.release(slot)
+        if busy:
+            idle.reset()
+        else:
+            idle.sleep()
+
+
+def infer_main(
+    ctx: StageContext,
+    in_spec: RingSpec,
+    out_spec: RingSpec,
+    bundle_path: str,
+    backbone_weights: str | None,
+    device: str,
+    max_batch: int,
+    max_wait_ms: float,
+) -> None:  # pragma: no cover - child process
+    import torch
+
+    from edge.bundle import load_bundle
+
+    state = _enter(ctx)
+    tensors = FrameRing.attach(in_spec)
+    out = FrameRing.attach(out_spec)
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    model = load_bundle(bundle_path, backbone_weights).model.to(device)
+    state.ready[ctx.process_index] = 1
+    idle = Idle()
+    while not state.stopping():
+        state.heartbeat_ns[ctx.process_index] = time.monotonic_ns()
+        slots = tensors.written()
+        if not slots.size:
+            idle.sleep()
+            continue
+        idle.reset()
+        deadline = time.monotonic() + max_wait_ms / 1000.0
+        while slots.size < max_batch and time.monotonic() < deadline:
+            time.sleep(0.0002)
+            slots = tensors.written()
+        slots = slots[:max_batch]
+        good = [
+            int(s)
+            for s in slots
+            if tensors.headers[s]["verdict"] != VERDICT_ERROR and tensors.headers[s]["attempts"] < MAX_ATTEMPTS
+        ]
+        for s in good:
+            tensors.headers[s]["attempts"] += 1
+        start = time.monotonic_ns()
+        scores: dict[int, float] = {}
+        if good:
+            x = torch.from_numpy(tensors.payloads[good]).to(device)
+            with torch.inference_mode():
+                result = model(x)
+            scores = dict(zip(good, result.scores.float().cpu().tolist(), strict=True))
+        done = time.monotonic_ns()
+        for i, s in enumerate(slots):
+            s = int(s)
+            target = out.wait_free_slot(state.stopping)
+            if target is None:
+                return
+            rec = tensors.headers[s].copy()
+            if s in scores:
+                rec["score"] = scores[s]
+            else:
+                rec["verdict"] = VERDICT_ERROR
+            rec["m_infer_start_ns"], rec["m_infer_ns"] = start, done
+            rec["batch"] = len(good) if i == 0 else 0
+            out.commit(target, rec)
+            tensors.release(s)
+
+
+def decide_main(
+    ctx: StageContext,
+    in_spec: RingSpec,
+    out_spec: RingSpec,
+    cameras: list[str],
+    threshold: float,
+    bundle_hash: str,
+    run_id: str,
+    address: str,
+    send_hwm: int,
+) -> None:  # pragma: no cover - child process
+    from pipeline.publisher import RejectPublisher, Verdict
+
+    state = _enter(ctx)
+    scores = FrameRing.attach(in_spec)
+    out = FrameRing.attach(out_spec)
+    publisher = RejectPublisher(address, send_hwm, run_id, bundle_hash, state.publisher)
+    state.ready[ctx.process_index] = 1
+    idle = Idle()
+    try:
+        while not state.stopping():
+            state.heartbeat_ns[ctx.process_index] = time.monotonic_ns()
+            slots = scores.written()
+            if not slots.size:
+                idle.sleep()
+                continue
+            idle.reset()
+            for s in slots:
+                s = int(s)
+                target = out.wait_free_slot(state.stopping)
+                if target is None:
+                    return
+                rec = scores.headers[s].copy()
+                if rec["verdict"] != VERDICT_ERROR:
+                    rec["verdict"] = VERDICT_REJECT if rec["score"] > threshold else VERDICT_PASS
+                verdict = ("pass", "reject", "error")[int(rec["verdict"])]
+                rec["t_decision_ns"] = time.time_ns()
+                publisher.publish(
+                    Verdict(
+                        camera_id=cameras[int(rec["camera"])],
+                        frame_id=int(rec["frame_id"]),
+                        t_capture_ns=int(rec["t_capture_ns"]),
+                        t_decision_ns=int(rec["t_decision_ns"]),
+                        score=None if verdict == "error" else float(rec["score"]),
+                        threshold=threshold,
+                        verdict=verdict,
+                        trigger=None if rec["trigger"] == NO_TRIGGER else int(rec["trigger"]),
+                    )
+                )
+                rec["m_decide_ns"] = time.monotonic_ns()
+                out.commit(target, rec)
+                scores.release(s)
+    finally:
+        publisher.close()

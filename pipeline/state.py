@@ -1,0 +1,92 @@
+"""Run-wide counters and flags in shared memory, readable by the supervisor at any time.
+
+Each cell has exactly one writing process (noted per field), so no lock is needed and the counts
+survive the crash of the process that wrote them: the supervisor reconciles
+captured = verdicts + drops + in flight from these cells and the rings.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from multiprocessing import shared_memory
+
+import numpy as np
+
+from pipeline.ring import attach_untracked
+
+# Drop reasons and who counts them: ring_full / unreadable -> the source process of that camera,
+# stale (drop_oldest skipped an older frame) -> preprocess, shutdown (in flight at a forced stop) -> supervisor.
+DROP_REASONS = ("ring_full", "unreadable", "stale", "shutdown")
+FLAG_STOP_SOURCES, FLAG_STOP_ALL = 0, 1
+
+
+class PipelineError(RuntimeError):
+    """The runtime cannot go on (a stage cannot start); the message says which and why."""
+
+
+@dataclass(frozen=True)
+class StateSpec:
+    name: str
+    cameras: int
+    processes: int
+
+
+class RunState:
+    FIELDS_PER_CAMERA = ("captured", "connected", "reconnects", "done", "position", "next_frame_id")
+
+    def __init__(self, spec: StateSpec, shm: shared_memory.SharedMemory, owner: bool) -> None:
+        self.spec, self._shm, self._owner = spec, shm, owner
+        c, p = spec.cameras, spec.processes
+        arr = np.ndarray((self.cells(c, p),), dtype=np.int64, buffer=shm.buf)
+        self._arr = arr
+        at = 0
+
+        def take(n: int) -> np.ndarray:
+            nonlocal at
+            view = arr[at : at + n]
+            at += n
+            return view
+
+        self.flags = take(2)  # supervisor
+        per_camera = take(c * len(self.FIELDS_PER_CAMERA)).reshape(len(self.FIELDS_PER_CAMERA), c)
+        # source process of each camera:
+        self.captured, self.connected, self.reconnects, self.done, self.position, self.next_frame_id = per_camera
+        self.drops = take(c * len(DROP_REASONS)).reshape(c, len(DROP_REASONS))
+        self.heartbeat_ns = take(p)  # each process its own cell
+        self.restarts = take(p)  # supervisor
+        self.ready = take(p)  # each process its own cell, once it can take frames
+        self.publisher = take(4)  # decide: [seq, seq per verdict pass/reject/error]
+
+    @staticmethod
+    def cells(cameras: int, processes: int) -> int:
+        return 2 + cameras * (len(RunState.FIELDS_PER_CAMERA) + len(DROP_REASONS)) + 3 * processes + 4
+
+    @classmethod
+    def create(cls, cameras: int, processes: int) -> RunState:
+        shm = shared_memory.SharedMemory(create=True, size=8 * cls.cells(cameras, processes))
+        state = cls(StateSpec(shm.name, cameras, processes), shm, owner=True)
+        state._arr[:] = 0
+        return state
+
+    @classmethod
+    def attach(cls, spec: StateSpec) -> RunState:
+        return cls(spec, attach_untracked(spec.name), owner=False)
+
+    def drop(self, camera: int, reason: str, n: int = 1) -> None:
+        self.drops[camera, DROP_REASONS.index(reason)] += n
+
+    def stopping_sources(self) -> bool:
+        return bool(self.flags[FLAG_STOP_SOURCES] or self.flags[FLAG_STOP_ALL])
+
+    def stopping(self) -> bool:
+        return bool(self.flags[FLAG_STOP_ALL])
+
+    def close(self) -> None:
+        del self.flags, self.captured, self.connected, self.reconnects, self.done, self.position
+        del self.next_frame_id, self.drops, self.heartbeat_ns, self.restarts, self.ready, self.publisher, self._arr
+        self._shm.close()
+        if self._owner:
+            try:
+                self._shm.unlink()
+            except FileNotFoundError:
+                pass
