@@ -10,6 +10,7 @@ from dataclasses import asdict, dataclass
 
 import cv2
 import numpy as np
+import torch
 
 
 @dataclass(frozen=True)
@@ -57,6 +58,17 @@ class Preprocessing:
         rgb -= np.asarray(self.mean, dtype=np.float32)
         rgb /= np.asarray(self.std, dtype=np.float32)
         return np.ascontiguousarray(rgb.transpose(2, 0, 1))
+
+    def normalize_batch(self, rgb8: torch.Tensor) -> torch.Tensor:
+        """Batched `normalize` on the inference device: uint8 (N, h, w, 3) -> float32 (N, 3, h, w).
+
+        The streaming pipeline moves uint8 frames (4x less memory traffic than float) and normalises
+        a whole batch where the model runs; the arithmetic is the same as `normalize`.
+        """
+        x = rgb8.to(torch.float32).permute(0, 3, 1, 2)
+        mean = torch.tensor(self.mean, dtype=torch.float32, device=x.device).view(1, 3, 1, 1)
+        std = torch.tensor(self.std, dtype=torch.float32, device=x.device).view(1, 3, 1, 1)
+        return ((x - mean) / std).contiguous(memory_format=torch.channels_last)
 
     def to_dict(self) -> dict[str, list[float] | list[int]]:
         return {k: list(v) for k, v in asdict(self).items()}

@@ -116,6 +116,8 @@ class FrameRing:
     def commit(self, slot: int, record: np.void | None = None) -> None:
         """Publish slot to the reader; `record` (a RECORD) is copied in first when given."""
         if record is not None:
+            record = record.copy()
+            record["state"] = FREE  # records copied from another ring say WRITTEN: that must come last
             self.headers[slot] = record
         self.headers[slot]["seq"] = self.meta[0]
         self.headers[slot]["attempts"] = 0

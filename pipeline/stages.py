@@ -33,6 +33,8 @@ class StageContext:
 
 
 def _enter(ctx: StageContext) -> RunState:
+    # One OpenCV thread per light stage: the cores belong to inference; oversubscribing them costs throughput.
+    cv2.setNumThreads(1)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     state = RunState.attach(ctx.state)
@@ -177,7 +179,7 @@ def preprocess_main(
                 ring.headers[slot]["attempts"] += 1
                 try:
                     image = ring.payloads[slot, : rec["h"], : rec["w"]]
-                    out.payloads[target] = preprocessing(image)
+                    out.payloads[target] = preprocessing.geometry(image)  # normalised per batch in infer
                 except Exception as exc:  # a frame the model cannot take must not stop the line
                     _log("preprocess", f"frame {int(rec['frame_id'])} of camera {camera}: {exc}")
                     rec["verdict"] = VERDICT_ERROR
@@ -208,7 +210,9 @@ def infer_main(
     tensors = FrameRing.attach(in_spec)
     out = FrameRing.attach(out_spec)
     torch.set_num_threads(max(1, torch.get_num_threads()))
-    model = load_bundle(bundle_path, backbone_weights).model.to(device)
+    bundle = load_bundle(bundle_path, backbone_weights)
+    model = bundle.model.to(device)
+    preprocessing = bundle.preprocessing
     state.ready[ctx.process_index] = 1
     idle = Idle()
     while not state.stopping():
@@ -233,7 +237,7 @@ def infer_main(
         start = time.monotonic_ns()
         scores: dict[int, float] = {}
         if good:
-            x = torch.from_numpy(tensors.payloads[good]).to(device)
+            x = preprocessing.normalize_batch(torch.from_numpy(tensors.payloads[good]).to(device))
             with torch.inference_mode():
                 result = model(x)
             scores = dict(zip(good, result.scores.float().cpu().tolist(), strict=True))

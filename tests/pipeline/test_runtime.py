@@ -98,9 +98,7 @@ def offline_decisions(bundle_path: Path, category: Path) -> tuple[list[float], f
     return scores, bundle.threshold
 
 
-def test_replay_accounts_for_every_frame_and_matches_offline_decisions(
-    bundle_path: Path, small_category: Path
-) -> None:
+def test_replay_accounts_for_every_frame_and_matches_offline_decisions(bundle_path: Path, small_category: Path) -> None:
     port = free_port()
     address = f"tcp://127.0.0.1:{port}"
     everything, rejects_only = Subscriber(address), Subscriber(address, b"reject")
@@ -127,6 +125,7 @@ def test_replay_accounts_for_every_frame_and_matches_offline_decisions(
     assert summary.restarts == 0 and summary.latency_ms_p50 is not None and summary.fps > 0
     # Frame by frame, the runtime's decisions are the bundle's offline decisions.
     scores, threshold = offline_decisions(bundle_path, small_category)
+    assert len(records) == n  # each frame decided once (no record seen twice by a reader)
     by_index = {int(r["source_index"]): r for r in records}
     assert sorted(by_index) == list(range(n))
     for i, offline in enumerate(scores):
