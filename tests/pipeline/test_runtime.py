@@ -305,3 +305,54 @@ def test_ring_is_fifo_and_frees_slots() -> None:
     finally:
         ring.close()
     assert not Path(f"/dev/shm/{ring.spec.name}").exists()
+
+
+def test_drop_oldest_stays_current_and_still_reconciles(bundle_path: Path, small_category: Path) -> None:
+    # Capture outruns inference: drop_oldest keeps the newest frame and counts every frame it skips.
+    source = SourceConfig(spec=f"folder:{small_category}", policy="drop_oldest", loop=True)
+    config = run_config(free_port(), ring_slots=2, tensor_slots=2, max_batch=1)
+    summary = Pipeline(config, bundle_path, (source,)).run(duration_s=10, install_signals=False)
+    assert summary.drops > 0 and summary.verdicts > 0
+    assert summary.frames == summary.verdicts + summary.drops
+    assert (
+        summary.drops_by_reason["stale"] + summary.drops_by_reason["ring_full"] + summary.drops_by_reason["shutdown"]
+        == summary.drops
+    )
+
+
+def test_video_source_replays_every_frame(bundle_path: Path, small_category: Path, tmp_path: Path) -> None:
+    video = tmp_path / "line.avi"
+    frames = [cv2.imread(str(p)) for p in sorted((small_category / "test" / "good").glob("*.png"))]
+    writer = cv2.VideoWriter(str(video), cv2.VideoWriter_fourcc(*"MJPG"), 10, (128, 128))
+    for f in frames * 2:
+        writer.write(f)
+    writer.release()
+    records: list[np.void] = []
+    pipeline = Pipeline(run_config(free_port()), bundle_path, (SourceConfig(spec=f"video:{video}"),), records.append)
+    summary = pipeline.run(install_signals=False)
+    assert summary.frames == summary.verdicts == 2 * len(frames) and summary.errors == 0
+    assert sorted(int(r["trigger"]) for r in records) == list(range(2 * len(frames)))
+
+
+def test_run_refuses_bad_input_with_one_line(bundle_path: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from pipeline.cli import main
+
+    assert main(["run", "--bundle", str(bundle_path), "--source", "usb:0"]) == 2
+    assert capsys.readouterr().err.strip() == (
+        "linewatch: error: source 'usb:0': expected folder:PATH, video:PATH or camera:INDEX_OR_URL"
+    )
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("pipeline:\n  max_batch: 0\n")
+    assert main(["run", "--bundle", str(bundle_path), "--config", str(bad), "--source", "camera:0"]) == 2
+    assert "pipeline.max_batch = 0: out of range, expected a value >= 1" in capsys.readouterr().err
+    raw = torch.load(bundle_path, weights_only=True)
+    manifest = json.loads(raw["manifest"])
+    manifest["threshold"] = None
+    from edge.bundle import content_hash
+
+    raw["manifest"] = json.dumps(manifest)
+    raw["hash"] = content_hash(raw["manifest"], raw["tensors"])
+    uncalibrated = tmp_path / "fit_only.pt"
+    torch.save(raw, uncalibrated)
+    assert main(["run", "--bundle", str(uncalibrated), "--source", "camera:0"]) == 2
+    assert "bundle has no threshold; make one with `linewatch calibrate`" in capsys.readouterr().err
