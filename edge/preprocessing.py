@@ -34,8 +34,11 @@ class Preprocessing:
     def geometry(self, image: np.ndarray) -> np.ndarray:
         """Resize + crop an RGB uint8 image (H, W, 3); also used for ground-truth masks."""
         h, w = self.resize
-        interp = cv2.INTER_AREA if image.shape[0] >= h and image.shape[1] >= w else cv2.INTER_LINEAR
-        out = cv2.resize(image, (w, h), interpolation=interp)
+        if image.shape[:2] == (h, w):
+            out = image  # already at size (a camera set to the model's resolution): no resampling pass
+        else:
+            interp = cv2.INTER_AREA if image.shape[0] >= h and image.shape[1] >= w else cv2.INTER_LINEAR
+            out = cv2.resize(image, (w, h), interpolation=interp)
         top = (h - self.crop[0]) // 2
         left = (w - self.crop[1]) // 2
         return out[top : top + self.crop[0], left : left + self.crop[1]]

@@ -22,6 +22,7 @@ from pipeline.state import RunState, StateSpec
 
 # A frame in hand when its stage died is retried once; if the retry dies too it becomes an `error` verdict.
 MAX_ATTEMPTS = 2
+RESUBSCRIBE_GRACE_S = 0.5
 
 
 @dataclass(frozen=True)
@@ -275,6 +276,10 @@ def decide_main(
     scores = FrameRing.attach(in_spec)
     out = FrameRing.attach(out_spec)
     publisher = RejectPublisher(address, send_hwm, run_id, bundle_hash, state.publisher)
+    if state.restarts[ctx.process_index]:
+        # Subscribers of the crashed publisher reconnect within ZeroMQ's reconnect interval (100 ms);
+        # publishing the backlog before they are back would lose it for them.
+        time.sleep(RESUBSCRIBE_GRACE_S)
     state.ready[ctx.process_index] = 1
     idle = Idle()
     try:

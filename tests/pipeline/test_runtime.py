@@ -356,3 +356,31 @@ def test_run_refuses_bad_input_with_one_line(bundle_path: Path, tmp_path: Path, 
     torch.save(raw, uncalibrated)
     assert main(["run", "--bundle", str(uncalibrated), "--source", "camera:0"]) == 2
     assert "bundle has no threshold; make one with `linewatch calibrate`" in capsys.readouterr().err
+
+
+def test_hung_decide_stage_is_restarted_and_the_sequence_continues(bundle_path: Path, small_category: Path) -> None:
+    port = free_port()
+    listener = Subscriber(f"tcp://127.0.0.1:{port}")
+    listener.start()
+    frozen: list[int] = []
+    pipeline: Pipeline
+
+    def on_verdict(rec: np.void) -> None:
+        if not frozen:  # freeze (not kill) the decide stage: only its missing heartbeat gives it away
+            decide = next(s for s in pipeline.stages if s.kind == "decide")
+            assert decide.process is not None and decide.process.pid is not None
+            os.kill(decide.process.pid, signal.SIGSTOP)
+            frozen.append(decide.process.pid)
+
+    source = SourceConfig(spec=f"folder:{small_category}", rate_ppm=600, id="line")
+    config = run_config(port, heartbeat_timeout_s=2.0)
+    pipeline = Pipeline(config, bundle_path, (source,), on_verdict)
+    summary = pipeline.run(install_signals=False)
+    time.sleep(0.3)
+    listener.stop()
+    n = len(MVTecCategory(small_category).test)
+    assert summary.restarts_by_stage["decide"] == 1
+    assert summary.frames == n and summary.verdicts + summary.drops == n and summary.drops == 0
+    seqs = [m["seq"] for m in listener.messages]
+    assert seqs == sorted(seqs) and len(set(seqs)) == len(seqs)  # the restarted stage continued the sequence
+    assert {m["frame_id"] for m in listener.messages} == set(range(n))
