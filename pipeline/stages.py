@@ -69,10 +69,14 @@ def capture_main(
     period_ns = int(60e9 / config.rate_ppm) if config.rate_ppm > 0 else 0
     backoff = 0.25
     source = None
+    opened_before = False
     next_release = time.monotonic_ns()
     while not state.stopping_sources():
         state.heartbeat_ns[ctx.process_index] = time.monotonic_ns()
         if source is None:
+            if opened_before or state.position[camera] or state.reconnects[camera]:
+                state.reconnects[camera] += 1  # every attempt after the first open (also after a restart)
+            opened_before = True
             try:
                 source = open_source(config, start=int(state.position[camera]))
                 state.connected[camera] = 1
@@ -81,7 +85,6 @@ def capture_main(
                 state.connected[camera] = 0
                 if config.spec.startswith("camera:"):
                     _log(name, f"{exc}; retrying in {backoff:.2f}s")
-                    state.reconnects[camera] += 1
                     _sleep_unless_stopped(state, backoff)
                     backoff = min(backoff * 2, config.reconnect_max_s)
                     continue

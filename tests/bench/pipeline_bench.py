@@ -13,8 +13,10 @@ Without --bundle it generates a small dataset and calibrates a bundle first (abo
 from __future__ import annotations
 
 import argparse
+import os
 import socket
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -61,6 +63,20 @@ def pipeline_run(config: Config, bundle: Path, data: Path, seconds: float, rate_
             stamps.append((now, int(rec["m_decide_ns"]) - int(rec["m_capture_ns"])))
 
     pipeline = Pipeline(config, bundle, (source,), on_verdict)
+    cpu: dict[str, float] = {}
+
+    def sample_cpu() -> None:  # CPU seconds per second of each process over the measured window
+        time.sleep(warm + 5.0)  # start-up (model loading) + warm-up
+        window = seconds - warm - 7.0
+        a = {st.name: _cpu_ticks(st.process.pid) for st in pipeline.stages if st.process is not None}
+        a["supervisor"] = _cpu_ticks(os.getpid())
+        time.sleep(window)
+        for st in pipeline.stages:
+            if st.process is not None and st.name in a:
+                cpu[st.name] = (_cpu_ticks(st.process.pid) - a[st.name]) / os.sysconf("SC_CLK_TCK") / window
+        cpu["supervisor"] = (_cpu_ticks(os.getpid()) - a["supervisor"]) / os.sysconf("SC_CLK_TCK") / window
+
+    threading.Thread(target=sample_cpu, daemon=True).start()
     t0 = time.monotonic()
     summary = pipeline.run(duration_s=seconds, install_signals=False)
     times = np.array([t for t, _ in stamps])
@@ -72,7 +88,14 @@ def pipeline_run(config: Config, bundle: Path, data: Path, seconds: float, rate_
         "frames": summary.frames,
         "accounted": summary.verdicts + summary.drops,
         "drops": summary.drops,
+        "cpu": cpu,
     }
+
+
+def _cpu_ticks(pid: int | None) -> int:
+    """utime + stime of a process, in clock ticks (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return int(fields[11]) + int(fields[12])
 
 
 def main() -> None:
@@ -110,6 +133,15 @@ def main() -> None:
         f"pipeline, full speed: {full['fps']:.1f} frames/s -> ratio {full['fps'] / alone:.2f} "
         f"(frames {full['frames']}, accounted {full['accounted']}, drops {full['drops']})"
     )
+    if full["cpu"]:
+        infer = sum(v for k, v in full["cpu"].items() if k == "infer")
+        rest = sum(v for k, v in full["cpu"].items() if k != "infer")
+        print(
+            f"  CPU (cores) at full speed: inference {infer:.2f}, all other stages {rest:.2f} "
+            f"-> {infer / (infer + rest):.0%} of the pipeline's CPU goes to the model ("
+            + ", ".join(f"{k} {v:.2f}" for k, v in full["cpu"].items())
+            + ")"
+        )
     rate = 0.8 * full["fps"] * 60.0
     paced = pipeline_run(config, bundle, data, args.seconds, rate)
     print(

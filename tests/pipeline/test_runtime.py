@@ -384,3 +384,21 @@ def test_hung_decide_stage_is_restarted_and_the_sequence_continues(bundle_path: 
     seqs = [m["seq"] for m in listener.messages]
     assert seqs == sorted(seqs) and len(set(seqs)) == len(seqs)  # the restarted stage continued the sequence
     assert {m["frame_id"] for m in listener.messages} == set(range(n))
+
+
+def test_camera_that_drops_out_is_reconnected_and_the_line_keeps_going(
+    bundle_path: Path, small_category: Path, tmp_path: Path
+) -> None:
+    # cv2.VideoCapture also opens a file path as a "camera": when the file ends, reads fail exactly as
+    # with an unplugged camera, and reopening it is the reconnect.
+    stream = tmp_path / "stream.avi"
+    frames = [cv2.imread(str(p)) for p in sorted((small_category / "test" / "good").glob("*.png"))]
+    writer = cv2.VideoWriter(str(stream), cv2.VideoWriter_fourcc(*"MJPG"), 10, (128, 128))
+    for f in frames:
+        writer.write(f)
+    writer.release()
+    source = SourceConfig(spec=f"camera:{stream}", id="cam", reconnect_max_s=0.5)
+    summary = Pipeline(run_config(free_port()), bundle_path, (source,)).run(duration_s=10, install_signals=False)
+    cam = summary.cameras["cam"]
+    assert cam["frames"] > len(frames) and cam["reconnects"] >= 1  # frames kept coming after the first drop-out
+    assert summary.frames == summary.verdicts + summary.drops and summary.verdicts > 0
