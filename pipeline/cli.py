@@ -32,6 +32,14 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--skip-bad", action="store_true", help="skip unreadable or mismatched files and report them")
 
 
+def _add_model_options(p: argparse.ArgumentParser) -> None:
+    """Options of the commands that fit a model (fit, calibrate)."""
+    p.add_argument("--model", dest="model_name", choices=sorted(MODELS))
+    p.add_argument("--backbone", choices=sorted(BACKBONES))
+    p.add_argument("--backbone-weights", help="path to the backbone's .pth weights")
+    p.add_argument("--seed", type=int)
+
+
 def _config(args: argparse.Namespace) -> Config:
     config = load_config(args.config)
     overrides = {
@@ -178,10 +186,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("fit", help="fit a model on normal frames and write a bundle")
     p.add_argument("--data", required=True, type=Path, help="MVTec AD category or folder of normal images")
     p.add_argument("--out", required=True, type=Path, help="bundle file to write")
-    p.add_argument("--model", dest="model_name", choices=sorted(MODELS))
-    p.add_argument("--backbone", choices=sorted(BACKBONES))
-    p.add_argument("--backbone-weights", help="path to the backbone's .pth weights")
-    p.add_argument("--seed", type=int)
+    _add_model_options(p)
     _add_common(p)
     p.set_defaults(func=cmd_fit)
 
@@ -193,10 +198,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--holdout", type=float, help="share of normal frames held out for the threshold (default 0.5)")
     p.add_argument("--allow-weak-bound", action="store_true", help="too few frames: use the max score, say so")
     p.add_argument("--report-dir", type=Path, help="where report.html and its PNGs go (default: next to --out)")
-    p.add_argument("--model", dest="model_name", choices=sorted(MODELS))
-    p.add_argument("--backbone", choices=sorted(BACKBONES))
-    p.add_argument("--backbone-weights", help="path to the backbone's .pth weights")
-    p.add_argument("--seed", type=int)
+    _add_model_options(p)
     _add_common(p)
     p.set_defaults(func=cmd_calibrate)
 

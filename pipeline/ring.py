@@ -139,12 +139,17 @@ class FrameRing:
     def close(self) -> None:
         # Views into the buffer must go before the block can be closed.
         del self.meta, self.headers, self.payloads
-        self._shm.close()
-        if self._owner:
-            try:
-                self._shm.unlink()
-            except FileNotFoundError:
-                pass
+        release_block(self._shm, self._owner)
+
+
+def release_block(shm: shared_memory.SharedMemory, owner: bool) -> None:
+    """Close a block; the owner (its creator) also unlinks it. Views into it must be gone first."""
+    shm.close()
+    if owner:
+        try:
+            shm.unlink()
+        except FileNotFoundError:
+            pass  # already unlinked (a second close)
 
 
 def attach_untracked(name: str) -> shared_memory.SharedMemory:

@@ -12,7 +12,7 @@ from multiprocessing import shared_memory
 
 import numpy as np
 
-from pipeline.ring import attach_untracked
+from pipeline.ring import attach_untracked, release_block
 
 # Drop reasons and who counts them: ring_full / unreadable -> the source process of that camera,
 # stale (drop_oldest skipped an older frame) -> preprocess, shutdown (in flight at a forced stop) -> supervisor.
@@ -84,9 +84,4 @@ class RunState:
     def close(self) -> None:
         del self.flags, self.captured, self.connected, self.reconnects, self.done, self.position
         del self.next_frame_id, self.drops, self.heartbeat_ns, self.restarts, self.ready, self.publisher, self._arr
-        self._shm.close()
-        if self._owner:
-            try:
-                self._shm.unlink()
-            except FileNotFoundError:
-                pass
+        release_block(self._shm, self._owner)
