@@ -65,6 +65,7 @@ def fit_patchcore(
     batch_size: int = 16,
     seed: int = 0,
     progress: bool = False,
+    search_precision: str = "float32",
 ) -> PatchCoreModel:
     """Memory bank = greedy k-center coreset of all training patch features."""
     with torch.inference_mode():
@@ -79,7 +80,14 @@ def fit_patchcore(
         bank = features[selected]
     else:
         bank = features
-    return PatchCoreModel(backbone, bank.clone(), tuple(images.shape[-2:]), num_neighbors=num_neighbors, sigma=sigma)
+    return PatchCoreModel(
+        backbone,
+        bank.clone(),
+        tuple(images.shape[-2:]),
+        num_neighbors=num_neighbors,
+        sigma=sigma,
+        search_precision=search_precision,
+    )
 
 
 def fit_padim(
@@ -144,6 +152,7 @@ def fit(config: Config, samples: list[Sample], skip_bad: bool = False, progress:
             fc.batch_size,
             fc.seed,
             progress,
+            pc.search_precision,
         )
     else:
         model = fit_padim(backbone.module, images, mc.padim.n_features, mc.sigma, fc.batch_size, fc.seed, progress)

@@ -58,17 +58,18 @@ def squared_norms(x: torch.Tensor) -> torch.Tensor:
     return (x * x).sum(dim=1)
 
 
-def squared_distance_chunks(
+def ranking_distance_chunks(
     queries: torch.Tensor, bank: torch.Tensor, bank_sq: torch.Tensor, rows: int
 ) -> Iterator[tuple[int, torch.Tensor]]:
-    """(start, d) per chunk of `rows` bank rows, d (Q, rows) = ||q - b||^2 = |q|^2 - 2 q.b + |b|^2.
+    """(start, r) per chunk of `rows` bank rows, r (Q, rows) = |b|^2 - 2 q.b = ||q - b||^2 - |q|^2.
 
-    A matmul instead of cdist: exports to TensorRT and runs on BLAS; chunking bounds peak memory.
+    |q|^2 is the same along a row, so ranking bank rows needs only r; callers add |q|^2 to the few
+    distances they keep instead of to the whole (Q x rows) block. A matmul instead of cdist: exports
+    to TensorRT and runs on BLAS; chunking bounds peak memory.
     """
-    q_sq = squared_norms(queries).unsqueeze(1)
     for start in range(0, bank.shape[0], rows):
         chunk = bank[start : start + rows]
-        yield start, torch.addmm(q_sq + bank_sq[start : start + rows].unsqueeze(0), queries, chunk.t(), alpha=-2.0)
+        yield start, torch.addmm(bank_sq[start : start + rows].unsqueeze(0), queries, chunk.t(), alpha=-2.0)
 
 
 def _chunk_rows(n_queries: int, n_bank: int, chunk_elements: int) -> int:
@@ -86,8 +87,8 @@ def nearest_neighbor(
     rows = _chunk_rows(queries.shape[0], bank.shape[0], chunk_elements)
     best_d: torch.Tensor | None = None
     best_i: torch.Tensor | None = None
-    for start, d in squared_distance_chunks(queries, bank, bank_sq, rows):
-        d_min, i_min = d.min(dim=1)
+    for start, r in ranking_distance_chunks(queries, bank, bank_sq, rows):
+        d_min, i_min = r.min(dim=1)
         i_min = i_min + start
         if best_d is None or best_i is None:
             best_d, best_i = d_min, i_min
@@ -96,7 +97,7 @@ def nearest_neighbor(
             best_d = torch.where(better, d_min, best_d)
             best_i = torch.where(better, i_min, best_i)
     assert best_d is not None and best_i is not None
-    return best_d.clamp_min(0).sqrt(), best_i
+    return (best_d + squared_norms(queries)).clamp_min(0).sqrt(), best_i
 
 
 def k_nearest(
@@ -108,17 +109,41 @@ def k_nearest(
 ) -> torch.Tensor:
     """Indices (Q, k) of each query's k nearest bank rows, ascending by distance; chunked like above."""
     rows = max(k, _chunk_rows(queries.shape[0], bank.shape[0], chunk_elements))
-    best_d: torch.Tensor | None = None
+    best_r: torch.Tensor | None = None
     best_i: torch.Tensor | None = None
-    for start, d in squared_distance_chunks(queries, bank, bank_sq, rows):
-        idx = torch.arange(start, start + d.shape[1], device=bank.device).expand_as(d)
-        if best_d is not None and best_i is not None:
-            d = torch.cat([best_d, d], dim=1)
-            idx = torch.cat([best_i, idx], dim=1)
-        best_d, pos = d.topk(min(k, d.shape[1]), dim=1, largest=False)
-        best_i = idx.gather(1, pos)
+    for start, r in ranking_distance_chunks(queries, bank, bank_sq, rows):
+        r_k, i_k = r.topk(min(k, r.shape[1]), dim=1, largest=False)
+        i_k = i_k + start
+        if best_r is not None and best_i is not None:  # merge with the best so far: a (Q, 2k) problem
+            r_k, i_k = torch.cat([best_r, r_k], dim=1), torch.cat([best_i, i_k], dim=1)
+            r_k, pos = r_k.topk(min(k, r_k.shape[1]), dim=1, largest=False)
+            i_k = i_k.gather(1, pos)
+        best_r, best_i = r_k, i_k
     assert best_i is not None
     return best_i
+
+
+SEARCH_PRECISIONS = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def nearest_neighbor_reranked(
+    queries: torch.Tensor,
+    bank: torch.Tensor,
+    bank_low: torch.Tensor,
+    bank_sq_low: torch.Tensor,
+    candidates: int = 4,
+    chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`nearest_neighbor` with the big search in reduced precision and an exact float32 re-rank.
+
+    The (Q x M) distance matmul runs on `bank_low` (bfloat16: ~3.5x faster on CPUs with AVX512-BF16),
+    which only has to put the true nearest row among each query's `candidates`; the returned
+    distance is then computed exactly in float32 over those few rows.
+    """
+    cand = k_nearest(queries.to(bank_low.dtype), bank_low, bank_sq_low, candidates, chunk_elements)
+    diff = queries.unsqueeze(1) - bank[cand]  # (Q, candidates, C)
+    d_min, pos = (diff * diff).sum(dim=2).min(dim=1)
+    return d_min.sqrt(), cand.gather(1, pos.unsqueeze(1)).squeeze(1)
 
 
 def gaussian_kernel1d(sigma: float) -> torch.Tensor:

@@ -36,6 +36,9 @@ class PatchCoreConfig:
     """Random-projection dimension used only to select the coreset; 0 = no projection."""
     num_neighbors: int = field(default=9, metadata=_range(1))
     """b in the paper's image-score reweighting."""
+    search_precision: str = field(default="float32", metadata={"choices": ("float32", "bfloat16")})
+    """Nearest-neighbour matmul precision; bfloat16 (~3.5x faster on AVX512-BF16 CPUs) re-ranks its
+    top candidates in float32, so image scores stay within ~1e-6 (docs/speed.md)."""
 
 
 @dataclass(frozen=True)

@@ -14,10 +14,12 @@ from torch import nn
 from edge.backbones import FeatureBackbone
 from edge.scoring import (
     DEFAULT_CHUNK_ELEMENTS,
+    SEARCH_PRECISIONS,
     AnomalyMapSmoother,
     ScoreResult,
     k_nearest,
     nearest_neighbor,
+    nearest_neighbor_reranked,
     patch_features,
     squared_norms,
 )
@@ -44,6 +46,7 @@ class PatchCoreModel(nn.Module):
         num_neighbors: int = 9,
         sigma: float = 4.0,
         chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
+        search_precision: str = "float32",
     ) -> None:
         super().__init__()
         if memory_bank.ndim != 2 or memory_bank.shape[0] == 0:
@@ -57,6 +60,13 @@ class PatchCoreModel(nn.Module):
         self.chunk_elements = chunk_elements
         self.register_buffer("memory_bank", memory_bank.float().contiguous())  # M in the paper
         self.register_buffer("bank_sq", squared_norms(self.memory_bank), persistent=False)
+        if search_precision not in SEARCH_PRECISIONS:
+            choices = ", ".join(SEARCH_PRECISIONS)
+            raise ValueError(f"search_precision must be one of {choices}, got {search_precision!r}")
+        self.search_precision = search_precision
+        low = self.memory_bank.to(SEARCH_PRECISIONS[search_precision])
+        self.register_buffer("bank_low", low, persistent=False)  # derived: not part of the bundle
+        self.register_buffer("bank_sq_low", squared_norms(self.memory_bank).to(low.dtype), persistent=False)
         self.smoother = AnomalyMapSmoother(input_size, sigma)
 
     def forward(self, x: torch.Tensor) -> ScoreResult:
@@ -66,7 +76,12 @@ class PatchCoreModel(nn.Module):
         """Scores and maps from patch features (N, C, h, w) already computed by `patchcore_embedding`."""
         n, c, h, w = emb.shape
         patches = emb.permute(0, 2, 3, 1).reshape(n * h * w, c)
-        dist, nn_idx = nearest_neighbor(patches, self.memory_bank, self.bank_sq, self.chunk_elements)
+        if self.search_precision == "float32":
+            dist, nn_idx = nearest_neighbor(patches, self.memory_bank, self.bank_sq, self.chunk_elements)
+        else:
+            dist, nn_idx = nearest_neighbor_reranked(
+                patches, self.memory_bank, self.bank_low, self.bank_sq_low, chunk_elements=self.chunk_elements
+            )
         patch_scores = dist.view(n, h * w)
         scores = self.reweighted_scores(patches.view(n, h * w, c), patch_scores, nn_idx.view(n, h * w))
         return ScoreResult(scores, self.smoother(patch_scores.view(n, h, w)))
@@ -92,7 +107,11 @@ class PatchCoreModel(nn.Module):
         return weights * s_star
 
     def params(self) -> dict[str, Any]:
-        return {"num_neighbors": self.num_neighbors, "sigma": self.smoother.sigma}
+        return {
+            "num_neighbors": self.num_neighbors,
+            "sigma": self.smoother.sigma,
+            "search_precision": self.search_precision,
+        }
 
     def tensors(self) -> dict[str, torch.Tensor]:
         return {"memory_bank": self.memory_bank}
@@ -111,4 +130,5 @@ class PatchCoreModel(nn.Module):
             input_size,
             num_neighbors=int(params["num_neighbors"]),
             sigma=float(params["sigma"]),
+            search_precision=str(params.get("search_precision", "float32")),
         )

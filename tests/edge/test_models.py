@@ -100,3 +100,17 @@ def test_padim_fit_needs_two_images(images: torch.Tensor) -> None:
 
     with pytest.raises(DatasetError, match="at least 2"):
         fit_padim(load_backbone("efficientnet_lite0").module, images[:1])
+
+
+def test_patchcore_bfloat16_search_gives_the_float32_scores(images: torch.Tensor, defect_images: torch.Tensor) -> None:
+    bb = load_backbone("efficientnet_lite0", border_pad=16).module
+    exact = fit_patchcore(bb, images[:12], coreset_ratio=0.2).eval()
+    fast = PatchCoreModel(bb, exact.memory_bank, (128, 128), search_precision="bfloat16").eval()
+    x = torch.cat([images[12:], defect_images])
+    with torch.inference_mode():
+        a, b = exact(x), fast(x)
+    assert torch.allclose(a.scores, b.scores, rtol=1e-5)
+    assert float((a.maps - b.maps).abs().max()) < 0.05 * float(a.maps.max())
+    assert fast.params()["search_precision"] == "bfloat16"
+    with pytest.raises(ValueError, match="search_precision must be one of float32, bfloat16"):
+        PatchCoreModel(bb, exact.memory_bank, (128, 128), search_precision="float16")
