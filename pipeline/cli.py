@@ -173,6 +173,25 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    from pipeline.bench import run_bench
+
+    config = _config(args)
+    r = run_bench(Path(args.bundle), config, args.batch, args.seconds, args.data)
+    if args.json:
+        print(json.dumps(r.to_json()))
+        return 0
+    print(f"backbone alone (batch {r.batch}): {r.backbone_fps:8.1f} frames/s   (the floor)")
+    ratio = r.model_fps / r.backbone_fps
+    print(f"model (batch {r.batch}):          {r.model_fps:8.1f} frames/s   = {ratio:.2f} x backbone")
+    print(f"model latency (batch 1):   p50 {r.model_ms_p50:.1f} ms, p99 {r.model_ms_p99:.1f} ms")
+    print(f"pipeline (block replay):   {r.pipeline_fps:8.1f} frames/s   = {r.pipeline_efficiency:.2f} x model")
+    if r.pipeline_cpu:
+        print("  CPU cores per process: " + ", ".join(f"{k} {v:.2f}" for k, v in r.pipeline_cpu.items()))
+    print(f"memory bank: {r.bank_mb:.1f} MB; peak RSS of this process: {r.rss_mb:.0f} MB")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from pipeline.demo import run_demo
 
@@ -221,6 +240,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--duration", type=float, help="stop after this many seconds")
     p.add_argument("--json", action="store_true", help="print one JSON summary object on stdout")
     p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("bench", help="measure backbone, model and pipeline speed of a bundle on this box")
+    p.add_argument("--bundle", required=True, type=Path, help="bundle to measure (calibrated, for the pipeline)")
+    p.add_argument("--data", type=Path, help="folder to replay (default: generated noise frames)")
+    p.add_argument("--batch", type=int, default=8, help="batch size for throughput (default 8)")
+    p.add_argument("--seconds", type=float, default=20.0, help="measuring time per figure (default 20)")
+    p.add_argument("--config", type=Path, help="config file (pipeline settings)")
+    p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("demo", help="generate a demo dataset, fit, evaluate, print results")
     p.add_argument("--workdir", type=Path, default=Path("linewatch-demo"), help="where data and bundles go")

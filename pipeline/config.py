@@ -124,7 +124,9 @@ class PipelineConfig:
     max_frame_height: int = field(default=1080, metadata=_range(16, 16384))
     max_frame_width: int = field(default=1920, metadata=_range(16, 16384))
     """Frames larger than this are downscaled at capture (they are resized for the model anyway)."""
-    max_batch: int = field(default=8, metadata=_range(1, 1024))
+    max_batch: int = field(default=4, metadata=_range(1, 1024))
+    """Largest inference batch (across cameras). 4 suits CPUs (larger batches ran slower on the 2-core
+    dev box); raise it on a GPU."""
     max_wait_ms: float = field(default=2.0, metadata=_range(0.0, 1000.0))
     """How long inference waits for a fuller batch once a frame is ready."""
     device: str = "cpu"

@@ -130,3 +130,25 @@ def test_console_script_runs(bundle: Path, small_category: Path) -> None:
     )
     assert proc.returncode == 0, proc.stderr
     assert set(json.loads(proc.stdout)) == EVAL_KEYS
+
+
+def test_bench_json_has_the_documented_keys(
+    tmp_path: Path, small_category: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from calibration.calibrate import calibrate
+    from calibration.datasets import normal_frames
+    from edge.bundle import save_bundle
+    from pipeline.bench import JSON_KEYS
+    from pipeline.config import config_from_dict
+
+    config = config_from_dict({"model": {"input_size": 128}, "calibration": {"target_fpr": 0.2, "confidence": 0.8}})
+    cal = calibrate(config, normal_frames(small_category))
+    bundle = tmp_path / "b.pt"
+    save_bundle(bundle, cal.fit.model, cal.manifest)
+    capsys.readouterr()
+    assert main(["bench", "--bundle", str(bundle), "--seconds", "1", "--batch", "2", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert tuple(result) == JSON_KEYS
+    assert result["backbone_fps"] > result["model_fps"] > 0 and result["pipeline_fps"] > 0
+    assert result["pipeline_efficiency"] == pytest.approx(result["pipeline_fps"] / result["model_fps"])
+    assert 0 < result["model_ms_p50"] <= result["model_ms_p99"] and result["bank_mb"] > 0 and result["rss_mb"] > 100

@@ -1,0 +1,170 @@
+"""`linewatch bench`: how fast a bundle runs on this box, each figure against its floor, in one run.
+
+- backbone alone (the floor: PatchCore cannot beat its own feature extractor),
+- the full model (scores + full-resolution smoothed maps): throughput at --batch, latency at batch 1,
+- the streaming pipeline on a looping folder replay in `block` mode (nothing dropped),
+and the ratios pipeline/model and model/backbone, the memory bank's size and the peak RSS.
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+import socket
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+
+from edge.bundle import load_bundle
+from pipeline.config import Config, SourceConfig, with_overrides
+from pipeline.supervisor import Pipeline
+
+JSON_KEYS = (
+    "backbone_fps",
+    "model_fps",
+    "pipeline_fps",
+    "pipeline_efficiency",
+    "model_ms_p50",
+    "model_ms_p99",
+    "bank_mb",
+    "rss_mb",
+)
+
+
+@dataclass
+class BenchResult:
+    backbone_fps: float
+    model_fps: float
+    pipeline_fps: float
+    pipeline_efficiency: float
+    model_ms_p50: float
+    model_ms_p99: float
+    bank_mb: float
+    rss_mb: float
+    batch: int
+    pipeline_cpu: dict[str, float]
+
+    def to_json(self) -> dict[str, float]:
+        return {k: asdict(self)[k] for k in JSON_KEYS}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def throughput(fn: Callable[[], object], items: int, seconds: float) -> float:
+    """Items per second of `fn` (which handles `items` per call), after one warm-up call."""
+    fn()
+    n, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        fn()
+        n += items
+    return n / (time.perf_counter() - start)
+
+
+def latencies_ms(fn: Callable[[], object], seconds: float, at_least: int = 20) -> np.ndarray:
+    fn()
+    out = []
+    start = time.perf_counter()
+    while time.perf_counter() - start < seconds or len(out) < at_least:
+        t = time.perf_counter()
+        fn()
+        out.append((time.perf_counter() - t) * 1000.0)
+    return np.asarray(out)
+
+
+def cpu_ticks(pid: int) -> int:
+    """utime + stime of a process in clock ticks (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return int(fields[11]) + int(fields[12])
+
+
+def synthetic_frames(folder: Path, size: tuple[int, int], n: int = 32, seed: int = 0) -> Path:
+    """Textured noise frames to replay when no data is given (throughput does not depend on content)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    for i in range(n):
+        noise = rng.integers(0, 256, (size[0] // 4, size[1] // 4, 3), dtype=np.uint8)
+        cv2.imwrite(str(folder / f"{i:04d}.png"), cv2.resize(noise, (size[1], size[0]), interpolation=cv2.INTER_CUBIC))
+    return folder
+
+
+def pipeline_fps(
+    config: Config, bundle: Path, data: Path, seconds: float, rate_ppm: float = 0.0
+) -> tuple[float, np.ndarray, dict[str, float]]:
+    """(fps, end-to-end latencies in ms, CPU cores used per process) of a looping replay of `data`.
+
+    Measured over `seconds` after the first verdict plus a quarter of that for warm-up.
+    """
+    source = SourceConfig(spec=f"folder:{data}", loop=True, rate_ppm=rate_ppm)
+    config = with_overrides(config, {"publisher.address": f"tcp://127.0.0.1:{free_port()}", "metrics.port": 0})
+    stamps: list[tuple[float, int]] = []
+    cpu: dict[str, float] = {}
+    started, measuring = threading.Event(), threading.Event()
+
+    def on_verdict(rec: np.void) -> None:
+        started.set()
+        if measuring.is_set():
+            stamps.append((time.monotonic(), int(rec["m_decide_ns"]) - int(rec["m_capture_ns"])))
+
+    pipeline = Pipeline(config, bundle, (source,), on_verdict)
+
+    def measure() -> None:
+        started.wait()
+        time.sleep(seconds * 0.25)  # warm-up: rings fill, batches settle
+        pids = {s.name: s.process.pid for s in pipeline.stages if s.process is not None and s.process.pid}
+        pids["supervisor"] = os.getpid()
+        before = {k: cpu_ticks(p) for k, p in pids.items()}
+        measuring.set()
+        time.sleep(seconds)
+        measuring.clear()
+        for k, p in pids.items():
+            try:
+                cpu[k] = (cpu_ticks(p) - before[k]) / os.sysconf("SC_CLK_TCK") / seconds
+            except OSError:
+                pass  # a stage restarted during the window: its CPU time is not comparable
+        pipeline.request_stop()
+
+    threading.Thread(target=measure, daemon=True).start()
+    pipeline.run(install_signals=False)
+    times = np.array([t for t, _ in stamps])
+    fps = (len(times) - 1) / (times[-1] - times[0]) if len(times) > 1 else 0.0
+    return fps, np.array([v for _, v in stamps], dtype=np.float64) / 1e6, cpu
+
+
+def run_bench(bundle_path: Path, config: Config, batch: int, seconds: float, data: Path | None = None) -> BenchResult:
+    bundle = load_bundle(bundle_path, config.model.backbone_weights)
+    model, pre = bundle.model, bundle.preprocessing
+    h, w = pre.input_size
+    x = torch.randn(batch, 3, h, w).contiguous(memory_format=torch.channels_last)
+    x1 = x[:1].contiguous(memory_format=torch.channels_last)
+    with torch.inference_mode():
+        backbone = throughput(lambda: model.backbone.padded(x), batch, seconds / 4)
+        model_fps = throughput(lambda: model(x), batch, seconds / 4)
+        lat = latencies_ms(lambda: model(x1), seconds / 4)
+    bank_mb = sum(t.numel() * t.element_size() for t in model.tensors().values()) / 2**20
+    with tempfile.TemporaryDirectory(prefix="linewatch-bench-") as tmp:
+        folder = data or synthetic_frames(Path(tmp) / "frames", (h, w))
+        fps, _, cpu = pipeline_fps(config, bundle_path, folder, seconds)
+    rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return BenchResult(
+        backbone_fps=backbone,
+        model_fps=model_fps,
+        pipeline_fps=fps,
+        pipeline_efficiency=fps / model_fps if model_fps else 0.0,
+        model_ms_p50=float(np.percentile(lat, 50)),
+        model_ms_p99=float(np.percentile(lat, 99)),
+        bank_mb=bank_mb,
+        rss_mb=rss_mb,
+        batch=batch,
+        pipeline_cpu=cpu,
+    )
