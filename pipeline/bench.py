@@ -22,6 +22,7 @@ import cv2
 import numpy as np
 import torch
 
+from edge.backends import prepare_backend
 from edge.bundle import load_bundle
 from pipeline.config import Config, SourceConfig, with_overrides
 from pipeline.supervisor import Pipeline
@@ -144,17 +145,21 @@ def pipeline_fps(
 def run_bench(bundle_path: Path, config: Config, batch: int, seconds: float, data: Path | None = None) -> BenchResult:
     bundle = load_bundle(bundle_path, config.model.backbone_weights)
     model, pre = bundle.model, bundle.preprocessing
+    pc = config.pipeline
     h, w = pre.input_size
-    x = torch.randn(batch, 3, h, w).contiguous(memory_format=torch.channels_last)
+    x = torch.randn(batch, 3, h, w).contiguous(memory_format=torch.channels_last).to(pc.device)
     x1 = x[:1].contiguous(memory_format=torch.channels_last)
+    cache = Path(pc.engine_cache) if pc.engine_cache else bundle_path.parent / "engines"
+    batched = prepare_backend(model, pc.backend, pc.device, x, cache, bundle.hash, pc.backend_fallback)
+    single = prepare_backend(model, pc.backend, pc.device, x1, cache, bundle.hash, pc.backend_fallback)
     with torch.inference_mode():
         backbone = throughput(lambda: model.backbone.padded(x), batch, seconds / 4)
-        model_fps = throughput(lambda: model(x), batch, seconds / 4)
-        lat = latencies_ms(lambda: model(x1), seconds / 4)
+        model_fps = throughput(lambda: batched(x), batch, seconds / 4)
+        lat = latencies_ms(lambda: single(x1), seconds / 4)
     bank_mb = sum(t.numel() * t.element_size() for t in model.tensors().values()) / 2**20
     with tempfile.TemporaryDirectory(prefix="linewatch-bench-") as tmp:
         folder = data or synthetic_frames(Path(tmp) / "frames", (h, w))
-        fps, _, cpu = pipeline_fps(config, bundle_path, folder, seconds)
+        fps, _, cpu = pipeline_fps(with_overrides(config, {"pipeline.max_batch": batch}), bundle_path, folder, seconds)
     rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return BenchResult(
         backbone_fps=backbone,

@@ -18,6 +18,7 @@ from calibration.datasets import DatasetError, MVTecCategory, normal_frames
 from calibration.evaluate import evaluate
 from calibration.fit import fit
 from edge.backbones import BACKBONES, WeightsNotFound
+from edge.backends import BACKENDS, BackendError
 from edge.bundle import BundleError, load_bundle, save_bundle
 from edge.models import MODELS
 from pipeline.config import Config, ConfigError, load_config, with_overrides
@@ -52,6 +53,7 @@ def _config(args: argparse.Namespace) -> Config:
         "calibration.confidence": getattr(args, "confidence", None),
         "calibration.holdout_fraction": getattr(args, "holdout", None),
         "calibration.allow_weak_bound": True if getattr(args, "allow_weak_bound", False) else None,
+        "pipeline.backend": getattr(args, "backend_name", None),
     }
     config = with_overrides(config, overrides)
     if config.fit.threads:
@@ -238,13 +240,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="folder:PATH, video:PATH or camera:INDEX_OR_URL; repeat for several cameras (replaces the config's)",
     )
     p.add_argument("--duration", type=float, help="stop after this many seconds")
+    p.add_argument("--backend", dest="backend_name", choices=BACKENDS, help="overrides pipeline.backend")
     p.add_argument("--json", action="store_true", help="print one JSON summary object on stdout")
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("bench", help="measure backbone, model and pipeline speed of a bundle on this box")
     p.add_argument("--bundle", required=True, type=Path, help="bundle to measure (calibrated, for the pipeline)")
     p.add_argument("--data", type=Path, help="folder to replay (default: generated noise frames)")
-    p.add_argument("--batch", type=int, default=8, help="batch size for throughput (default 8)")
+    p.add_argument("--batch", type=int, default=4, help="batch size for throughput (default 4)")
+    p.add_argument("--backend", dest="backend_name", choices=BACKENDS, help="overrides pipeline.backend")
     p.add_argument("--seconds", type=float, default=20.0, help="measuring time per figure (default 20)")
     p.add_argument("--config", type=Path, help="config file (pipeline settings)")
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
@@ -262,7 +266,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args))
-    except (ConfigError, DatasetError, BundleError, WeightsNotFound, ValueError, OSError, PipelineError) as exc:
+    except (
+        ConfigError,
+        DatasetError,
+        BundleError,
+        WeightsNotFound,
+        ValueError,
+        OSError,
+        PipelineError,
+        BackendError,
+    ) as exc:
         print(f"linewatch: error: {exc}", file=sys.stderr)
         return EXIT_ERROR
     except KeyboardInterrupt:

@@ -17,6 +17,7 @@ from typing import Any
 import yaml
 
 from edge.backbones import BACKBONES, BORDER_MODES
+from edge.backends import BACKENDS
 from edge.models import MODELS
 
 
@@ -131,6 +132,12 @@ class PipelineConfig:
     """How long inference waits for a fuller batch once a frame is ready."""
     device: str = "cpu"
     """torch device for inference: cpu, cuda, cuda:1, ..."""
+    backend: str = field(default="torch", metadata={"choices": BACKENDS})
+    """torch (eager), compile (torch.compile, ~40 s at start), tensorrt (FP16 engine, CUDA only)."""
+    backend_fallback: bool = False
+    """When the backend cannot run here, log why and run eager torch instead of refusing to start."""
+    engine_cache: str | None = None
+    """Folder for compiled TensorRT engines; default: an `engines` folder next to the bundle."""
     heartbeat_timeout_s: float = field(default=30.0, metadata=_range(1.0, 3600.0))
     """A stage silent for this long is restarted like a crashed one."""
 

@@ -11,6 +11,7 @@ import signal
 import sys
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import cv2
@@ -205,18 +206,29 @@ def infer_main(
     device: str,
     max_batch: int,
     max_wait_ms: float,
+    backend: str,
+    backend_fallback: bool,
+    engine_cache: str,
 ) -> None:  # pragma: no cover - child process
     import torch
 
+    from edge.backends import BackendError, prepare_backend
     from edge.bundle import load_bundle
 
     state = _enter(ctx)
     tensors = FrameRing.attach(in_spec)
     out = FrameRing.attach(out_spec)
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     bundle = load_bundle(bundle_path, backbone_weights)
-    model = bundle.model.to(device)
     preprocessing = bundle.preprocessing
+    h, w = preprocessing.input_size
+    example = torch.zeros(max_batch, 3, h, w).contiguous(memory_format=torch.channels_last)
+    try:
+        model = prepare_backend(
+            bundle.model, backend, device, example, Path(engine_cache), bundle.hash, allow_fallback=backend_fallback
+        )
+    except BackendError as exc:
+        _log("infer", str(exc))
+        sys.exit(2)
     state.ready[ctx.process_index] = 1
     idle = Idle()
     while not state.stopping():

@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 
+from edge.backends import check_backend
 from edge.bundle import BundleError, read_bundle_file
 from pipeline.config import Config, SourceConfig
 from pipeline.metrics import PipelineMetrics
@@ -95,6 +96,9 @@ class Pipeline:
         if len(set(self.cameras)) != len(self.cameras):
             raise ValueError(f"pipeline.sources: camera ids must be unique, got {self.cameras}")
         self.policies = [default_policy(s) for s in sources]
+        pc = config.pipeline
+        if not pc.backend_fallback:
+            check_backend(pc.backend, pc.device)  # refuse now, not after spawning every stage
         self.on_verdict = on_verdict
         self.run_id = uuid.uuid4().hex[:12]
         self._stop_requested = False
@@ -157,6 +161,9 @@ class Pipeline:
                     pc.device,
                     pc.max_batch,
                     pc.max_wait_ms,
+                    pc.backend,
+                    pc.backend_fallback,
+                    pc.engine_cache or str(self.bundle_path.parent / "engines"),
                 ),
             )
         )

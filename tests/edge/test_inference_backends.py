@@ -1,0 +1,83 @@
+import logging
+from pathlib import Path
+
+import pytest
+import torch
+
+from calibration.datasets import SkipReport, normal_frames
+from calibration.fit import fit_patchcore, preprocess_samples
+from edge.backbones import get_spec, load_backbone
+from edge.backends import BackendError, PreparedModel, check_backend, engine_key, prepare_backend
+from edge.models.patchcore import PatchCoreModel
+
+
+@pytest.fixture(scope="module")
+def fitted(small_category: Path) -> tuple[PatchCoreModel, torch.Tensor]:
+    pre = get_spec("efficientnet_lite0").preprocessing(128)
+    images = preprocess_samples(normal_frames(small_category)[:8], pre, False, SkipReport())
+    model = fit_patchcore(load_backbone("efficientnet_lite0", border_pad=16).module, images[:6], coreset_ratio=0.1)
+    return model.eval(), images[6:8].contiguous(memory_format=torch.channels_last)
+
+
+def test_torch_backend_is_the_eager_model(fitted: tuple[PatchCoreModel, torch.Tensor], tmp_path: Path) -> None:
+    model, x = fitted
+    prepared = prepare_backend(model, "torch", "cpu", x, tmp_path, "h")
+    with torch.inference_mode():
+        assert torch.equal(prepared(x).scores, model(x).scores)
+    assert prepared.backend == "torch" and prepared.static_batch is None
+
+
+def test_static_batch_pads_partial_batches(fitted: tuple[PatchCoreModel, torch.Tensor]) -> None:
+    model, x = fitted
+    seen: list[int] = []
+
+    def run(batch: torch.Tensor):  # noqa: ANN202 - a stand-in engine that only takes batch 4
+        seen.append(batch.shape[0])
+        return model(batch)
+
+    prepared = PreparedModel(run, "tensorrt", static_batch=4)
+    with torch.inference_mode():
+        out, ref = prepared(x), model(x)
+    assert seen == [4] and out.scores.shape == (2,) and out.maps.shape == (2, 128, 128)
+    assert torch.allclose(out.scores, ref.scores, rtol=1e-5)
+    with pytest.raises(ValueError, match="larger than the engine's static batch 4"):
+        prepared(torch.cat([x, x, x]))
+
+
+def test_tensorrt_without_cuda_is_refused_or_falls_back_when_allowed(
+    fitted: tuple[PatchCoreModel, torch.Tensor], tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    model, x = fitted
+    with pytest.raises(BackendError, match=r"tensorrt needs a CUDA device \(pipeline.device = cpu"):
+        prepare_backend(model, "tensorrt", "cpu", x, tmp_path, "h")
+    with pytest.raises(BackendError, match="tensorrt needs a CUDA device"):
+        check_backend("tensorrt", "cpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(BackendError, match="pipeline.device = cuda: no CUDA device"):
+            check_backend("torch", "cuda")
+    with caplog.at_level(logging.WARNING, logger="linewatch.backends"):
+        prepared = prepare_backend(model, "tensorrt", "cpu", x, tmp_path, "h", allow_fallback=True)
+    assert prepared.backend == "torch"
+    assert "falling back to eager torch" in caplog.text and "needs a CUDA device" in caplog.text
+
+
+def test_engine_key_changes_with_everything_that_changes_the_engine() -> None:
+    base = ("hash", "NVIDIA H100", "2.14.0", 4, (3, 256, 256))
+    keys = {
+        engine_key(*base),
+        engine_key("other", *base[1:]),
+        engine_key(base[0], "NVIDIA L4", *base[2:]),
+        engine_key(*base[:2], "2.15.0", *base[3:]),
+        engine_key(*base[:3], 8, base[4]),
+        engine_key(*base[:4], (3, 320, 320)),
+    }
+    assert len(keys) == 6 and engine_key(*base) == engine_key(*base)
+
+
+def test_compile_backend_matches_eager(fitted: tuple[PatchCoreModel, torch.Tensor], tmp_path: Path) -> None:
+    model, x = fitted
+    prepared = prepare_backend(model, "compile", "cpu", x, tmp_path, "h")  # compiles now (tens of seconds)
+    with torch.inference_mode():
+        out, ref = prepared(x[:1]), model(x[:1])  # a partial batch: padded, no recompile
+    assert prepared.backend == "compile" and prepared.static_batch == 2
+    assert torch.allclose(out.scores, ref.scores, rtol=1e-4) and torch.allclose(out.maps, ref.maps, atol=1e-3)
