@@ -44,3 +44,11 @@ def test_beats_random_subset() -> None:
     rand = torch.randperm(x.shape[0], generator=g)[:50]
     assert coverage_radius(x, sel) < coverage_radius(x, rand)
     assert (sel >= 2000).any()  # the far cluster is always represented
+
+
+def test_lazy_blocks_pick_exactly_what_the_textbook_loop_picks() -> None:
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(1000, 24, generator=g) * torch.rand(1000, 1, generator=g) * 4  # uneven density, no ties
+    for block, refresh in ((64, 1), (100, 3), (1000, 2), (4096, 1)):  # 1000 % 64 != 0: padded last block
+        sel = k_center_greedy(x, 120, projection_dim=0, seed=7, block=block, refresh=refresh)
+        assert torch.equal(sel, _reference_k_center(x, 120, int(sel[0]))), (block, refresh)
