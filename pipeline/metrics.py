@@ -21,6 +21,7 @@ BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
 
 class PipelineMetrics:
     def __init__(self, cameras: list[str], stages: list[str], score_buckets: tuple[float, ...]) -> None:
+        """`stages`: stage kinds (capture, preprocess, infer, decide), the label of restarts."""
         self.registry = CollectorRegistry()
         r = self.registry
         self.cameras, self.stages = cameras, stages
@@ -42,7 +43,11 @@ class PipelineMetrics:
         self.connected = Gauge("linewatch_camera_connected", "1 while the camera delivers", ["camera"], registry=r)
         self.reconnects = Counter("linewatch_camera_reconnects", "Camera reconnect attempts", ["camera"], registry=r)
         self.bundle = Info("linewatch_bundle", "Model bundle in use", registry=r)
+        for stage in stages:  # zero series from the start, so dashboards show 0 rather than "no data"
+            self.restarts.labels(stage)
         for cam in cameras:
+            self.connected.labels(cam)
+            self.reconnects.labels(cam)
             for verdict in VERDICT_NAMES:
                 self.frames.labels(cam, verdict)
             for reason in DROP_REASONS:

@@ -188,7 +188,7 @@ class Pipeline:
         self.stages = stages
         state = RunState.create(n_cam, len(stages))
         cleanup.callback(state.close)
-        metrics = PipelineMetrics(self.cameras, [s.name for s in stages], _score_buckets(self.threshold))
+        metrics = PipelineMetrics(self.cameras, sorted({s.kind for s in stages}), _score_buckets(self.threshold))
         metrics.threshold.set(self.threshold)
         metrics.bundle.info(
             {

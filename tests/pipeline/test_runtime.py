@@ -152,7 +152,8 @@ def test_replay_accounts_for_every_frame_and_matches_offline_decisions(bundle_pa
         "linewatch_batch_size_bucket",
         "linewatch_anomaly_score_bucket",
         "linewatch_threshold",
-        "linewatch_camera_connected",
+        'linewatch_camera_connected{camera="cam0"} 1.0',
+        'linewatch_stage_restarts_total{stage="infer"} 0.0',
         "linewatch_bundle_info",
     ):
         assert name in text, name
