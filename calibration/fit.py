@@ -66,6 +66,7 @@ def fit_patchcore(
     seed: int = 0,
     progress: bool = False,
     search_precision: str = "float32",
+    max_bank: int | None = None,
 ) -> PatchCoreModel:
     """Memory bank = greedy k-center coreset of all training patch features."""
     with torch.inference_mode():
@@ -75,6 +76,8 @@ def fit_patchcore(
             chunks.append(emb.permute(0, 2, 3, 1).reshape(-1, emb.shape[1]))
         features = torch.cat(chunks)
     n_select = max(1, round(coreset_ratio * features.shape[0]))
+    if max_bank is not None:
+        n_select = min(n_select, max_bank)
     if n_select < features.shape[0]:
         selected = k_center_greedy(features, n_select, projection_dim, seed, progress)
         bank = features[selected]
@@ -153,6 +156,7 @@ def fit(config: Config, samples: list[Sample], skip_bad: bool = False, progress:
             fc.seed,
             progress,
             pc.search_precision,
+            pc.max_bank,
         )
     else:
         model = fit_padim(backbone.module, images, mc.padim.n_features, mc.sigma, fc.batch_size, fc.seed, progress)

@@ -33,6 +33,8 @@ def _range(lo: float | None = None, hi: float | None = None, lo_open: bool = Fal
 class PatchCoreConfig:
     coreset_ratio: float = field(default=0.1, metadata=_range(0.0, 1.0, lo_open=True))
     """Fraction of training patches kept in the memory bank (paper: 0.1 or 0.01)."""
+    max_bank: int | None = field(default=None, metadata=_range(1))
+    """Upper limit on memory-bank rows whatever coreset_ratio gives (bounds memory and search time)."""
     projection_dim: int = field(default=128, metadata=_range(0))
     """Random-projection dimension used only to select the coreset; 0 = no projection."""
     num_neighbors: int = field(default=9, metadata=_range(1))

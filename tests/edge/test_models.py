@@ -114,3 +114,11 @@ def test_patchcore_bfloat16_search_gives_the_float32_scores(images: torch.Tensor
     assert fast.params()["search_precision"] == "bfloat16"
     with pytest.raises(ValueError, match="search_precision must be one of float32, bfloat16"):
         PatchCoreModel(bb, exact.memory_bank, (128, 128), search_precision="float16")
+
+
+def test_patchcore_bank_cap(images: torch.Tensor) -> None:
+    bb = load_backbone("efficientnet_lite0").module
+    capped = fit_patchcore(bb, images[:4], coreset_ratio=0.5, max_bank=40)
+    uncapped = fit_patchcore(bb, images[:4], coreset_ratio=0.01, max_bank=4000)
+    assert capped.memory_bank.shape[0] == 40  # 0.5 x 4 x 256 patches would be 512
+    assert uncapped.memory_bank.shape[0] == round(0.01 * 4 * 256)  # the cap only ever lowers the size
