@@ -114,6 +114,8 @@ def capture_main(
             if next_release > now:
                 time.sleep((next_release - now) / 1e9)
             next_release = max(next_release, now) + period_ns
+        # Stamped before any wait for a slot: time spent held back by backpressure is latency too.
+        t_capture_ns, m_capture_ns = time.time_ns(), time.monotonic_ns()
         image = fit_into(frame.image, max_h, max_w)
         if policy == "block":
             slot = ring.wait_free_slot(state.stopping)
@@ -127,8 +129,8 @@ def capture_main(
         rec["source_index"] = frame.index
         rec["label"] = frame.label
         rec["trigger"] = NO_TRIGGER if frame.trigger is None else frame.trigger
-        rec["t_capture_ns"] = time.time_ns()
-        rec["m_capture_ns"] = time.monotonic_ns()
+        rec["t_capture_ns"] = t_capture_ns
+        rec["m_capture_ns"] = m_capture_ns
         rec["h"], rec["w"] = image.shape[:2]
         state.next_frame_id[camera] += 1
         state.position[camera] = frame.index + 1
