@@ -23,7 +23,7 @@ from calibration.fit import FitResult, fit
 from calibration.metrics import auroc
 from calibration.progress import Progress
 from calibration.synthetic import DEFECT_KINDS, add_defect
-from calibration.threshold import ThresholdChoice, bounded_order, choose_threshold, proportion_interval
+from calibration.threshold import ThresholdChoice, choose_threshold, proportion_interval, require_enough_frames
 from edge.bundle import Bundle
 from edge.models import AnomalyModel
 from edge.preprocessing import Preprocessing, to_rgb8
@@ -69,7 +69,6 @@ class LabelledCheck:
     """Real recall and FPR on labelled test frames (MVTec `test/`) at the chosen threshold."""
 
     scored: ScoredSet
-    kinds: list[str]
     fpr: Rate
     recall: Rate
     recall_by_kind: list[Rate]
@@ -111,9 +110,9 @@ def score_images(
     pending: list[np.ndarray] = []
 
     def flush() -> Iterator[tuple[float, np.ndarray]]:
-        x = torch.from_numpy(np.stack([pre.normalize(im) for im in pending]))
+        x = pre.normalize_batch(torch.from_numpy(np.stack(pending)))
         with torch.inference_mode():
-            scores = model(x.contiguous(memory_format=torch.channels_last)).scores
+            scores = model(x).scores
         yield from zip(scores.tolist(), pending, strict=True)
         pending.clear()
 
@@ -128,7 +127,7 @@ def score_images(
 def anomaly_maps(model: AnomalyModel, pre: Preprocessing, images: list[np.ndarray]) -> list[np.ndarray]:
     if not images:
         return []
-    x = torch.from_numpy(np.stack([pre.normalize(im) for im in images]))
+    x = pre.normalize_batch(torch.from_numpy(np.stack(images)))
     with torch.inference_mode():
         return list(model(x).maps.numpy())
 
@@ -162,8 +161,8 @@ def calibrate(
 ) -> Calibration:
     cc = config.calibration
     fit_set, holdout = split_holdout(samples, cc.holdout_fraction, cc.seed)
-    if not cc.allow_weak_bound and bounded_order(len(holdout), cc.target_fpr, cc.confidence) is None:
-        choose_threshold(np.zeros(len(holdout)), cc.target_fpr, cc.confidence)  # raises, before the costly fit
+    if not cc.allow_weak_bound:
+        require_enough_frames(len(holdout), cc.target_fpr, cc.confidence)  # before the costly fit
     result = fit(config, fit_set, skip_bad=skip_bad, progress=progress)
     model, pre, report = result.model, result.preprocessing, result.skipped
     batch = config.fit.batch_size
@@ -278,7 +277,6 @@ def check_labelled(
     both = 0 < scored.labels.sum() < scored.labels.size
     return LabelledCheck(
         scored=scored,
-        kinds=kinds,
         fpr=Rate("good", int(rejected[good].sum()), int(good.sum())),
         recall=Rate("all defects", int(rejected[~good].sum()), int((~good).sum())),
         recall_by_kind=by_kind,

@@ -146,11 +146,7 @@ def choose_threshold(
     method = "order_statistic"
     if k is None:
         if not allow_weak_bound:
-            raise InsufficientCalibrationData(
-                f"{n} held-out normal frames cannot bound the false-reject rate at {target_fpr:g} with "
-                f"{confidence:.0%} confidence: at least {needed} are needed (give more normal frames, a larger "
-                f"holdout, a higher target or lower confidence, or pass --allow-weak-bound)"
-            )
+            require_enough_frames(n, target_fpr, confidence)
         k, method = n, "max_score_weak"
     k_emp = min(n, max(1, math.ceil(n * (1.0 - target_fpr))))
     return ThresholdChoice(
@@ -166,6 +162,17 @@ def choose_threshold(
         empirical_exceed_probability=exceed_probability(n, k_emp, target_fpr),
         min_frames=needed,
     )
+
+
+def require_enough_frames(n: int, target_fpr: float, confidence: float) -> None:
+    """Raise InsufficientCalibrationData, naming the minimum, when n held-out frames cannot meet the bound."""
+    if bounded_order(n, target_fpr, confidence) is None:
+        needed = min_calibration_frames(target_fpr, confidence)
+        raise InsufficientCalibrationData(
+            f"{n} held-out normal frames cannot bound the false-reject rate at {target_fpr:g} with "
+            f"{confidence:.0%} confidence: at least {needed} are needed (give more normal frames, a larger "
+            f"holdout, a higher target or lower confidence, or pass --allow-weak-bound)"
+        )
 
 
 def _check_levels(target_fpr: float, confidence: float) -> None:

@@ -53,6 +53,11 @@ class PreparedModel:
         return ScoreResult(out.scores[:n], out.maps[:n])
 
 
+def engine_cache_dir(configured: str | None, bundle_path: Path) -> Path:
+    """`pipeline.engine_cache`, or an `engines` folder next to the bundle when not configured."""
+    return Path(configured) if configured else Path(bundle_path).parent / "engines"
+
+
 def engine_key(bundle_hash: str, device_name: str, trt_version: str, batch: int, shape: tuple[int, ...]) -> str:
     """Cache key of a TensorRT engine: anything that changes the engine changes the key."""
     text = "|".join([bundle_hash, device_name, trt_version, torch.__version__, str(batch), "x".join(map(str, shape))])

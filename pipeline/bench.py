@@ -22,7 +22,7 @@ import cv2
 import numpy as np
 import torch
 
-from edge.backends import prepare_backend
+from edge.backends import engine_cache_dir, prepare_backend
 from edge.bundle import load_bundle
 from pipeline.config import Config, SourceConfig, with_overrides
 from pipeline.supervisor import Pipeline
@@ -149,7 +149,7 @@ def run_bench(bundle_path: Path, config: Config, batch: int, seconds: float, dat
     h, w = pre.input_size
     x = torch.randn(batch, 3, h, w).contiguous(memory_format=torch.channels_last).to(pc.device)
     x1 = x[:1].contiguous(memory_format=torch.channels_last)
-    cache = Path(pc.engine_cache) if pc.engine_cache else bundle_path.parent / "engines"
+    cache = engine_cache_dir(pc.engine_cache, bundle_path)
     batched = prepare_backend(model, pc.backend, pc.device, x, cache, bundle.hash, pc.backend_fallback)
     single = prepare_backend(model, pc.backend, pc.device, x1, cache, bundle.hash, pc.backend_fallback)
     with torch.inference_mode():

@@ -18,7 +18,17 @@ import cv2
 import numpy as np
 
 from pipeline.config import SourceConfig
-from pipeline.ring import NO_TRIGGER, RECORD, VERDICT_ERROR, VERDICT_PASS, VERDICT_REJECT, FrameRing, Idle, RingSpec
+from pipeline.ring import (
+    NO_TRIGGER,
+    RECORD,
+    VERDICT_ERROR,
+    VERDICT_NAMES,
+    VERDICT_PASS,
+    VERDICT_REJECT,
+    FrameRing,
+    Idle,
+    RingSpec,
+)
 from pipeline.state import RunState, StateSpec
 
 # A frame in hand when its stage died is retried once; if the retry dies too it becomes an `error` verdict.
@@ -315,7 +325,7 @@ def decide_main(
                 rec = scores.headers[s].copy()
                 if rec["verdict"] != VERDICT_ERROR:
                     rec["verdict"] = VERDICT_REJECT if rec["score"] > threshold else VERDICT_PASS
-                verdict = ("pass", "reject", "error")[int(rec["verdict"])]
+                verdict = VERDICT_NAMES[int(rec["verdict"])]
                 rec["t_decision_ns"] = time.time_ns()
                 publisher.publish(
                     Verdict(

@@ -15,6 +15,7 @@ import signal
 import sys
 import time
 import uuid
+from collections import deque
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from multiprocessing.process import BaseProcess
@@ -23,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from edge.backends import check_backend
+from edge.backends import check_backend, engine_cache_dir
 from edge.bundle import BundleError, read_bundle_file
 from pipeline.config import Config, SourceConfig
 from pipeline.metrics import PipelineMetrics
@@ -34,6 +35,7 @@ from pipeline.state import DROP_REASONS, FLAG_STOP_ALL, FLAG_STOP_SOURCES, Pipel
 
 DRAIN_TIMEOUT_S = 30.0
 JOIN_TIMEOUT_S = 5.0
+LATENCY_WINDOW = 100_000  # frames behind the summary's latency percentiles (Prometheus has the full history)
 
 
 @dataclass
@@ -44,7 +46,7 @@ class RunSummary:
     errors: int
     drops: int
     restarts: int
-    latency_ms_p50: float | None
+    latency_ms_p50: float | None  # p50/p99 over the last LATENCY_WINDOW verdicts
     latency_ms_p99: float | None
     fps: float
     cameras: dict[str, dict[str, int]] = field(default_factory=dict)
@@ -163,7 +165,7 @@ class Pipeline:
                     pc.max_wait_ms,
                     pc.backend,
                     pc.backend_fallback,
-                    pc.engine_cache or str(self.bundle_path.parent / "engines"),
+                    str(engine_cache_dir(pc.engine_cache, self.bundle_path)),
                 ),
             )
         )
@@ -208,7 +210,8 @@ class Pipeline:
             for sig in (signal.SIGINT, signal.SIGTERM):
                 previous[sig] = signal.signal(sig, self.request_stop)
         verdict_counts = np.zeros((n_cam, len(VERDICT_NAMES)), dtype=np.int64)
-        latencies: list[int] = []
+        # The summary's percentiles cover the most recent frames: a run lasting days must not grow a list forever.
+        latencies: deque[int] = deque(maxlen=LATENCY_WINDOW)
         t_start = time.monotonic()
         t_first: float | None = None
         t_last: float | None = None
@@ -341,7 +344,7 @@ class Pipeline:
         state: RunState,
         stages: list[StageProcess],
         verdicts: np.ndarray,
-        latencies: list[int],
+        latencies: deque[int],
         t_first: float | None,
         t_last: float | None,
         port: int | None,
