@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from edge.efficientnet_lite import EfficientNetLite
+from edge.efficientnet_lite import EfficientNetLite, fold_batchnorm
 from edge.preprocessing import Preprocessing
 
 IMAGENET_MEAN = (0.485 * 255, 0.456 * 255, 0.406 * 255)
@@ -39,10 +39,12 @@ class BackboneSpec:
     """How to build one backbone and which feature points it offers.
 
     `feature_points` maps a layer name to (index into the network's stage list, stride, channels).
+    `fold_batchnorm` folds the network's BatchNorms into its convolutions in place (frozen use only).
     """
 
     name: str
     build: Callable[[], nn.Module]
+    fold_batchnorm: Callable[[nn.Module], object]
     feature_points: dict[str, tuple[int, int, int]]
     default_layers: tuple[str, ...]
     mean: tuple[float, float, float]
@@ -76,11 +78,24 @@ def _build_resnet(name: str) -> Callable[[], nn.Module]:
     return build
 
 
+def _fold_resnet_batchnorm(net: nn.Module) -> None:
+    """conv1/bn1 of the stem and convN/bnN (+ downsample) of every block of a torchvision ResNet."""
+    fold_batchnorm(net, "conv1", "bn1")
+    for stage in (net.layer1, net.layer2, net.layer3, net.layer4):
+        for block in stage:
+            for i in (1, 2, 3):
+                if hasattr(block, f"conv{i}"):
+                    fold_batchnorm(block, f"conv{i}", f"bn{i}")
+            if block.downsample is not None:
+                fold_batchnorm(block.downsample, "0", "1")
+
+
 def _resnet_spec(name: str, layer1_channels: int, weights_file: str, weights_enum: str) -> BackboneSpec:
     """torchvision ResNet family: layer k has stride 2^(k+1) and 2^(k-1) x layer1's channels."""
     return BackboneSpec(
         name=name,
         build=_build_resnet(name),
+        fold_batchnorm=_fold_resnet_batchnorm,
         feature_points={f"layer{k}": (k, 2 ** (k + 1), layer1_channels * 2 ** (k - 1)) for k in range(1, 5)},
         default_layers=("layer2", "layer3"),
         mean=IMAGENET_MEAN,
@@ -94,6 +109,7 @@ BACKBONES: dict[str, BackboneSpec] = {
     "efficientnet_lite0": BackboneSpec(
         name="efficientnet_lite0",
         build=EfficientNetLite,
+        fold_batchnorm=EfficientNetLite.fold_batchnorm,
         # block index -> (stride, channels) for Lite0
         feature_points={
             "stride4": (2, 4, 24),
@@ -254,6 +270,8 @@ def load_backbone(
     except RuntimeError as exc:
         first = str(exc).splitlines()[0]
         raise WeightsNotFound(f"backbone weights file {path} does not fit {name}: {first}") from exc
+    # The backbone is only ever used frozen (fit and scoring alike), so BatchNorm is folded once here.
+    spec.fold_batchnorm(net.eval())
     module = FeatureBackbone(spec, net, layers or spec.default_layers, border_pad, border_mode).eval()
     module.requires_grad_(False)
     return LoadedBackbone(module=module, weights_sha256=file_sha256(path), weights_path=path)

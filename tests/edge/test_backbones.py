@@ -116,3 +116,69 @@ def test_unknown_layer_and_backbone() -> None:
         load_backbone("efficientnet_lite0", layers=("layer9",))
     with pytest.raises(ValueError, match="unknown backbone"):
         load_backbone("vgg")
+
+
+def _randomise_batchnorm(net: torch.nn.Module, seed: int = 0) -> None:
+    """Non-trivial running statistics and affine parameters, so folding them is really exercised."""
+    gen = torch.Generator().manual_seed(seed)
+    for m in net.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            n = m.num_features
+            m.running_mean.copy_(torch.randn(n, generator=gen) * 0.5)
+            m.running_var.copy_(torch.rand(n, generator=gen) + 0.5)
+            m.weight.data.copy_(torch.rand(n, generator=gen) + 0.5)
+            m.bias.data.copy_(torch.randn(n, generator=gen) * 0.2)
+
+
+def test_lite0_with_folded_batchnorm_gives_the_same_features() -> None:
+    net = EfficientNetLite()
+    _randomise_batchnorm(net)
+    net.eval()
+    x = torch.randn(2, 3, 96, 80)
+    with torch.inference_mode():
+        before = net.forward_blocks(x, 10)
+        logits = net(x)
+        net.fold_batchnorm()
+        after = net.forward_blocks(x, 10)
+        folded_logits = net(x)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in net.modules())
+    for a, b in zip(before, after, strict=True):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-4 * float(a.abs().max()))
+    assert torch.allclose(logits, folded_logits, rtol=1e-4, atol=1e-4 * float(logits.abs().max()))
+
+
+@pytest.mark.parametrize("name", ["resnet18", "wide_resnet50_2"])
+def test_resnet_with_folded_batchnorm_gives_the_same_features(tmp_path: Path, name: str) -> None:
+    net = getattr(torchvision.models, name)(weights=None)
+    _randomise_batchnorm(net)
+    weights = tmp_path / f"{name}.pth"
+    torch.save(net.state_dict(), weights)
+    folded = load_backbone(name, weights=weights).module
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in folded.modules())
+    x = torch.randn(1, 3, 64, 64)
+    net.eval()
+    with torch.inference_mode():
+        x1 = net.layer1(net.maxpool(net.relu(net.bn1(net.conv1(x)))))
+        expected = [net.layer2(x1)]
+        expected.append(net.layer3(expected[0]))
+        got = folded(x)
+    for a, b in zip(expected, got, strict=True):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-4 * float(a.abs().max()))
+
+
+@pytest.mark.parametrize(("kernel", "stride", "size"), [(3, 1, 17), (5, 1, 16), (3, 2, 16), (5, 2, 16), (3, 2, 15)])
+def test_same_conv_matches_tensorflow_same_padding(kernel: int, stride: int, size: int) -> None:
+    from edge.efficientnet_lite import SameConv2d
+
+    torch.manual_seed(0)
+    conv = SameConv2d(4, 4, kernel, stride=stride, groups=4, bias=False)
+    x = torch.randn(1, 4, size, size)
+    # TensorFlow SAME: output ceil(size / stride); the extra padding (if odd) goes right/bottom.
+    out_size = -(-size // stride)
+    total = max((out_size - 1) * stride + kernel - size, 0)
+    padded = torch.nn.functional.pad(x, (total // 2, total - total // 2, total // 2, total - total // 2))
+    expected = torch.nn.functional.conv2d(padded, conv.weight, None, stride, 0, 1, 4)
+    with torch.inference_mode():
+        got = conv(x)
+    assert got.shape == expected.shape == (1, 4, out_size, out_size)
+    assert torch.allclose(got, expected, atol=1e-6)
