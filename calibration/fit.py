@@ -65,7 +65,7 @@ def fit_patchcore(
     batch_size: int = 16,
     seed: int = 0,
     progress: bool = False,
-    search_precision: str = "float32",
+    search_precision: str = "auto",
     max_bank: int | None = None,
 ) -> PatchCoreModel:
     """Memory bank = greedy k-center coreset of all training patch features."""

@@ -91,7 +91,9 @@ def prepare_backend(
 
 
 def _compiled(model: nn.Module, example: torch.Tensor) -> PreparedModel:
-    compiled = torch.compile(model, dynamic=False)
+    # Inductor by default drops a float32 -> bf16 -> float32 round trip inside a fused kernel; the split-bf16
+    # search (`edge.scoring.split_bfloat16_bank`) needs that rounding to be real, or its low half is zero.
+    compiled = torch.compile(model, dynamic=False, options={"emulate_precision_casts": True})
     try:
         with torch.inference_mode():
             compiled(example)  # compile now, at start-up, not on the first frame of the line

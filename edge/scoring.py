@@ -124,27 +124,74 @@ def k_nearest(
     return best_i
 
 
-SEARCH_PRECISIONS = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+# "auto" resolves to bfloat16 where the hardware multiplies bf16 natively, else float32 (`resolve_search_precision`).
+SEARCH_PRECISIONS = ("float32", "bfloat16", "auto")
 
 
-def nearest_neighbor_reranked(
-    queries: torch.Tensor,
-    bank: torch.Tensor,
-    bank_low: torch.Tensor,
-    bank_sq_low: torch.Tensor,
-    candidates: int = 4,
-    chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """`nearest_neighbor` with the big search in reduced precision and an exact float32 re-rank.
+def native_bfloat16_matmul() -> bool:
+    """True on CPUs with AMX or AVX512-BF16, where a bf16 matmul runs ~8x faster than float32 (elsewhere
+    bf16 is emulated and slower)."""
+    cpu = torch.cpu
+    try:
+        return bool(cpu._is_amx_tile_supported() or cpu._is_avx512_bf16_supported())
+    except AttributeError:  # private API: a torch without it gets the safe answer
+        return False
 
-    The (Q x M) distance matmul runs on `bank_low` (bfloat16: ~3.5x faster on CPUs with AVX512-BF16),
-    which only has to put the true nearest row among each query's `candidates`; the returned
-    distance is then computed exactly in float32 over those few rows.
+
+def resolve_search_precision(precision: str) -> str:
+    if precision not in SEARCH_PRECISIONS:
+        raise ValueError(f"search_precision must be one of {', '.join(SEARCH_PRECISIONS)}, got {precision!r}")
+    if precision == "auto":
+        return "bfloat16" if native_bfloat16_matmul() else "float32"
+    return precision
+
+
+def _split_bfloat16(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x ~ hi + lo, both bfloat16: 16 significant bits together instead of bf16's 8."""
+    hi = x.to(torch.bfloat16)
+    return hi, (x - hi.float()).to(torch.bfloat16)
+
+
+def split_bfloat16_bank(bank: torch.Tensor, centre: torch.Tensor) -> torch.Tensor:
+    """Bank operand (M, 3C + 4) of `split_bfloat16_sq_distance`; pairs with `split_bfloat16_queries`.
+
+    With b = bank - centre (centring shrinks the norms and so the rounding error), the columns are
+    [-2b_hi, -2b_hi, -2b_lo, |b|^2_hi, |b|^2_lo, 1, 1]. One bf16 matmul (fp32 accumulation) against
+    the query operand then gives ||q - b||^2 directly, with the cross term to three-product ("bf16x3")
+    precision and the output (rounded to bf16) being the distance itself, not a difference of large terms.
     """
-    cand = k_nearest(queries.to(bank_low.dtype), bank_low, bank_sq_low, candidates, chunk_elements)
-    diff = queries.unsqueeze(1) - bank[cand]  # (Q, candidates, C)
-    d_min, pos = (diff * diff).sum(dim=2).min(dim=1)
-    return d_min.sqrt(), cand.gather(1, pos.unsqueeze(1)).squeeze(1)
+    b = bank - centre
+    b_hi, b_lo = _split_bfloat16(-2.0 * b)
+    sq_hi, sq_lo = _split_bfloat16(squared_norms(b))
+    ones = torch.ones(bank.shape[0], 2, dtype=torch.bfloat16, device=bank.device)
+    return torch.cat([b_hi, b_hi, b_lo, sq_hi.unsqueeze(1), sq_lo.unsqueeze(1), ones], dim=1).contiguous()
+
+
+def split_bfloat16_queries(queries: torch.Tensor, centre: torch.Tensor) -> torch.Tensor:
+    """Query operand (Q, 3C + 4): [q_hi, q_lo, q_hi, 1, 1, |q|^2_hi, |q|^2_lo] with q = queries - centre."""
+    q = queries - centre
+    q_hi, q_lo = _split_bfloat16(q)
+    sq_hi, sq_lo = _split_bfloat16(squared_norms(q))
+    ones = torch.ones(queries.shape[0], 2, dtype=torch.bfloat16, device=queries.device)
+    return torch.cat([q_hi, q_lo, q_hi, ones, sq_hi.unsqueeze(1), sq_lo.unsqueeze(1)], dim=1)
+
+
+def split_bfloat16_sq_distance(
+    query_op: torch.Tensor, bank_op: torch.Tensor, chunk_elements: int = DEFAULT_CHUNK_ELEMENTS
+) -> torch.Tensor:
+    """Squared distance (Q,) from each query to its nearest bank row, to ~2e-3 relative (not exact).
+
+    Only the minimum value is reduced, never its index: on the CPU `amin` is 2.5x faster than
+    `min` with indices and 5x faster than `topk`, and after the bf16 matmul those passes over the
+    (Q x M) block were what cost the time. Chunked by bank rows like `nearest_neighbor`.
+    """
+    rows = _chunk_rows(query_op.shape[0], bank_op.shape[0], chunk_elements)
+    best: torch.Tensor | None = None
+    for start in range(0, bank_op.shape[0], rows):
+        d = torch.matmul(query_op, bank_op[start : start + rows].t()).amin(dim=1)
+        best = d if best is None else torch.minimum(best, d)
+    assert best is not None
+    return best.float().clamp_min(0)
 
 
 def gaussian_kernel1d(sigma: float) -> torch.Tensor:

@@ -19,6 +19,7 @@ import yaml
 from edge.backbones import BACKBONES, BORDER_MODES
 from edge.backends import BACKENDS
 from edge.models import MODELS
+from edge.scoring import SEARCH_PRECISIONS
 
 
 class ConfigError(ValueError):
@@ -39,9 +40,10 @@ class PatchCoreConfig:
     """Random-projection dimension used only to select the coreset; 0 = no projection."""
     num_neighbors: int = field(default=9, metadata=_range(1))
     """b in the paper's image-score reweighting."""
-    search_precision: str = field(default="float32", metadata={"choices": ("float32", "bfloat16")})
-    """Nearest-neighbour matmul precision; bfloat16 (~3.5x faster on AVX512-BF16 CPUs) re-ranks its
-    top candidates in float32, so image scores stay within ~1e-6 (docs/speed.md)."""
+    search_precision: str = field(default="auto", metadata={"choices": SEARCH_PRECISIONS})
+    """Nearest-neighbour search: float32 (exact), bfloat16 (split-bf16 matmul, maps to ~2e-3, the top
+    patches of each image searched again in float32 so image scores stay the float32 ones), or auto
+    (bfloat16 where the CPU has AMX / AVX512-BF16, else float32). See docs/speed.md."""
 
 
 @dataclass(frozen=True)

@@ -14,15 +14,22 @@ from torch import nn
 from edge.backbones import FeatureBackbone
 from edge.scoring import (
     DEFAULT_CHUNK_ELEMENTS,
-    SEARCH_PRECISIONS,
     AnomalyMapSmoother,
     ScoreResult,
     k_nearest,
     nearest_neighbor,
-    nearest_neighbor_reranked,
     patch_features,
+    resolve_search_precision,
+    split_bfloat16_bank,
+    split_bfloat16_queries,
+    split_bfloat16_sq_distance,
     squared_norms,
 )
+
+# Patches per image whose nearest neighbour is searched again exactly in float32 after the bf16 search.
+# The image score is the largest of them, so it is the float32 score unless more than this many patches
+# lie within the bf16 search's error (~2e-3) of the true maximum.
+RERANK_PATCHES = 16
 
 
 def patchcore_embedding(backbone: FeatureBackbone, x: torch.Tensor) -> torch.Tensor:
@@ -34,6 +41,14 @@ class PatchCoreModel(nn.Module):
     """Image score and anomaly map from nearest-neighbour distances to a memory bank of patch features.
 
     forward: x (N, 3, H, W) normalised -> ScoreResult(scores (N,), maps (N, H, W)).
+
+    `search_precision` "float32" searches exactly. "bfloat16" finds every patch's distance with one
+    split-bf16 matmul (`split_bfloat16_sq_distance`, ~2e-3 relative) and then searches the
+    RERANK_PATCHES highest patches of each image exactly, so image scores (what the threshold is
+    calibrated on) stay the float32 ones on every box; only the rest of the map carries the small error.
+    "auto" picks bfloat16 on CPUs that multiply it natively, and float32 on CUDA (where TF32 or
+    TensorRT's FP16 do reduced-precision matmuls their own way). The configured value is what the
+    bundle records; `search` is what it resolved to on this machine's CPU.
     """
 
     name = "patchcore"
@@ -46,7 +61,7 @@ class PatchCoreModel(nn.Module):
         num_neighbors: int = 9,
         sigma: float = 4.0,
         chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
-        search_precision: str = "float32",
+        search_precision: str = "auto",
     ) -> None:
         super().__init__()
         if memory_bank.ndim != 2 or memory_bank.shape[0] == 0:
@@ -60,13 +75,12 @@ class PatchCoreModel(nn.Module):
         self.chunk_elements = chunk_elements
         self.register_buffer("memory_bank", memory_bank.float().contiguous())  # M in the paper
         self.register_buffer("bank_sq", squared_norms(self.memory_bank), persistent=False)
-        if search_precision not in SEARCH_PRECISIONS:
-            choices = ", ".join(SEARCH_PRECISIONS)
-            raise ValueError(f"search_precision must be one of {choices}, got {search_precision!r}")
+        self.search = resolve_search_precision(search_precision)
         self.search_precision = search_precision
-        low = self.memory_bank.to(SEARCH_PRECISIONS[search_precision])
-        self.register_buffer("bank_low", low, persistent=False)  # derived: not part of the bundle
-        self.register_buffer("bank_sq_low", squared_norms(self.memory_bank).to(low.dtype), persistent=False)
+        if self.search == "bfloat16":  # derived operands: not part of the bundle
+            centre = self.memory_bank.mean(dim=0)
+            self.register_buffer("bank_centre", centre, persistent=False)
+            self.register_buffer("bank_op", split_bfloat16_bank(self.memory_bank, centre), persistent=False)
         self.smoother = AnomalyMapSmoother(input_size, sigma)
 
     def forward(self, x: torch.Tensor) -> ScoreResult:
@@ -76,29 +90,45 @@ class PatchCoreModel(nn.Module):
         """Scores and maps from patch features (N, C, h, w) already computed by `patchcore_embedding`."""
         n, c, h, w = emb.shape
         patches = emb.permute(0, 2, 3, 1).reshape(n * h * w, c)
-        if self.search_precision == "float32":
+        if not self._split_bfloat16_on(emb.device):
             dist, nn_idx = nearest_neighbor(patches, self.memory_bank, self.bank_sq, self.chunk_elements)
+            patch_scores = dist.view(n, h * w)
+            s_star, p_star = patch_scores.max(dim=1)
+            m_star_idx = nn_idx.view(n, h * w).gather(1, p_star.unsqueeze(1)).squeeze(1)
         else:
-            dist, nn_idx = nearest_neighbor_reranked(
-                patches, self.memory_bank, self.bank_low, self.bank_sq_low, chunk_elements=self.chunk_elements
-            )
-        patch_scores = dist.view(n, h * w)
-        scores = self.reweighted_scores(patches.view(n, h * w, c), patch_scores, nn_idx.view(n, h * w))
+            patch_scores, s_star, p_star, m_star_idx = self._split_bfloat16_search(patches, n)
+        m_test = patches.view(n, h * w, c).gather(1, p_star.view(-1, 1, 1).expand(-1, 1, c)).squeeze(1)
+        scores = self.reweighted_scores(m_test, s_star, m_star_idx)
         return ScoreResult(scores, self.smoother(patch_scores.view(n, h, w)))
 
-    def reweighted_scores(
-        self, patches: torch.Tensor, patch_scores: torch.Tensor, nn_idx: torch.Tensor
-    ) -> torch.Tensor:
+    def _split_bfloat16_on(self, device: torch.device) -> bool:
+        """Static per device, so export and compile see one branch."""
+        return self.search == "bfloat16" and (device.type == "cpu" or self.search_precision == "bfloat16")
+
+    def _split_bfloat16_search(
+        self, patches: torch.Tensor, n: int
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Patch scores (N, P), and s*, its patch and its nearest bank row (N,) each, exact for the top patches."""
+        query_op = split_bfloat16_queries(patches, self.bank_centre)
+        approx = split_bfloat16_sq_distance(query_op, self.bank_op, self.chunk_elements).sqrt().view(n, -1)
+        p, c = approx.shape[1], patches.shape[1]
+        top = approx.topk(min(RERANK_PATCHES, p), dim=1).indices  # (N, T)
+        t = top.shape[1]
+        candidates = patches.view(n, p, c).gather(1, top.unsqueeze(2).expand(-1, -1, c)).reshape(n * t, c)
+        dist, idx = nearest_neighbor(candidates, self.memory_bank, self.bank_sq, self.chunk_elements)
+        dist, idx = dist.view(n, t), idx.view(n, t)
+        s_star, j = dist.max(dim=1)
+        p_star = top.gather(1, j.unsqueeze(1)).squeeze(1)
+        m_star_idx = idx.gather(1, j.unsqueeze(1)).squeeze(1)
+        return approx.scatter(1, top, dist), s_star, p_star, m_star_idx
+
+    def reweighted_scores(self, m_test: torch.Tensor, s_star: torch.Tensor, m_star_idx: torch.Tensor) -> torch.Tensor:
         """Image score s = w * s* (paper eq. 7).
 
-        s* is the largest patch distance, m_test* that patch and m* its nearest bank feature;
-        w = 1 - exp(|m_test* - m*|) / sum over the b nearest bank neighbours m of m* of exp(|m_test* - m|),
-        computed as a softmax so large distances cannot overflow.
-        patches (N, P, C), patch_scores (N, P), nn_idx (N, P) -> (N,).
+        s* (N,) is the largest patch distance, m_test* (N, C) that patch and m* = bank[m_star_idx] its
+        nearest bank feature; w = 1 - exp(|m_test* - m*|) / sum over the b nearest bank neighbours m of
+        m* of exp(|m_test* - m|), computed as a softmax so large distances cannot overflow.
         """
-        s_star, p_star = patch_scores.max(dim=1)
-        m_test = patches.gather(1, p_star.view(-1, 1, 1).expand(-1, 1, patches.shape[2])).squeeze(1)
-        m_star_idx = nn_idx.gather(1, p_star.view(-1, 1)).squeeze(1)
         m_star = self.memory_bank[m_star_idx]
         k = min(self.num_neighbors, self.memory_bank.shape[0])
         support = k_nearest(m_star, self.memory_bank, self.bank_sq, k, self.chunk_elements)  # N_b(m*), m* first
@@ -130,5 +160,5 @@ class PatchCoreModel(nn.Module):
             input_size,
             num_neighbors=int(params["num_neighbors"]),
             sigma=float(params["sigma"]),
-            search_precision=str(params.get("search_precision", "float32")),
+            search_precision=str(params.get("search_precision", "float32")),  # bundles before it existed
         )

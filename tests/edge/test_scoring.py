@@ -1,6 +1,16 @@
+import pytest
 import torch
 
-from edge.scoring import AnomalyMapSmoother, k_nearest, nearest_neighbor, nearest_neighbor_reranked, squared_norms
+from edge.scoring import (
+    AnomalyMapSmoother,
+    k_nearest,
+    nearest_neighbor,
+    resolve_search_precision,
+    split_bfloat16_bank,
+    split_bfloat16_queries,
+    split_bfloat16_sq_distance,
+    squared_norms,
+)
 
 
 def test_nearest_neighbor_matches_brute_force_for_any_chunk_size() -> None:
@@ -33,18 +43,28 @@ def test_smoother_keeps_constant_maps_and_spreads_a_peak() -> None:
     assert int(out[0].argmax()) // 64 in range(30, 40)
 
 
-def test_reranked_bfloat16_search_finds_the_exact_nearest_neighbour() -> None:
+def test_split_bfloat16_search_is_close_to_exact_where_plain_bfloat16_is_not() -> None:
     g = torch.Generator().manual_seed(2)
-    # Patch-feature-like data: non-negative, many near-ties (bf16 alone would mis-rank some of them).
+    # Patch-feature-like data: non-negative, norms far larger than the nearest-neighbour distances.
     bank = torch.rand(2000, 64, generator=g) * 3
     q = bank[torch.randint(0, 2000, (300,), generator=g)] + 0.05 * torch.randn(300, 64, generator=g)
-    ref_i = torch.cdist(q, bank).min(dim=1).indices
-    ref_d = (q - bank[ref_i]).norm(dim=1)  # direct: cdist's matmul form has ~1e-4 cancellation error here
-    low = bank.bfloat16()
-    for chunk in (300 * 128, 1 << 24):
-        d, i = nearest_neighbor_reranked(q, bank, low, squared_norms(bank).bfloat16(), 4, chunk)
-        assert torch.equal(i, ref_i)
-        assert torch.allclose(d, ref_d, atol=1e-6)
-    # The distance is exact float32 even where bf16 rounding alone would be off by far more.
-    approx = (q.bfloat16().float().unsqueeze(1) - low.float()[ref_i].unsqueeze(1)).norm(dim=2).squeeze(1)
-    assert (approx - ref_d).abs().max() > 1e-3
+    ref = torch.stack([(q - b).pow(2).sum(dim=1) for b in bank]).min(dim=0).values.sqrt()  # direct, no matmul
+    centre = bank.mean(dim=0)
+    bank_op = split_bfloat16_bank(bank, centre)
+    query_op = split_bfloat16_queries(q, centre)
+    assert bank_op.dtype == query_op.dtype == torch.bfloat16 and bank_op.shape == (2000, 3 * 64 + 4)
+    for chunk in (300 * 128, 1 << 24):  # several bank chunks, and one
+        d = split_bfloat16_sq_distance(query_op, bank_op, chunk).sqrt()
+        assert float(((d - ref).abs() / ref).max()) < 5e-3
+    # One plain bf16 matmul (|b|^2 - 2 q.b) is off by far more on the same data.
+    plain = (squared_norms(bank).bfloat16() - 2 * q.bfloat16() @ bank.bfloat16().t()).amin(dim=1).float()
+    plain_d = (plain + squared_norms(q)).clamp_min(0).sqrt()
+    assert float(((plain_d - ref).abs() / ref).max()) > 0.05
+
+
+def test_search_precision_names() -> None:
+    assert resolve_search_precision("float32") == "float32"
+    assert resolve_search_precision("bfloat16") == "bfloat16"
+    assert resolve_search_precision("auto") in ("float32", "bfloat16")
+    with pytest.raises(ValueError, match="search_precision must be one of float32, bfloat16, auto"):
+        resolve_search_precision("float16")
