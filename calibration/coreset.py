@@ -72,8 +72,8 @@ def k_center_greedy(
                 k = i + 1
                 while True:
                     top = torch.topk(bound, min(refresh, n_blocks)).indices
-                    stale = top[seen[top] < k]
-                    if stale.numel() == 0:  # the best bounds are all exact: the first holds the farthest point
+                    stale = top[seen[top] < k].tolist()
+                    if not stale:  # the best bounds are all exact: the first holds the farthest point
                         best = int(top[0])
                         current = best * block + int(torch.argmax(min_dist[best]))
                         break
@@ -82,7 +82,7 @@ def k_center_greedy(
     return selected
 
 
-# Pending centres applied per step when refreshing: bounds the (refresh x block x centres) distance block.
+# Pending centres applied per matmul when refreshing: bounds the (block x centres) distance block.
 _CENTRES_PER_STEP = 2048
 
 
@@ -94,19 +94,23 @@ def _bring_up_to_date(
     bound: torch.Tensor,
     centres: torch.Tensor,
     centre_sq: torch.Tensor,
-    stale: torch.Tensor,
+    stale: list[int],
     k: int,
 ) -> None:
-    """Apply centres [seen, k) to the `stale` blocks (re-applying a centre is harmless) and refresh bounds."""
-    md = min_dist[stale]
-    for start in range(int(seen[stale].min()), k, _CENTRES_PER_STEP):
-        stop = min(start + _CENTRES_PER_STEP, k)
-        d = torch.matmul(blocks[stale], centres[start:stop].T)  # (r, block, centres)
-        d.mul_(-2.0).add_(block_sq[stale].unsqueeze(-1)).add_(centre_sq[start:stop])
-        md = torch.minimum(md, d.min(dim=-1).values)
-    min_dist[stale] = md
-    seen[stale] = k
-    bound[stale] = md.max(dim=-1).values
+    """Apply centres [seen, k) to each `stale` block and refresh its bound.
+
+    One block at a time through views: gathering the stale blocks into one batched matmul copied
+    ~1 MB per refresh and took a third of the whole selection.
+    """
+    for b in stale:
+        md = min_dist[b]
+        for start in range(int(seen[b]), k, _CENTRES_PER_STEP):
+            stop = min(start + _CENTRES_PER_STEP, k)
+            # |c|^2 - 2 x.c per (point, centre); |x|^2 is the same along a row, so it is added after the min.
+            d = torch.addmm(centre_sq[start:stop], blocks[b], centres[start:stop].t(), alpha=-2.0)
+            torch.minimum(md, d.amin(dim=1).add_(block_sq[b]), out=md)
+        seen[b] = k
+        bound[b] = md.max()
 
 
 def coverage_radius(features: torch.Tensor, selected: torch.Tensor) -> float:

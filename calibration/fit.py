@@ -62,7 +62,7 @@ def fit_patchcore(
     projection_dim: int = 128,
     num_neighbors: int = 9,
     sigma: float = 4.0,
-    batch_size: int = 16,
+    batch_size: int = 4,
     seed: int = 0,
     progress: bool = False,
     search_precision: str = "auto",
@@ -98,7 +98,7 @@ def fit_padim(
     images: torch.Tensor,
     n_features: int = 100,
     sigma: float = 4.0,
-    batch_size: int = 16,
+    batch_size: int = 4,
     seed: int = 0,
     progress: bool = False,
 ) -> PadimModel:

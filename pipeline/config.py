@@ -74,7 +74,9 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class FitConfig:
-    batch_size: int = field(default=16, metadata=_range(1, 1024))
+    batch_size: int = field(default=4, metadata=_range(1, 1024))
+    """Frames per feature-extraction batch in fit and calibrate. 4 on CPUs: on the 2-core dev box batch 16
+    took twice as long per frame (activations fall out of cache); raise it on a GPU."""
     seed: int = field(default=0, metadata=_range(0))
     threads: int = field(default=0, metadata=_range(0, 1024))
     """torch CPU threads; 0 = torch's default (one per core)."""
