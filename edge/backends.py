@@ -27,6 +27,16 @@ from torch import nn
 from edge.scoring import ScoreResult
 
 BACKENDS = ("torch", "compile", "tensorrt")
+
+# torch-tensorrt 2.14 keywords (its `compile` swallows unknown ones silently: the older
+# `enabled_precisions={torch.float16}` would build an FP32 engine). FP16 by autocast; layers whose
+# outputs exceed the autocast threshold (512, e.g. the squared norms of the nearest-neighbour search)
+# stay FP32; matmuls accumulate in FP32 so a 152-term distance does not lose its low bits.
+TENSORRT_SETTINGS: dict[str, object] = {
+    "enable_autocast": True,
+    "autocast_low_precision_type": torch.float16,
+    "use_fp32_acc": True,
+}
 log = logging.getLogger("linewatch.backends")
 
 
@@ -140,13 +150,11 @@ def _tensorrt(model: nn.Module, device: str, example: torch.Tensor, cache_dir: P
         log.info("compiling TensorRT engine (FP16, batch %d); cached as %s", example.shape[0], path)
         exported = torch.export.export(model, (example,))
         try:
-            module = torch_tensorrt.dynamo.compile(
-                exported, inputs=[example], enabled_precisions={torch.float16, torch.float32}
-            )
+            module = torch_tensorrt.dynamo.compile(exported, arg_inputs=[example], **TENSORRT_SETTINGS)
         except Exception as exc:
             raise BackendError(f"pipeline.backend = tensorrt: compile failed: {str(exc).splitlines()[0]}") from exc
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp")
-        torch_tensorrt.save(module, str(tmp), inputs=[example])
+        torch_tensorrt.save(module, str(tmp), arg_inputs=[example])
         tmp.replace(path)
     return PreparedModel(module, "tensorrt", static_batch=int(example.shape[0]))

@@ -179,7 +179,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from pipeline.bench import run_bench
 
     config = _config(args)
-    r = run_bench(Path(args.bundle), config, args.batch, args.seconds, args.data)
+    r = run_bench(Path(args.bundle), config, args.batch or config.pipeline.max_batch, args.seconds, args.data)
     if args.json:
         print(json.dumps(r.to_json()))
         return 0
@@ -247,7 +247,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("bench", help="measure backbone, model and pipeline speed of a bundle on this box")
     p.add_argument("--bundle", required=True, type=Path, help="bundle to measure (calibrated, for the pipeline)")
     p.add_argument("--data", type=Path, help="folder to replay (default: generated noise frames)")
-    p.add_argument("--batch", type=int, default=4, help="batch size for throughput (default 4)")
+    p.add_argument("--batch", type=int, help="batch size for throughput (default: pipeline.max_batch)")
     p.add_argument("--backend", dest="backend_name", choices=BACKENDS, help="overrides pipeline.backend")
     p.add_argument("--seconds", type=float, default=20.0, help="measuring time per figure (default 20)")
     p.add_argument("--config", type=Path, help="config file (pipeline settings)")

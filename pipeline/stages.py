@@ -26,7 +26,6 @@ from pipeline.ring import (
     VERDICT_PASS,
     VERDICT_REJECT,
     FrameRing,
-    Idle,
     RingSpec,
 )
 from pipeline.state import RunState, StateSpec
@@ -34,6 +33,8 @@ from pipeline.state import RunState, StateSpec
 # A frame in hand when its stage died is retried once; if the retry dies too it becomes an `error` verdict.
 MAX_ATTEMPTS = 2
 RESUBSCRIBE_GRACE_S = 0.5
+# Longest an idle reader sleeps on its doorbell before it heartbeats and looks at the stop flags again.
+WAIT_S = 0.05
 
 
 @dataclass(frozen=True)
@@ -170,7 +171,6 @@ def preprocess_main(
     out = FrameRing.attach(out_spec)
     preprocessing = Preprocessing.from_dict(pre)
     state.ready[ctx.process_index] = 1
-    idle = Idle()
     while not state.stopping():
         state.heartbeat_ns[ctx.process_index] = time.monotonic_ns()
         busy = False
@@ -203,10 +203,8 @@ def preprocess_main(
             rec["m_pre_ns"] = time.monotonic_ns()
             out.commit(target, rec)
             ring.release(slot)
-        if busy:
-            idle.reset()
-        else:
-            idle.sleep()
+        if not busy:
+            rings[0].wait_for_commit(WAIT_S)  # the cameras' rings share one doorbell
 
 
 def infer_main(
@@ -242,14 +240,12 @@ def infer_main(
         _log("infer", str(exc))
         sys.exit(2)
     state.ready[ctx.process_index] = 1
-    idle = Idle()
     while not state.stopping():
         state.heartbeat_ns[ctx.process_index] = time.monotonic_ns()
         slots = tensors.written()
         if not slots.size:
-            idle.sleep()
+            tensors.wait_for_commit(WAIT_S)
             continue
-        idle.reset()
         deadline = time.monotonic() + max_wait_ms / 1000.0
         while slots.size < max_batch and time.monotonic() < deadline:
             time.sleep(0.0002)
@@ -308,15 +304,13 @@ def decide_main(
         # publishing the backlog before they are back would lose it for them.
         time.sleep(RESUBSCRIBE_GRACE_S)
     state.ready[ctx.process_index] = 1
-    idle = Idle()
     try:
         while not state.stopping():
             state.heartbeat_ns[ctx.process_index] = time.monotonic_ns()
             slots = scores.written()
             if not slots.size:
-                idle.sleep()
+                scores.wait_for_commit(WAIT_S)
                 continue
-            idle.reset()
             for s in slots:
                 s = int(s)
                 target = out.wait_free_slot(state.stopping)

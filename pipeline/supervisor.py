@@ -28,7 +28,7 @@ from edge.backends import check_backend, engine_cache_dir
 from edge.bundle import BundleError, read_bundle_file
 from pipeline.config import Config, SourceConfig
 from pipeline.metrics import PipelineMetrics
-from pipeline.ring import VERDICT_NAMES, FrameRing, Idle
+from pipeline.ring import VERDICT_NAMES, Doorbell, FrameRing, Idle
 from pipeline.sources import default_policy, parse_spec
 from pipeline.stages import StageContext, capture_main, decide_main, infer_main, preprocess_main
 from pipeline.state import DROP_REASONS, FLAG_STOP_ALL, FLAG_STOP_SOURCES, PipelineError, RunState
@@ -120,15 +120,22 @@ class Pipeline:
         n_cam = len(self.sources)
         input_h, input_w = self.manifest["input_size"]
 
-        def make(slots: int, shape: tuple[int, ...] = (), dtype: str = "uint8") -> FrameRing:
-            ring = FrameRing.create(slots, shape, dtype)
+        ctx = mp.get_context("spawn")  # CUDA-safe: no forked copies of an initialised CUDA context
+
+        def make(
+            slots: int, shape: tuple[int, ...] = (), dtype: str = "uint8", doorbell: Doorbell | None = None
+        ) -> FrameRing:
+            ring = FrameRing.create(slots, shape, dtype, doorbell)
             cleanup.callback(ring.close)
             return ring
 
-        frame_rings = [make(pc.ring_slots, (pc.max_frame_height, pc.max_frame_width, 3)) for _ in range(n_cam)]
-        tensor_ring = make(pc.tensor_slots, (input_h, input_w, 3))  # uint8 at model size; infer normalises
-        score_ring = make(max(pc.tensor_slots, 2 * pc.max_batch))
-        verdict_ring = make(256)
+        frames_bell = Doorbell(ctx)  # one for all cameras: preprocess waits on any of them
+        frame_shape = (pc.max_frame_height, pc.max_frame_width, 3)
+        frame_rings = [make(pc.ring_slots, frame_shape, doorbell=frames_bell) for _ in range(n_cam)]
+        # uint8 at model size; infer normalises
+        tensor_ring = make(pc.tensor_slots, (input_h, input_w, 3), doorbell=Doorbell(ctx))
+        score_ring = make(max(pc.tensor_slots, 2 * pc.max_batch), doorbell=Doorbell(ctx))
+        verdict_ring = make(256)  # the supervisor polls it alongside its other duties
         rings = {"tensor": tensor_ring, "score": score_ring, "verdict": verdict_ring}
         rings.update({f"frames_{cam}": r for cam, r in zip(self.cameras, frame_rings, strict=True)})
         stages: list[StageProcess] = []
@@ -204,7 +211,6 @@ class Pipeline:
         )
         cleanup.callback(metrics.close)
         self.metrics_port = port
-        ctx = mp.get_context("spawn")  # CUDA-safe: no forked copies of an initialised CUDA context
         previous = {}
         if install_signals:
             for sig in (signal.SIGINT, signal.SIGTERM):

@@ -1,0 +1,42 @@
+"""The ring's doorbell: a reader sleeps until a writer, in any process, commits."""
+
+import multiprocessing as mp
+import time
+
+from pipeline.ring import WRITTEN, Doorbell, FrameRing, RingSpec
+
+
+def _commit_after(spec: RingSpec, delay_s: float) -> None:  # runs in a spawned writer process
+    time.sleep(delay_s)
+    ring = FrameRing.attach(spec)
+    ring.payloads[0] = 7
+    ring.commit(0)
+    ring.close()
+
+
+def test_doorbell_counts_commits_and_times_out_without_one() -> None:
+    bell = Doorbell(mp.get_context("spawn"))
+    ring = FrameRing.create(3, (2,), doorbell=bell)
+    try:
+        assert not bell.wait(0.01)  # nothing committed: the wait runs out
+        ring.commit(0)
+        ring.commit(1)
+        assert bell.wait(0) and bell.wait(0)  # one post per commit
+        assert not bell.wait(0.01)
+    finally:
+        ring.close()
+
+
+def test_a_commit_in_another_process_wakes_the_reader() -> None:
+    ctx = mp.get_context("spawn")
+    ring = FrameRing.create(2, (4,), doorbell=Doorbell(ctx))
+    writer = ctx.Process(target=_commit_after, args=(ring.spec, 0.5))
+    try:
+        writer.start()
+        assert ring.spec.doorbell is not None
+        woken = ring.spec.doorbell.wait(60.0)  # returns on the commit, not after the timeout
+        assert woken and ring.headers[0]["state"] == WRITTEN and int(ring.payloads[0][0]) == 7
+        assert [int(s) for s in ring.written()] == [0]
+    finally:
+        writer.join(30)
+        ring.close()
