@@ -44,7 +44,7 @@ class BackboneSpec:
 
     name: str
     build: Callable[[], nn.Module]
-    fold_batchnorm: Callable[[nn.Module], object]
+    fold_batchnorm: Callable[[nn.Module], None]
     feature_points: dict[str, tuple[int, int, int]]
     default_layers: tuple[str, ...]
     mean: tuple[float, float, float]

@@ -133,13 +133,12 @@ class EfficientNetLite(nn.Module):
     def block_channels(self, index: int) -> int:
         return self._blocks[index]._project_conv.out_channels
 
-    def fold_batchnorm(self) -> EfficientNetLite:
+    def fold_batchnorm(self) -> None:
         """Fold every BatchNorm into its convolution (inference only; outputs agree to float rounding)."""
         fold_batchnorm(self, "_conv_stem", "_bn0")
         for block in self._blocks:
             block.fold_batchnorm()
         fold_batchnorm(self, "_conv_head", "_bn1")
-        return self
 
     def block_stride(self, index: int) -> int:
         stride = 2  # stem

@@ -152,6 +152,15 @@ def _split_bfloat16(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return hi, (x - hi.float()).to(torch.bfloat16)
 
 
+def _split_parts(x: torch.Tensor, centre: torch.Tensor, scale: float) -> list[torch.Tensor]:
+    """[hi, lo, |x - centre|^2_hi, |x - centre|^2_lo, ones (N, 2)] of (x - centre) * scale, all bfloat16."""
+    v = x - centre
+    hi, lo = _split_bfloat16(scale * v)
+    sq_hi, sq_lo = _split_bfloat16(squared_norms(v))
+    ones = torch.ones(x.shape[0], 2, dtype=torch.bfloat16, device=x.device)
+    return [hi, lo, sq_hi.unsqueeze(1), sq_lo.unsqueeze(1), ones]
+
+
 def split_bfloat16_bank(bank: torch.Tensor, centre: torch.Tensor) -> torch.Tensor:
     """Bank operand (M, 3C + 4) of `split_bfloat16_sq_distance`; pairs with `split_bfloat16_queries`.
 
@@ -160,20 +169,14 @@ def split_bfloat16_bank(bank: torch.Tensor, centre: torch.Tensor) -> torch.Tenso
     the query operand then gives ||q - b||^2 directly, with the cross term to three-product ("bf16x3")
     precision and the output (rounded to bf16) being the distance itself, not a difference of large terms.
     """
-    b = bank - centre
-    b_hi, b_lo = _split_bfloat16(-2.0 * b)
-    sq_hi, sq_lo = _split_bfloat16(squared_norms(b))
-    ones = torch.ones(bank.shape[0], 2, dtype=torch.bfloat16, device=bank.device)
-    return torch.cat([b_hi, b_hi, b_lo, sq_hi.unsqueeze(1), sq_lo.unsqueeze(1), ones], dim=1).contiguous()
+    b_hi, b_lo, sq_hi, sq_lo, ones = _split_parts(bank, centre, -2.0)
+    return torch.cat([b_hi, b_hi, b_lo, sq_hi, sq_lo, ones], dim=1).contiguous()
 
 
 def split_bfloat16_queries(queries: torch.Tensor, centre: torch.Tensor) -> torch.Tensor:
     """Query operand (Q, 3C + 4): [q_hi, q_lo, q_hi, 1, 1, |q|^2_hi, |q|^2_lo] with q = queries - centre."""
-    q = queries - centre
-    q_hi, q_lo = _split_bfloat16(q)
-    sq_hi, sq_lo = _split_bfloat16(squared_norms(q))
-    ones = torch.ones(queries.shape[0], 2, dtype=torch.bfloat16, device=queries.device)
-    return torch.cat([q_hi, q_lo, q_hi, ones, sq_hi.unsqueeze(1), sq_lo.unsqueeze(1)], dim=1)
+    q_hi, q_lo, sq_hi, sq_lo, ones = _split_parts(queries, centre, 1.0)
+    return torch.cat([q_hi, q_lo, q_hi, ones, sq_hi, sq_lo], dim=1)
 
 
 def split_bfloat16_sq_distance(

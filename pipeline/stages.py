@@ -247,8 +247,8 @@ def infer_main(
             tensors.wait_for_commit(WAIT_S)
             continue
         deadline = time.monotonic() + max_wait_ms / 1000.0
-        while slots.size < max_batch and time.monotonic() < deadline:
-            time.sleep(0.0002)
+        while slots.size < max_batch and (left := deadline - time.monotonic()) > 0:
+            tensors.wait_for_commit(left)
             slots = tensors.written()
         slots = slots[:max_batch]
         good = [

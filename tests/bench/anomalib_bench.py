@@ -31,6 +31,7 @@ from calibration.fit import fit
 from edge.backbones import get_spec, resolve_weights
 from edge.bundle import Bundle
 from edge.efficientnet_lite import EfficientNetLite
+from pipeline.bench import latencies_ms
 from pipeline.config import load_config, with_overrides
 
 LITE0_LAYERS = ("stride8", "stride16")
@@ -52,15 +53,9 @@ class Lite0Extractor(nn.Module):
         return {layer: blocks[i] for layer, i in zip(LITE0_LAYERS, self.indices, strict=True)}
 
 
-def p50_ms(fn: object, x: torch.Tensor, n: int = 30) -> float:
+def p50_ms(model: nn.Module, x: torch.Tensor) -> float:
     with torch.inference_mode():
-        fn(x)  # type: ignore[operator]
-        times = []
-        for _ in range(n):
-            t0 = time.perf_counter()
-            fn(x)  # type: ignore[operator]
-            times.append((time.perf_counter() - t0) * 1000.0)
-    return float(np.percentile(times, 50))
+        return float(np.percentile(latencies_ms(lambda: model(x), 3.0, at_least=30), 50))
 
 
 def run_linewatch(folder: Path) -> dict[str, float]:
