@@ -54,6 +54,7 @@ def _config(args: argparse.Namespace) -> Config:
         "calibration.holdout_fraction": getattr(args, "holdout", None),
         "calibration.allow_weak_bound": True if getattr(args, "allow_weak_bound", False) else None,
         "pipeline.backend": getattr(args, "backend_name", None),
+        "pipeline.max_batch": getattr(args, "batch", None),  # bench: validated like the config value
     }
     config = with_overrides(config, overrides)
     if config.fit.threads:
@@ -179,7 +180,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from pipeline.bench import run_bench
 
     config = _config(args)
-    r = run_bench(Path(args.bundle), config, args.batch or config.pipeline.max_batch, args.seconds, args.data)
+    r = run_bench(Path(args.bundle), config, config.pipeline.max_batch, args.seconds, args.data)
     if args.json:
         print(json.dumps(r.to_json()))
         return 0
