@@ -313,17 +313,21 @@ def decide_main(
                 continue
             for s in slots:
                 s = int(s)
+                rec = scores.headers[s].copy()
+                camera, frame_id = int(rec["camera"]), int(rec["frame_id"])
+                if frame_id <= state.last_decided[camera]:
+                    scores.release(s)  # already published and counted: a retry after an upstream crash
+                    continue
                 target = out.wait_free_slot(state.stopping)
                 if target is None:
                     return
-                rec = scores.headers[s].copy()
                 if rec["verdict"] != VERDICT_ERROR:
                     rec["verdict"] = VERDICT_REJECT if rec["score"] > threshold else VERDICT_PASS
                 verdict = VERDICT_NAMES[int(rec["verdict"])]
                 rec["t_decision_ns"] = time.time_ns()
                 publisher.publish(
                     Verdict(
-                        camera_id=cameras[int(rec["camera"])],
+                        camera_id=cameras[camera],
                         frame_id=int(rec["frame_id"]),
                         t_capture_ns=int(rec["t_capture_ns"]),
                         t_decision_ns=int(rec["t_decision_ns"]),
@@ -335,6 +339,7 @@ def decide_main(
                 )
                 rec["m_decide_ns"] = time.monotonic_ns()
                 out.commit(target, rec)
+                state.last_decided[camera] = frame_id
                 scores.release(s)
     finally:
         publisher.close()

@@ -32,7 +32,7 @@ class StateSpec:
 
 
 class RunState:
-    FIELDS_PER_CAMERA = ("captured", "connected", "reconnects", "done", "position", "next_frame_id")
+    FIELDS_PER_CAMERA = ("captured", "connected", "reconnects", "done", "position", "next_frame_id", "last_decided")
 
     def __init__(self, spec: StateSpec, shm: shared_memory.SharedMemory, owner: bool) -> None:
         self.spec, self._shm, self._owner = spec, shm, owner
@@ -50,7 +50,11 @@ class RunState:
         self.flags = take(2)  # supervisor
         per_camera = take(c * len(self.FIELDS_PER_CAMERA)).reshape(len(self.FIELDS_PER_CAMERA), c)
         # source process of each camera:
-        self.captured, self.connected, self.reconnects, self.done, self.position, self.next_frame_id = per_camera
+        self.captured, self.connected, self.reconnects, self.done, self.position, self.next_frame_id = per_camera[:6]
+        # decide: the newest frame id it has published and forwarded, per camera (-1: none yet). Frames of a
+        # camera reach decide in frame-id order (every ring is FIFO), so a frame at or below it is a retry
+        # of one already decided: a stage that died after forwarding a frame but before releasing it.
+        self.last_decided = per_camera[6]
         self.drops = take(c * len(DROP_REASONS)).reshape(c, len(DROP_REASONS))
         self.heartbeat_ns = take(p)  # each process its own cell
         self.restarts = take(p)  # supervisor
@@ -66,6 +70,7 @@ class RunState:
         shm = shared_memory.SharedMemory(create=True, size=8 * cls.cells(cameras, processes))
         state = cls(StateSpec(shm.name, cameras, processes), shm, owner=True)
         state._arr[:] = 0
+        state.last_decided[:] = -1
         return state
 
     @classmethod

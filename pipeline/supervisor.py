@@ -221,6 +221,9 @@ class Pipeline:
         t_start = time.monotonic()
         t_first: float | None = None
         t_last: float | None = None
+        # Newest frame id counted per camera: decide killed between forwarding a verdict and recording it in
+        # `state.last_decided` forwards it again; the repeat must not be counted twice (same rule as decide's).
+        last_counted = np.full(n_cam, -1, dtype=np.int64)
 
         def start(index: int) -> None:
             st = stages[index]
@@ -235,7 +238,11 @@ class Pipeline:
             for s in slots:
                 rec = verdict_ring.headers[int(s)].copy()
                 verdict_ring.release(int(s))
-                verdict_counts[int(rec["camera"]), int(rec["verdict"])] += 1
+                camera = int(rec["camera"])
+                if rec["frame_id"] <= last_counted[camera]:
+                    continue
+                last_counted[camera] = rec["frame_id"]
+                verdict_counts[camera, int(rec["verdict"])] += 1
                 latencies.append(int(rec["m_decide_ns"]) - int(rec["m_capture_ns"]))
                 now = time.monotonic()
                 t_first = now if t_first is None else t_first
