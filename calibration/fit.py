@@ -1,4 +1,5 @@
-"""Fitting the models on normal frames: feature extraction, PatchCore coreset, PaDiM Gaussians.
+"""Fitting the models on normal frames: feature extraction, PatchCore coreset, PaDiM Gaussians;
+EfficientAD's training is in `calibration.efficientad`.
 
 The scoring modules live in `edge.models`; this module only produces their tensors.
 """
@@ -15,6 +16,7 @@ import torch
 
 from calibration.coreset import k_center_greedy
 from calibration.datasets import DatasetError, Sample, SkipReport, fingerprint, iter_loaded
+from calibration.efficientad import efficientad_preprocessing, fit_efficientad
 from calibration.progress import Progress
 from edge.backbones import FeatureBackbone, get_spec, load_backbone
 from edge.bundle import build_manifest
@@ -137,12 +139,21 @@ def fit(config: Config, samples: list[Sample], skip_bad: bool = False, progress:
     start = time.perf_counter()
     mc = config.model
     spec = get_spec(mc.backbone)
-    backbone = load_backbone(mc.backbone, mc.layers, mc.backbone_weights, mc.border_pad, mc.border_mode)
-    preprocessing = spec.preprocessing(mc.input_size, mc.crop_size)
     report = SkipReport()
-    images = preprocess_samples(samples, preprocessing, skip_bad, report)
     fc = config.fit
     model: AnomalyModel
+    extra: dict[str, Any] = {}
+    if mc.name == "efficientad":
+        # No backbone at run time: the backbone (if any) only teaches the teacher, inside fit_efficientad.
+        preprocessing = efficientad_preprocessing(mc.input_size, mc.crop_size)
+        images = preprocess_samples(samples, preprocessing, skip_bad, report)
+        used = _used(samples, report)
+        trained = fit_efficientad(mc, images, preprocessing, fc.seed, fingerprint(used), progress)
+        model, extra = trained.model, {"efficientad": trained.info}
+        return _result(config, model, preprocessing, "", used, report, start, extra)
+    backbone = load_backbone(mc.backbone, mc.layers, mc.backbone_weights, mc.border_pad, mc.border_mode)
+    preprocessing = spec.preprocessing(mc.input_size, mc.crop_size)
+    images = preprocess_samples(samples, preprocessing, skip_bad, report)
     if mc.name == "patchcore":
         pc = mc.patchcore
         model = fit_patchcore(
@@ -160,18 +171,34 @@ def fit(config: Config, samples: list[Sample], skip_bad: bool = False, progress:
         )
     else:
         model = fit_padim(backbone.module, images, mc.padim.n_features, mc.sigma, fc.batch_size, fc.seed, progress)
-    seconds = time.perf_counter() - start
+    return _result(config, model, preprocessing, backbone.weights_sha256, _used(samples, report), report, start, extra)
+
+
+def _used(samples: list[Sample], report: SkipReport) -> list[Sample]:
     bad = {path for path, _ in report.skipped}
-    used = [s for s in samples if s.path not in bad]
+    return [s for s in samples if s.path not in bad]
+
+
+def _result(
+    config: Config,
+    model: AnomalyModel,
+    preprocessing: Preprocessing,
+    weights_sha256: str,
+    used: list[Sample],
+    report: SkipReport,
+    start: float,
+    extra: dict[str, Any],
+) -> FitResult:
+    seconds = time.perf_counter() - start
     manifest = build_manifest(
         model,
         preprocessing,
-        backbone.weights_sha256,
+        weights_sha256,
         {
             "dataset": {"n_images": len(used), "fingerprint": fingerprint(used)},
-            "fit": {"config": to_dict(config), "seconds": round(seconds, 3)},
+            "fit": {"config": to_dict(config), "seconds": round(seconds, 3), **extra},
         },
     )
-    if mc.backbone_weights is not None:
-        manifest["backbone"]["weights_path"] = mc.backbone_weights
+    if config.model.backbone_weights is not None and manifest["backbone"] is not None:
+        manifest["backbone"]["weights_path"] = config.model.backbone_weights
     return FitResult(model.eval(), preprocessing, manifest, report, seconds)

@@ -16,6 +16,7 @@ from calibration.calibrate import Calibration, Rate
 from calibration.metrics import roc_curve
 from calibration.plots import curve_figure, histogram_figure, overlay, save_png, tile_grid
 from calibration.threshold import fpr_upper_bound
+from edge.bundle import feature_extractor_name
 
 FIGURES = {
     "histogram": "report_scores.png",
@@ -150,7 +151,7 @@ def _html(cal: Calibration, bundle_path: Path, bundle_hash: str, figures: set[st
         "</style></head><body>",
         "<h1>Calibration report</h1>",
         f"<p>Bundle <code>{html.escape(str(bundle_path))}</code> (hash <code>{bundle_hash[:16]}</code>), "
-        f"model <b>{html.escape(m['model'])}</b> on backbone <b>{html.escape(m['backbone']['name'])}</b>, "
+        f"model <b>{html.escape(m['model'])}</b> on backbone <b>{html.escape(feature_extractor_name(m))}</b>, "
         f"created {html.escape(m['created'])}.</p>",
         "<h2>The answer</h2>",
         verdict,

@@ -6,7 +6,8 @@ code objects):
 The hash covers the manifest text and every tensor's name, dtype, shape and bytes, so any edit to the
 file, or a bundle assembled from mismatched parts, is refused on load.
 The backbone's weights are not copied in; the manifest records their SHA-256 and loading checks it,
-so a bundle never silently runs with other weights than it was fitted with.
+so a bundle never silently runs with other weights than it was fitted with. EfficientAD has no
+backbone at run time: its teacher, student and autoencoder are all among the bundle's tensors.
 """
 
 from __future__ import annotations
@@ -85,7 +86,10 @@ def build_manifest(
         "format_version": FORMAT_VERSION,
         "model": model.name,
         "model_params": model.params(),
-        "backbone": {
+        # None for a model that carries all its weights (EfficientAD): nothing outside the bundle to check.
+        "backbone": None
+        if model.backbone is None
+        else {
             "name": model.backbone.name,
             "layers": list(model.backbone.layers),
             "border_pad": model.backbone.border_pad,
@@ -150,26 +154,36 @@ def load_bundle(path: str | Path, backbone_weights: str | Path | None = None) ->
     """Load a bundle, rebuild its model on the CPU in eval mode, and check the backbone weights match."""
     manifest, tensors, digest = read_bundle_file(path)
     bb = manifest["backbone"]
-    backbone = load_backbone(
-        bb["name"],
-        tuple(bb["layers"]),
-        backbone_weights or bb.get("weights_path"),
-        int(bb.get("border_pad", 0)),
-        str(bb.get("border_mode", "reflect")),  # bundles written before the mode was recorded mirrored
-    )
-    if backbone.weights_sha256 != bb["weights_sha256"]:
-        raise BundleError(
-            f"{path}: backbone weights {backbone.weights_path} (sha256 {backbone.weights_sha256[:12]}) differ from "
-            f"those the model was fitted with (sha256 {bb['weights_sha256'][:12]})"
+    module = None
+    if bb is not None:
+        backbone = load_backbone(
+            bb["name"],
+            tuple(bb["layers"]),
+            backbone_weights or bb.get("weights_path"),
+            int(bb.get("border_pad", 0)),
+            str(bb.get("border_mode", "reflect")),  # bundles written before the mode was recorded mirrored
         )
+        if backbone.weights_sha256 != bb["weights_sha256"]:
+            raise BundleError(
+                f"{path}: backbone weights {backbone.weights_path} (sha256 {backbone.weights_sha256[:12]}) differ "
+                f"from those the model was fitted with (sha256 {bb['weights_sha256'][:12]})"
+            )
+        module = backbone.module
     _check_threshold(path, manifest.get("threshold"))
     preprocessing = Preprocessing.from_dict(manifest["preprocessing"])
-    cls = get_model_class(manifest["model"])
     try:
-        model = cls.from_tensors(backbone.module, preprocessing.input_size, manifest["model_params"], tensors)
+        cls = get_model_class(manifest["model"])
+        model = cls.from_tensors(module, preprocessing.input_size, manifest["model_params"], tensors)  # type: ignore[arg-type]
     except (KeyError, ValueError) as exc:
         raise BundleError(f"{path}: bundle tensors do not fit model {manifest['model']}: {exc}") from exc
     return Bundle(model=model.eval(), preprocessing=preprocessing, manifest=manifest, hash=digest, path=Path(path))
+
+
+def feature_extractor_name(manifest: dict[str, Any]) -> str:
+    """What computes the features, for labels and reports: the backbone, or EfficientAD's PDN size."""
+    if manifest.get("backbone") is not None:
+        return str(manifest["backbone"]["name"])
+    return f"pdn_{manifest.get('model_params', {}).get('size', 'unknown')}"
 
 
 def _check_threshold(path: str | Path, threshold: Any) -> None:

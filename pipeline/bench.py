@@ -168,8 +168,10 @@ def run_bench(bundle_path: Path, config: Config, batch: int, seconds: float, dat
     cache = engine_cache_dir(pc.engine_cache, bundle_path)
     batched = prepare_backend(model, pc.backend, pc.device, x, cache, bundle.hash, pc.backend_fallback)
     single = prepare_backend(model, pc.backend, pc.device, x1, cache, bundle.hash, pc.backend_fallback)
+    # EfficientAD has no backbone: its floor is the teacher PDN, which every frame goes through.
+    floor_module = BackboneOnly(model.backbone) if model.backbone is not None else model.floor_module()
     floor = prepare_backend(
-        BackboneOnly(model.backbone), pc.backend, pc.device, x, cache, f"{bundle.hash}-backbone", pc.backend_fallback
+        floor_module, pc.backend, pc.device, x, cache, f"{bundle.hash}-backbone", pc.backend_fallback
     )
     with torch.inference_mode():
         backbone = throughput(lambda: floor(x), batch, seconds / 4)

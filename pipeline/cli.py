@@ -19,7 +19,7 @@ from calibration.evaluate import evaluate
 from calibration.fit import fit
 from edge.backbones import BACKBONES, WeightsNotFound
 from edge.backends import BACKENDS, BackendError
-from edge.bundle import BundleError, load_bundle, save_bundle
+from edge.bundle import BundleError, feature_extractor_name, load_bundle, save_bundle
 from edge.models import MODELS
 from pipeline.config import Config, ConfigError, load_config, with_overrides
 from pipeline.state import PipelineError
@@ -39,6 +39,10 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--backbone", choices=sorted(BACKBONES))
     p.add_argument("--backbone-weights", help="path to the backbone's .pth weights")
     p.add_argument("--seed", type=int)
+    p.add_argument("--teacher", help="EfficientAD teacher PDN weights (.pth); default: distil one here")
+    p.add_argument("--distill-images", help="EfficientAD: folder of generic images for distillation and the penalty")
+    p.add_argument("--steps", type=int, help="EfficientAD training steps (default: model.efficientad.steps)")
+    p.add_argument("--checkpoint", help="EfficientAD training checkpoint: resumed when it exists")
 
 
 def _config(args: argparse.Namespace) -> Config:
@@ -47,6 +51,10 @@ def _config(args: argparse.Namespace) -> Config:
         "model.name": getattr(args, "model_name", None),
         "model.backbone": getattr(args, "backbone", None),
         "model.backbone_weights": getattr(args, "backbone_weights", None),
+        "model.efficientad.teacher": getattr(args, "teacher", None),
+        "model.efficientad.distill_images": getattr(args, "distill_images", None),
+        "model.efficientad.steps": getattr(args, "steps", None),
+        "model.efficientad.checkpoint": getattr(args, "checkpoint", None),
         "fit.seed": getattr(args, "seed", None),
         "calibration.seed": getattr(args, "seed", None),
         "calibration.target_fpr": getattr(args, "target_fpr", None),
@@ -69,7 +77,8 @@ def cmd_fit(args: argparse.Namespace) -> int:
     result.skipped.print()
     digest = save_bundle(args.out, result.model, result.manifest)
     print(
-        f"fitted {config.model.name} ({config.model.backbone}) on {result.manifest['dataset']['n_images']} images "
+        f"fitted {config.model.name} ({feature_extractor_name(result.manifest)}) on "
+        f"{result.manifest['dataset']['n_images']} images "
         f"in {result.seconds:.1f}s -> {args.out} (hash {digest[:12]})",
         file=sys.stderr,
     )

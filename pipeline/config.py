@@ -19,6 +19,7 @@ import yaml
 from edge.backbones import BACKBONES, BORDER_MODES
 from edge.backends import BACKENDS
 from edge.models import MODELS
+from edge.models.efficientad import PDN_SIZES, TRAIN_PRECISIONS
 from edge.scoring import SEARCH_PRECISIONS
 
 
@@ -53,9 +54,38 @@ class PadimConfig:
 
 
 @dataclass(frozen=True)
+class EfficientADConfig:
+    size: str = field(default="small", metadata={"choices": PDN_SIZES})
+    """PDN-S (EfficientAD-S) or PDN-M (EfficientAD-M) for teacher and student."""
+    teacher: str | None = None
+    """Teacher PDN weights (.pth state dict: the authors' pretrained_teacher_small.pth, anomalib's, or one
+    saved by linewatch); null = distil one here from model.backbone."""
+    distill_images: str | None = None
+    """Folder of generic images for distillation and the penalty term; null = the fit images plus
+    scikit-image's sample photos when installed."""
+    distill_steps: int | None = field(default=None, metadata=_range(0))
+    """Teacher distillation steps (batch 4); null = 400 on a CPU, 20000 on CUDA. Ignored with a teacher file."""
+    steps: int | None = field(default=None, metadata=_range(1))
+    """Student/autoencoder training steps (batch 1); null = 1200 on a CPU, 70000 on CUDA (the paper)."""
+    norm_fraction: float = field(default=0.1, metadata=_range(0.0, 0.5, lo_open=True))
+    """Share of the fit frames kept out of training to set the map quantiles (paper: 10 %)."""
+    padding: bool = False
+    """Pad the PDN convolutions (64 x 64 maps at 256 px); the paper times the unpadded networks."""
+    device: str = "cpu"
+    """Where distillation and training run: cpu, cuda, cuda:1, ..."""
+    precision: str = field(default="auto", metadata={"choices": TRAIN_PRECISIONS})
+    """Training arithmetic: auto = bf16 autocast on CPUs with native bf16 (AMX/AVX512-BF16), else float32."""
+    checkpoint: str | None = None
+    """Training checkpoint file: resumed when it exists (same settings and data), rewritten every
+    checkpoint_every steps; null = no checkpoint."""
+    checkpoint_every: int = field(default=200, metadata=_range(1))
+
+
+@dataclass(frozen=True)
 class ModelConfig:
     name: str = field(default="patchcore", metadata={"choices": tuple(MODELS)})
     backbone: str = field(default="efficientnet_lite0", metadata={"choices": tuple(BACKBONES)})
+    """Feature extractor (PatchCore, PaDiM) or the network EfficientAD's teacher is distilled from."""
     backbone_weights: str | None = None
     """Path to the backbone's .pth; default: the weights package (Lite0) or the torch hub cache."""
     layers: tuple[str, ...] | None = field(default=None, metadata={"nonempty": True})
@@ -70,6 +100,7 @@ class ModelConfig:
     """Gaussian smoothing of the anomaly map, in input pixels; 0 = none."""
     patchcore: PatchCoreConfig = PatchCoreConfig()
     padim: PadimConfig = PadimConfig()
+    efficientad: EfficientADConfig = EfficientADConfig()
 
 
 @dataclass(frozen=True)

@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from edge.backends import check_backend, engine_cache_dir
-from edge.bundle import BundleError, read_bundle_file
+from edge.bundle import BundleError, feature_extractor_name, read_bundle_file
 from pipeline.config import Config, SourceConfig
 from pipeline.metrics import PipelineMetrics
 from pipeline.ring import VERDICT_NAMES, Doorbell, FrameRing, Idle
@@ -203,7 +203,7 @@ class Pipeline:
             {
                 "hash": self.bundle_hash[:16],
                 "model": self.manifest["model"],
-                "backbone": self.manifest["backbone"]["name"],
+                "backbone": feature_extractor_name(self.manifest),
             }
         )
         port = (

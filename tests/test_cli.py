@@ -158,3 +158,36 @@ def test_bench_json_has_the_documented_keys(
         err = capsys.readouterr().err.strip()
         expected = "out of range, expected a value >= 1 and <= 1024"
         assert err == f"linewatch: error: command line: pipeline.max_batch = {bad}: {expected}"
+
+
+def test_efficientad_calibrates_and_runs_in_the_pipeline(
+    small_category: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    cfg = tmp_path / "ead.yaml"
+    cfg.write_text(
+        "model:\n  name: efficientad\n  input_size: 64\n"
+        "  efficientad: {distill_steps: 3, steps: 10, precision: float32}\n"
+        "calibration: {target_fpr: 0.2, confidence: 0.8, synthetic_per_kind: 4}\n"
+    )
+    out = tmp_path / "ead.pt"
+    ckpt = tmp_path / "ead.ckpt"
+    argv = ["calibrate", "--data", str(small_category), "--out", str(out), "--config", str(cfg), "--quiet"]
+    assert main([*argv, "--checkpoint", str(ckpt)]) == 0
+    assert ckpt.is_file()  # the run left its checkpoint; the same command again resumes it
+    manifest = json.loads(__import__("torch").load(out, weights_only=True)["manifest"])
+    assert manifest["model"] == "efficientad" and manifest["backbone"] is None
+    assert manifest["threshold"]["value"] is not None
+    info = manifest["fit"]["efficientad"]
+    assert info["steps"] == 10 and info["distill_steps"] == 3 and info["norm_images"] >= 1
+    assert "distilled from efficientnet_lite0" in manifest["model_params"]["teacher"]
+    capsys.readouterr()
+    assert main(["bench", "--bundle", str(out), "--seconds", "1", "--batch", "2", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    # Floor = the teacher alone; the pipeline replays frames through the EfficientAD bundle.
+    assert result["backbone_fps"] > result["model_fps"] > 0 and result["pipeline_fps"] > 0
+    # A teacher file that is not one is a one-line error naming it.
+    bad = tmp_path / "teacher.pth"
+    bad.write_bytes(b"not a state dict")
+    assert main([*argv, "--teacher", str(bad)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "teacher.pth: not a teacher weights file" in err[0]

@@ -8,6 +8,7 @@ import torch
 from calibration.datasets import SkipReport, normal_frames
 from calibration.fit import fit_padim, fit_patchcore, preprocess_samples
 from edge.backbones import get_spec, load_backbone
+from edge.models.efficientad import EfficientADModel, build_networks
 from edge.models.patchcore import PatchCoreModel
 
 
@@ -17,10 +18,14 @@ def images(small_category: Path) -> torch.Tensor:
     return preprocess_samples(normal_frames(small_category)[:8], pre, False, SkipReport())
 
 
-@pytest.mark.parametrize("variant", ["patchcore-float32", "patchcore-bfloat16", "padim"])
+@pytest.mark.parametrize("variant", ["patchcore-float32", "patchcore-bfloat16", "padim", "efficientad"])
 def test_exported_model_equals_eager(images: torch.Tensor, variant: str) -> None:
     backbone = load_backbone("efficientnet_lite0", border_pad=16).module
-    if variant == "padim":
+    if variant == "efficientad":
+        teacher, student, autoencoder = build_networks("small", 384, False, (128, 128))
+        stats = torch.tensor([0.0, 1.0, 0.0, 2.0])
+        model = EfficientADModel(teacher, student, autoencoder, torch.zeros(384), torch.ones(384), stats, (128, 128))
+    elif variant == "padim":
         model = fit_padim(backbone, images[:6], n_features=50)
     else:
         fitted = fit_patchcore(backbone, images[:6], coreset_ratio=0.1)

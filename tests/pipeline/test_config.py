@@ -23,7 +23,7 @@ def test_documented_config_is_valid_and_equals_defaults() -> None:
             {"model": {"patchcore": {"coreset_ratio": 1.5}}},
             "coreset_ratio = 1.5: out of range, expected a value > 0.0 and <= 1.0",
         ),
-        ({"model": {"name": "effnet"}}, "model.name = 'effnet': expected one of patchcore, padim"),
+        ({"model": {"name": "effnet"}}, "model.name = 'effnet': expected one of patchcore, padim, efficientad"),
         ({"model": {"backbone": "vgg16"}}, "model.backbone = 'vgg16': expected one of efficientnet_lite0"),
         ({"fit": {"batch_size": True}}, "fit.batch_size = True: expected int"),
         ({"model": {"layers": []}}, "model.layers = []: expected"),
