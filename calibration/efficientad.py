@@ -50,7 +50,7 @@ from edge.scoring import concat_feature_maps, native_bfloat16_matmul
 from pipeline.config import ModelConfig
 
 HARD_QUANTILE = 0.999  # q_hard in the paper
-LEARNING_RATE = 1e-4
+LEARNING_RATE = 1e-4  # the paper's, for its 70,000 steps
 WEIGHT_DECAY = 1e-5
 LR_DROP_AT = 0.95  # fraction of the steps after which the rate is divided by 10
 PENALTY_GRAYSCALE_P = 0.3  # share of penalty images turned grey (the authors' training code)
@@ -69,6 +69,7 @@ class TrainSettings:
     seed: int = 0
     precision: str = "float32"  # resolved: float32 or bfloat16
     device: str = "cpu"
+    learning_rate: float = LEARNING_RATE
 
     def key(self, data_fingerprint: str) -> str:
         text = json.dumps({**asdict(self), "data": data_fingerprint}, sort_keys=True)
@@ -322,14 +323,20 @@ def training_step(
 
 
 def new_train_state(
-    size: str, padding: bool, input_size: tuple[int, int], steps: int, seed: int, device: str
+    size: str,
+    padding: bool,
+    input_size: tuple[int, int],
+    steps: int,
+    seed: int,
+    device: str,
+    learning_rate: float = LEARNING_RATE,
 ) -> TrainState:
     torch.manual_seed(seed)
     _, student, autoencoder = build_networks(size, TEACHER_CHANNELS, padding, input_size)
     student, autoencoder = student.to(device).train(), autoencoder.to(device).train()
     student = student.to(memory_format=torch.channels_last)
     opt = torch.optim.Adam(
-        list(student.parameters()) + list(autoencoder.parameters()), lr=LEARNING_RATE, weight_decay=WEIGHT_DECAY
+        list(student.parameters()) + list(autoencoder.parameters()), lr=learning_rate, weight_decay=WEIGHT_DECAY
     )
     sched = torch.optim.lr_scheduler.StepLR(opt, step_size=max(1, int(LR_DROP_AT * steps)), gamma=0.1)
     return TrainState(student, autoencoder, opt, sched, torch.Generator().manual_seed(seed + 1))
@@ -409,8 +416,9 @@ def train_student(
     teacher = teacher.to(dev).eval().to(memory_format=torch.channels_last)
     for p_ in teacher.parameters():
         p_.requires_grad_(False)
+    size = tuple(images.shape[-2:])
     state = new_train_state(
-        settings.size, settings.padding, tuple(images.shape[-2:]), settings.steps, settings.seed, dev
+        settings.size, settings.padding, size, settings.steps, settings.seed, dev, settings.learning_rate
     )
     key = settings.key(data_fingerprint)
     if checkpoint is not None and checkpoint.is_file():
@@ -549,7 +557,7 @@ def sample_photos() -> list[np.ndarray]:
 # Documented defaults (config.yaml): the CPU ones keep `linewatch calibrate --model efficientad` on 100
 # frames under 30 minutes on a 2-core box; the CUDA ones follow the paper (70,000 steps).
 CPU_DISTILL_STEPS, CUDA_DISTILL_STEPS = 400, 20000
-CPU_STEPS, CUDA_STEPS = 1200, 70000
+CPU_STEPS, CUDA_STEPS = 2000, 70000
 DISTILL_BATCH = 4
 
 
@@ -596,13 +604,15 @@ def fit_efficientad(
     on_gpu = dev.startswith("cuda")
     precision = resolve_train_precision(ec.precision, dev)
     steps = ec.steps or (CUDA_STEPS if on_gpu else CPU_STEPS)
+    learning_rate = ec.learning_rate or LEARNING_RATE
     train_idx, norm_idx = split_normalisation(len(images), ec.norm_fraction, seed)
     train, norm = images[train_idx], images[norm_idx]
     h = images.shape[-2]
     generic = generic_images(ec.distill_images, pre)
     checkpoint = Path(ec.checkpoint) if ec.checkpoint else None
     teacher = PatchDescriptionNetwork(ec.size, TEACHER_CHANNELS, ec.padding)
-    info: dict[str, Any] = {"steps": steps, "precision": precision, "device": dev, "penalty_images": len(generic)}
+    info: dict[str, Any] = {"steps": steps, "learning_rate": learning_rate, "precision": precision, "device": dev}
+    info["penalty_images"] = len(generic)
     info.update({"train_images": len(train_idx), "norm_images": len(norm_idx)})
     if ec.teacher is not None:
         load_pdn_weights(teacher, ec.teacher)
@@ -626,7 +636,7 @@ def fit_efficientad(
                 DISTILL_BATCH, seed, dev, precision, progress,
             )  # fmt: skip
             info["distill_loss"] = [round(float(np.mean(losses[:20])), 4), round(float(np.mean(losses[-20:])), 4)]
-    settings = TrainSettings(source, ec.size, ec.padding, steps, seed, precision, dev)
+    settings = TrainSettings(source, ec.size, ec.padding, steps, seed, precision, dev, learning_rate)
     log: list[float] = []
     state, mean, std = train_student(
         teacher, train, generic, pre, settings, data_fingerprint, checkpoint, ec.checkpoint_every, progress,

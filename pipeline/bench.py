@@ -99,6 +99,23 @@ def latencies_ms(fn: Callable[[], object], seconds: float, at_least: int = 20) -
     return np.asarray(out)
 
 
+def interleaved_batch1_ms(
+    models: dict[str, Callable[[torch.Tensor], object]], size: tuple[int, int], rounds: int = 60
+) -> dict[str, float]:
+    """Batch-1 p50 per model, calls interleaved round by round so drift on a noisy box hits all alike."""
+    x = torch.randn(1, 3, *size).contiguous(memory_format=torch.channels_last)
+    times: dict[str, list[float]] = {k: [] for k in models}
+    with torch.inference_mode():
+        for m in models.values():
+            m(x)
+        for _ in range(rounds):
+            for k, m in models.items():
+                t0 = time.perf_counter()
+                m(x)
+                times[k].append((time.perf_counter() - t0) * 1000.0)
+    return {k: float(np.percentile(v, 50)) for k, v in times.items()}
+
+
 def cpu_ticks(pid: int) -> int:
     """utime + stime of a process in clock ticks (Linux /proc)."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()

@@ -12,11 +12,9 @@ from __future__ import annotations
 
 import argparse
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from calibration.datasets import MVTecCategory, SkipReport, normal_frames
 from calibration.evaluate import metrics_of, score_category
@@ -24,22 +22,8 @@ from calibration.fit import preprocess_samples
 from edge.backbones import get_spec, load_backbone
 from edge.bundle import Bundle
 from edge.models.patchcore import PatchCoreModel
+from pipeline.bench import interleaved_batch1_ms
 from pipeline.config import load_config
-
-
-def batch1_ms(models: dict[str, PatchCoreModel], size: tuple[int, int], rounds: int = 60) -> dict[str, float]:
-    """p50 per model, calls interleaved round by round."""
-    x = torch.randn(1, 3, *size).contiguous(memory_format=torch.channels_last)
-    times: dict[str, list[float]] = {k: [] for k in models}
-    with torch.inference_mode():
-        for m in models.values():
-            m(x)
-        for _ in range(rounds):
-            for k, m in models.items():
-                t0 = time.perf_counter()
-                m(x)
-                times[k].append((time.perf_counter() - t0) * 1000.0)
-    return {k: float(np.percentile(v, 50)) for k, v in times.items()}
 
 
 def main() -> None:
@@ -73,7 +57,7 @@ def main() -> None:
             p: score_category(Bundle(m, pre, {}, ""), MVTecCategory(folder), False, SkipReport())
             for p, m in models.items()
         }
-        ms = batch1_ms(models, pre.input_size)
+        ms = interleaved_batch1_ms(models, pre.input_size)
         for p, s in scored.items():
             e = metrics_of(s)
             print(f"{name:8s} {p:9s} {e.image_auroc:11.4f} {e.pixel_auroc:11.5f} {e.pro:7.4f} {ms[p]:9.1f} ms")
