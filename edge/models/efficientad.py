@@ -33,36 +33,35 @@ TRAIN_PRECISIONS = ("auto", "float32", "bfloat16")  # model.efficientad.precisio
 
 def _pdn_layers(size: str, out_channels: int, padding: bool) -> list[tuple[str, nn.Module]]:
     """(name, layer) of PDN-S or PDN-M (paper, tables 6 and 7); without padding a 256 px input gives 56 x 56."""
+    if size not in PDN_SIZES:
+        raise ValueError(f"PDN size {size!r}: expected one of {', '.join(PDN_SIZES)}")
     p = 1 if padding else 0
+    c1, c2 = (128, 256) if size == "small" else (256, 512)
+    stem: list[tuple[str, nn.Module]] = [  # both sizes: two 4x4 convolutions, each followed by 2x2 average pooling
+        ("conv1", nn.Conv2d(3, c1, 4, padding=3 * p)),
+        ("relu1", nn.ReLU(inplace=True)),
+        ("pool1", nn.AvgPool2d(2, stride=2, padding=p)),
+        ("conv2", nn.Conv2d(c1, c2, 4, padding=3 * p)),
+        ("relu2", nn.ReLU(inplace=True)),
+        ("pool2", nn.AvgPool2d(2, stride=2, padding=p)),
+    ]
     if size == "small":
         return [
-            ("conv1", nn.Conv2d(3, 128, 4, padding=3 * p)),
-            ("relu1", nn.ReLU(inplace=True)),
-            ("pool1", nn.AvgPool2d(2, stride=2, padding=p)),
-            ("conv2", nn.Conv2d(128, 256, 4, padding=3 * p)),
-            ("relu2", nn.ReLU(inplace=True)),
-            ("pool2", nn.AvgPool2d(2, stride=2, padding=p)),
-            ("conv3", nn.Conv2d(256, 256, 3, padding=p)),
+            *stem,
+            ("conv3", nn.Conv2d(c2, c2, 3, padding=p)),
             ("relu3", nn.ReLU(inplace=True)),
-            ("conv4", nn.Conv2d(256, out_channels, 4)),
+            ("conv4", nn.Conv2d(c2, out_channels, 4)),
         ]
-    if size == "medium":
-        return [
-            ("conv1", nn.Conv2d(3, 256, 4, padding=3 * p)),
-            ("relu1", nn.ReLU(inplace=True)),
-            ("pool1", nn.AvgPool2d(2, stride=2, padding=p)),
-            ("conv2", nn.Conv2d(256, 512, 4, padding=3 * p)),
-            ("relu2", nn.ReLU(inplace=True)),
-            ("pool2", nn.AvgPool2d(2, stride=2, padding=p)),
-            ("conv3", nn.Conv2d(512, 512, 1)),
-            ("relu3", nn.ReLU(inplace=True)),
-            ("conv4", nn.Conv2d(512, 512, 3, padding=p)),
-            ("relu4", nn.ReLU(inplace=True)),
-            ("conv5", nn.Conv2d(512, out_channels, 4)),
-            ("relu5", nn.ReLU(inplace=True)),
-            ("conv6", nn.Conv2d(out_channels, out_channels, 1)),
-        ]
-    raise ValueError(f"PDN size {size!r}: expected one of {', '.join(PDN_SIZES)}")
+    return [
+        *stem,
+        ("conv3", nn.Conv2d(c2, c2, 1)),
+        ("relu3", nn.ReLU(inplace=True)),
+        ("conv4", nn.Conv2d(c2, c2, 3, padding=p)),
+        ("relu4", nn.ReLU(inplace=True)),
+        ("conv5", nn.Conv2d(c2, out_channels, 4)),
+        ("relu5", nn.ReLU(inplace=True)),
+        ("conv6", nn.Conv2d(out_channels, out_channels, 1)),
+    ]
 
 
 class PatchDescriptionNetwork(nn.Module):
