@@ -122,11 +122,16 @@ def random_view(rgb: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     return out.rot90(turns, dims=(2, 3)) if h == w and turns else out
 
 
+def luma(rgb: torch.Tensor) -> torch.Tensor:
+    """(N, 1, H, W) grey level of 0..1 RGB (ITU-R 601 weights)."""
+    return 0.299 * rgb[:, 0:1] + 0.587 * rgb[:, 1:2] + 0.114 * rgb[:, 2:3]
+
+
 def colour_jitter(rgb: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     """The autoencoder's augmentation: one of brightness, contrast or saturation by a factor in [0.8, 1.2]."""
     factor = float(torch.empty(1).uniform_(1 - AE_JITTER, 1 + AE_JITTER, generator=gen))
     kind = int(torch.randint(0, 3, (1,), generator=gen))
-    grey = 0.299 * rgb[:, 0:1] + 0.587 * rgb[:, 1:2] + 0.114 * rgb[:, 2:3]
+    grey = luma(rgb)
     if kind == 0:
         out = rgb * factor
     elif kind == 1:
@@ -139,8 +144,7 @@ def colour_jitter(rgb: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
 def random_grayscale(rgb: torch.Tensor, gen: torch.Generator, p: float = PENALTY_GRAYSCALE_P) -> torch.Tensor:
     if float(torch.rand(1, generator=gen)) >= p:
         return rgb
-    grey = 0.299 * rgb[:, 0:1] + 0.587 * rgb[:, 1:2] + 0.114 * rgb[:, 2:3]
-    return grey.expand_as(rgb).contiguous()
+    return luma(rgb).expand_as(rgb).contiguous()
 
 
 # ---------------------------------------------------------------------------------------------- teacher
