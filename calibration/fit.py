@@ -148,9 +148,11 @@ def fit(config: Config, samples: list[Sample], skip_bad: bool = False, progress:
         preprocessing = efficientad_preprocessing(mc.input_size, mc.crop_size)
         images = preprocess_samples(samples, preprocessing, skip_bad, report)
         used = _used(samples, report)
-        trained = fit_efficientad(mc, images, preprocessing, fc.seed, fingerprint(used), progress)
+        data_fingerprint = fingerprint(used)  # keys the training checkpoint and goes into the manifest
+        trained = fit_efficientad(mc, images, preprocessing, fc.seed, data_fingerprint, progress)
         model, extra = trained.model, {"efficientad": trained.info}
-        return _result(config, model, preprocessing, "", used, report, start, extra)
+        seconds = time.perf_counter() - start
+        return _result(config, model, preprocessing, "", used, report, seconds, extra, data_fingerprint)
     backbone = load_backbone(mc.backbone, mc.layers, mc.backbone_weights, mc.border_pad, mc.border_mode)
     preprocessing = spec.preprocessing(mc.input_size, mc.crop_size)
     images = preprocess_samples(samples, preprocessing, skip_bad, report)
@@ -171,7 +173,10 @@ def fit(config: Config, samples: list[Sample], skip_bad: bool = False, progress:
         )
     else:
         model = fit_padim(backbone.module, images, mc.padim.n_features, mc.sigma, fc.batch_size, fc.seed, progress)
-    return _result(config, model, preprocessing, backbone.weights_sha256, _used(samples, report), report, start, extra)
+    seconds = time.perf_counter() - start  # the fit itself; hashing the files for the manifest is not part of it
+    used = _used(samples, report)
+    weights = backbone.weights_sha256
+    return _result(config, model, preprocessing, weights, used, report, seconds, extra, fingerprint(used))
 
 
 def _used(samples: list[Sample], report: SkipReport) -> list[Sample]:
@@ -186,16 +191,16 @@ def _result(
     weights_sha256: str,
     used: list[Sample],
     report: SkipReport,
-    start: float,
+    seconds: float,
     extra: dict[str, Any],
+    data_fingerprint: str,
 ) -> FitResult:
-    seconds = time.perf_counter() - start
     manifest = build_manifest(
         model,
         preprocessing,
         weights_sha256,
         {
-            "dataset": {"n_images": len(used), "fingerprint": fingerprint(used)},
+            "dataset": {"n_images": len(used), "fingerprint": data_fingerprint},
             "fit": {"config": to_dict(config), "seconds": round(seconds, 3), **extra},
         },
     )
