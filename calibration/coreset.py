@@ -48,14 +48,15 @@ def k_center_greedy(
         raise ValueError(f"coreset size must be in 1..{n}, got {n_select}")
     gen = torch.Generator().manual_seed(seed)
     with torch.inference_mode():
-        x = random_projection(features.float(), projection_dim, gen)
-        x = (x - x.mean(dim=0)).contiguous()  # distances are unchanged; smaller norms, less cancellation
-        current = int(torch.randint(n, (1,), generator=gen))
         n_blocks = math.ceil(n / block)
+        # The projected points are the one (N, d) allocation: written in place, centred in place, padded.
+        x = _projected_blocks(features, projection_dim, gen, n_blocks * block)
+        current = int(torch.randint(n, (1,), generator=gen))
         padding = n_blocks * block - n
-        blocks = torch.cat([x, x[:1].expand(padding, -1)]) if padding else x
-        blocks = blocks.view(n_blocks, block, -1)
-        block_sq = (blocks * blocks).sum(dim=-1)
+        blocks = x.view(n_blocks, block, -1)
+        block_sq = torch.empty(n_blocks, block)
+        for b in range(0, n_blocks, 64):  # squared a slice at a time: `blocks * blocks` would copy all of them
+            block_sq[b : b + 64] = (blocks[b : b + 64] * blocks[b : b + 64]).sum(dim=-1)
         min_dist = torch.full((n_blocks, block), float("inf"))
         if padding:
             min_dist.view(-1)[n:] = -float("inf")  # padding rows are never picked
@@ -82,6 +83,29 @@ def k_center_greedy(
     return selected
 
 
+def _projected_blocks(features: torch.Tensor, dim: int, generator: torch.Generator, rows: int) -> torch.Tensor:
+    """(rows, d) float32: the projected, centred features, then copies of the first row as padding.
+
+    Centring leaves distances unchanged and makes norms smaller (less cancellation in |x|^2 - 2x.c).
+    Same projection and arithmetic as `random_projection`, without its temporaries: at a million
+    patches each (N, d) copy is half a gigabyte.
+    """
+    n, c = features.shape
+    d = c if dim <= 0 or dim >= c else dim
+    x = torch.empty(rows, d)
+    if d == c:
+        x[:n] = features
+    else:
+        proj = torch.randn(c, d, generator=generator, dtype=torch.float32) / math.sqrt(d)
+        for start in range(0, n, _PROJECT_ROWS):  # chunks: a float16 bank is converted a slice at a time
+            stop = min(start + _PROJECT_ROWS, n)
+            torch.matmul(features[start:stop].float(), proj, out=x[start:stop])
+    x[:n] -= x[:n].mean(dim=0)
+    x[n:] = x[0]
+    return x
+
+
+_PROJECT_ROWS = 65536
 # Pending centres applied per matmul when refreshing: bounds the (block x centres) distance block.
 _CENTRES_PER_STEP = 2048
 

@@ -23,7 +23,7 @@ from edge.bundle import build_manifest
 from edge.models import AnomalyModel
 from edge.models.padim import PadimModel, padim_embedding
 from edge.models.patchcore import PatchCoreModel, patchcore_embedding
-from edge.preprocessing import Preprocessing
+from edge.preprocessing import Preprocessing, to_rgb8
 from pipeline.config import Config, to_dict
 
 # Added to each PaDiM covariance so it stays invertible with few frames (paper: 0.01 I).
@@ -49,7 +49,46 @@ def preprocess_samples(
     return torch.from_numpy(np.stack(arrays))
 
 
-def batches(images: torch.Tensor, batch_size: int, label: str, progress: bool) -> Iterator[torch.Tensor]:
+class FrameStack:
+    """Fit frames held as RGB uint8 after `geometry`, normalised a batch at a time when sliced.
+
+    A quarter of the memory of a normalised float stack (at a thousand 256 px frames, 0.2 GB against
+    0.8 GB), with the pipeline's own `normalize_batch` arithmetic. Slices and `shape` behave like the
+    float (N, 3, H, W) tensor that `preprocess_samples` returns, so the fit functions take either.
+    """
+
+    def __init__(self, rgb8: torch.Tensor, preprocessing: Preprocessing) -> None:
+        if rgb8.dtype != torch.uint8 or rgb8.ndim != 4 or rgb8.shape[-1] != 3:
+            raise ValueError(f"expected uint8 frames (N, H, W, 3), got {rgb8.dtype} {tuple(rgb8.shape)}")
+        self.rgb8 = rgb8
+        self.preprocessing = preprocessing
+
+    @property
+    def shape(self) -> torch.Size:
+        n, h, w, c = self.rgb8.shape
+        return torch.Size((n, c, h, w))
+
+    def __len__(self) -> int:
+        return self.rgb8.shape[0]
+
+    def __getitem__(self, index: slice) -> torch.Tensor:
+        return self.preprocessing.normalize_batch(self.rgb8[index])
+
+
+def load_frames(samples: list[Sample], preprocessing: Preprocessing, skip_bad: bool, report: SkipReport) -> FrameStack:
+    """Read every sample into one preallocated uint8 stack (no per-frame list, no stacking copy)."""
+    h, w = preprocessing.input_size
+    rgb8 = np.empty((len(samples), h, w, 3), dtype=np.uint8)
+    n = 0
+    for loaded in iter_loaded(samples, skip_bad, report):
+        rgb8[n] = preprocessing.geometry(to_rgb8(loaded.image))
+        n += 1
+    if not n:
+        raise DatasetError("no readable normal images to fit on")
+    return FrameStack(torch.from_numpy(rgb8[:n]), preprocessing)
+
+
+def batches(images: torch.Tensor | FrameStack, batch_size: int, label: str, progress: bool) -> Iterator[torch.Tensor]:
     with Progress(label, images.shape[0], enabled=progress) as bar:
         for start in range(0, images.shape[0], batch_size):
             batch = images[start : start + batch_size].contiguous(memory_format=torch.channels_last)
@@ -59,7 +98,7 @@ def batches(images: torch.Tensor, batch_size: int, label: str, progress: bool) -
 
 def fit_patchcore(
     backbone: FeatureBackbone,
-    images: torch.Tensor,
+    images: torch.Tensor | FrameStack,
     coreset_ratio: float = 0.1,
     projection_dim: int = 128,
     num_neighbors: int = 9,
@@ -72,11 +111,16 @@ def fit_patchcore(
 ) -> PatchCoreModel:
     """Memory bank = greedy k-center coreset of all training patch features."""
     with torch.inference_mode():
-        chunks = []
+        # Filled in place: a list of chunks and their concatenation would hold every patch twice.
+        features = torch.empty(0)
+        row = 0
         for batch in batches(images, batch_size, "features", progress):
             emb = patchcore_embedding(backbone, batch)
-            chunks.append(emb.permute(0, 2, 3, 1).reshape(-1, emb.shape[1]))
-        features = torch.cat(chunks)
+            chunk = emb.permute(0, 2, 3, 1).reshape(-1, emb.shape[1])
+            if not row:
+                features = torch.empty(images.shape[0] * (chunk.shape[0] // batch.shape[0]), chunk.shape[1])
+            features[row : row + chunk.shape[0]] = chunk
+            row += chunk.shape[0]
     n_select = max(1, round(coreset_ratio * features.shape[0]))
     if max_bank is not None:
         n_select = min(n_select, max_bank)
@@ -97,7 +141,7 @@ def fit_patchcore(
 
 def fit_padim(
     backbone: FeatureBackbone,
-    images: torch.Tensor,
+    images: torch.Tensor | FrameStack,
     n_features: int = 100,
     sigma: float = 4.0,
     batch_size: int = 4,
@@ -155,7 +199,7 @@ def fit(config: Config, samples: list[Sample], skip_bad: bool = False, progress:
         return _result(config, model, preprocessing, "", used, report, seconds, extra, data_fingerprint)
     backbone = load_backbone(mc.backbone, mc.layers, mc.backbone_weights, mc.border_pad, mc.border_mode)
     preprocessing = spec.preprocessing(mc.input_size, mc.crop_size)
-    images = preprocess_samples(samples, preprocessing, skip_bad, report)
+    images = load_frames(samples, preprocessing, skip_bad, report)
     if mc.name == "patchcore":
         pc = mc.patchcore
         model = fit_patchcore(

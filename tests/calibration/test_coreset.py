@@ -1,6 +1,7 @@
 import torch
 
-from calibration.coreset import coverage_radius, k_center_greedy
+from calibration import coreset
+from calibration.coreset import coverage_radius, k_center_greedy, random_projection
 
 
 def _reference_k_center(x: torch.Tensor, n: int, start: int) -> torch.Tensor:
@@ -52,3 +53,12 @@ def test_lazy_blocks_pick_exactly_what_the_textbook_loop_picks() -> None:
     for block, refresh in ((64, 1), (100, 3), (1000, 2), (4096, 1)):  # 1000 % 64 != 0: padded last block
         sel = k_center_greedy(x, 120, projection_dim=0, seed=7, block=block, refresh=refresh)
         assert torch.equal(sel, _reference_k_center(x, 120, int(sel[0]))), (block, refresh)
+
+
+def test_projected_selection_in_chunks_picks_what_the_textbook_loop_picks_on_the_projection(monkeypatch) -> None:
+    g = torch.Generator().manual_seed(9)
+    x = (torch.randn(1500, 48, generator=g) * torch.rand(1500, 1, generator=g) * 4).half()  # a float16 bank
+    monkeypatch.setattr(coreset, "_PROJECT_ROWS", 128)  # several projection chunks, the last one partial
+    sel = k_center_greedy(x, 100, projection_dim=16, seed=2, block=64)
+    projected = random_projection(x.float(), 16, torch.Generator().manual_seed(2))
+    assert torch.equal(sel, _reference_k_center(projected, 100, int(sel[0])))

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from calibration.datasets import MVTecCategory, SkipReport, normal_frames
-from calibration.fit import fit_padim, fit_patchcore, preprocess_samples
+from calibration.fit import FrameStack, fit_padim, fit_patchcore, load_frames, preprocess_samples
 from edge.backbones import get_spec, load_backbone
 from edge.models.padim import PadimModel
 from edge.models.patchcore import PatchCoreModel, patchcore_embedding
@@ -129,3 +129,32 @@ def test_patchcore_bank_cap(images: torch.Tensor) -> None:
     uncapped = fit_patchcore(bb, images[:4], coreset_ratio=0.01, max_bank=4000)
     assert capped.memory_bank.shape[0] == 40  # 0.5 x 4 x 256 patches would be 512
     assert uncapped.memory_bank.shape[0] == round(0.01 * 4 * 256)  # the cap only ever lowers the size
+
+
+def test_uint8_frame_stack_fits_exactly_what_the_float_stack_fits(small_category: Path, images: torch.Tensor) -> None:
+    pre = get_spec("efficientnet_lite0").preprocessing(128)
+    samples = normal_frames(small_category)
+    frames = load_frames(samples, pre, False, SkipReport())
+    assert frames.rgb8.dtype == torch.uint8 and frames.shape == images.shape and len(frames) == len(images)
+    assert torch.equal(frames[2:5], images[2:5])  # the pipeline's normalize_batch, bit for bit
+    bb = load_backbone("efficientnet_lite0").module
+    a = fit_patchcore(bb, frames[:6], coreset_ratio=0.2)
+    b = fit_patchcore(bb, FrameStack(frames.rgb8[:6], pre), coreset_ratio=0.2, batch_size=4)  # 4 + a partial 2
+    assert torch.equal(a.memory_bank, b.memory_bank)
+    p, q = fit_padim(bb, images[:6], n_features=20), fit_padim(bb, FrameStack(frames.rgb8[:6], pre), n_features=20)
+    assert torch.equal(p.mean, q.mean) and torch.equal(p.inv_cov, q.inv_cov)
+    with pytest.raises(ValueError, match="expected uint8 frames"):
+        FrameStack(images[:2], pre)
+
+
+def test_load_frames_skips_or_names_an_unreadable_file(small_category: Path, tmp_path: Path) -> None:
+    from calibration.datasets import DatasetError, Sample
+
+    pre = get_spec("efficientnet_lite0").preprocessing(128)
+    bad = tmp_path / "broken.png"
+    bad.write_bytes(b"not a png")
+    samples = [*normal_frames(small_category)[:3], Sample(bad, 0, "good")]
+    report = SkipReport()
+    assert len(load_frames(samples, pre, True, report)) == 3 and [p for p, _ in report.skipped] == [bad]
+    with pytest.raises(DatasetError, match="broken.png"):
+        load_frames(samples, pre, False, SkipReport())
