@@ -10,6 +10,7 @@ from __future__ import annotations
 import signal
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,6 +34,8 @@ from pipeline.state import RunState, StateSpec
 # A frame in hand when its stage died is retried once; if the retry dies too it becomes an `error` verdict.
 MAX_ATTEMPTS = 2
 RESUBSCRIBE_GRACE_S = 0.5
+# Added to a paced replay's read lead (twice the recent read time): scheduling slack.
+READ_LEAD_NS = 1_000_000
 # Longest an idle reader sleeps on its doorbell before it heartbeats and looks at the stop flags again.
 WAIT_S = 0.05
 
@@ -59,6 +62,45 @@ def _log(stage: str, message: str) -> None:
     print(f"linewatch[{stage}]: {message}", file=sys.stderr, flush=True)
 
 
+class ConveyorPace:
+    """When a paced replay reads and releases its frames: one part every `period_ns`, never in a burst.
+
+    A frame is read (decoded) just before its release, with a lead of twice the recent read time plus
+    a millisecond. Read right after the previous release, its decode ran during that frame's inference
+    and took a core from it; a camera's frame arrives ready and never does that. A read that overruns
+    its lead releases its frame late, and the schedule goes on from then.
+    """
+
+    def __init__(
+        self,
+        period_ns: int,
+        sleep: Callable[[float], None] = time.sleep,
+        clock: Callable[[], int] = time.monotonic_ns,
+    ) -> None:
+        self.period_ns = period_ns
+        self.next_release_ns = clock()
+        self.read_ns = 0  # running mean of one read's duration
+        self._sleep, self._clock = sleep, clock
+
+    def before_read(self) -> int:
+        """Wait until the next frame is due to be read; returns the time the read starts."""
+        self._sleep_until(self.next_release_ns - 2 * self.read_ns - READ_LEAD_NS)
+        return self._clock()
+
+    def release(self, read_started_ns: int) -> None:
+        """After a frame is read: wait for its release time and schedule the next part."""
+        now = self._clock()
+        took = now - read_started_ns
+        self.read_ns = took if not self.read_ns else self.read_ns + (took - self.read_ns) // 4
+        self._sleep_until(self.next_release_ns)
+        self.next_release_ns = max(self.next_release_ns, now) + self.period_ns
+
+    def _sleep_until(self, t_ns: int) -> None:
+        wait_ns = t_ns - self._clock()
+        if wait_ns > 0:
+            self._sleep(wait_ns / 1e9)
+
+
 def fit_into(image: np.ndarray, max_h: int, max_w: int) -> np.ndarray:
     """Downscale (keeping the aspect ratio) when a frame is larger than a ring slot."""
     h, w = image.shape[:2]
@@ -78,11 +120,12 @@ def capture_main(
     ring = FrameRing.attach(ring_spec)
     name = config.id or f"cam{camera}"
     max_h, max_w = ring.payloads.shape[1:3]
-    period_ns = int(60e9 / config.rate_ppm) if config.rate_ppm > 0 else 0
+    pace = None
+    if config.rate_ppm > 0:
+        pace = ConveyorPace(int(60e9 / config.rate_ppm), lambda seconds: _sleep_unless_stopped(state, seconds))
     backoff = 0.25
     source = None
     opened_before = False
-    next_release = time.monotonic_ns()
     while not state.stopping_sources():
         state.heartbeat_ns[ctx.process_index] = time.monotonic_ns()
         if source is None:
@@ -103,6 +146,7 @@ def capture_main(
                 _log(name, str(exc))
                 state.done[camera] = 1
                 break
+        read_started_ns = pace.before_read() if pace is not None else 0
         try:
             frame = source.read()
         except FrameUnreadable as exc:
@@ -120,11 +164,8 @@ def capture_main(
         if frame is None:
             state.done[camera] = 1
             break
-        if period_ns:  # conveyor pace: release parts on a fixed schedule, never in a burst
-            now = time.monotonic_ns()
-            if next_release > now:
-                time.sleep((next_release - now) / 1e9)
-            next_release = max(next_release, now) + period_ns
+        if pace is not None:  # conveyor pace: release parts on a fixed schedule, never in a burst
+            pace.release(read_started_ns)  # cut short by a stop: the frame in hand still goes through
         # Stamped before any wait for a slot: time spent held back by backpressure is latency too.
         t_capture_ns, m_capture_ns = time.time_ns(), time.monotonic_ns()
         image = fit_into(frame.image, max_h, max_w)

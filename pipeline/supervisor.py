@@ -28,13 +28,15 @@ from edge.backends import check_backend, engine_cache_dir
 from edge.bundle import BundleError, feature_extractor_name, read_bundle_file
 from pipeline.config import Config, SourceConfig
 from pipeline.metrics import PipelineMetrics
-from pipeline.ring import VERDICT_NAMES, Doorbell, FrameRing, Idle
+from pipeline.ring import VERDICT_NAMES, Doorbell, FrameRing
 from pipeline.sources import default_policy, parse_spec
 from pipeline.stages import StageContext, capture_main, decide_main, infer_main, preprocess_main
 from pipeline.state import DROP_REASONS, FLAG_STOP_ALL, FLAG_STOP_SOURCES, PipelineError, RunState
 
 DRAIN_TIMEOUT_S = 30.0
 JOIN_TIMEOUT_S = 5.0
+# Longest the supervisor sleeps on the verdict ring between its checks (restarts, metrics, stop requests).
+SUPERVISOR_WAIT_S = 0.05
 LATENCY_WINDOW = 100_000  # frames behind the summary's latency percentiles (Prometheus has the full history)
 
 
@@ -125,17 +127,19 @@ class Pipeline:
         def make(
             slots: int, shape: tuple[int, ...] = (), dtype: str = "uint8", doorbell: Doorbell | None = None
         ) -> FrameRing:
-            ring = FrameRing.create(slots, shape, dtype, doorbell)
+            # Every writer that waits for room sleeps on its ring's `room` bell; one post wakes it.
+            ring = FrameRing.create(slots, shape, dtype, doorbell or Doorbell(ctx, most=slots), Doorbell(ctx, most=1))
             cleanup.callback(ring.close)
             return ring
 
-        frames_bell = Doorbell(ctx)  # one for all cameras: preprocess waits on any of them
+        # One commit bell for all cameras: preprocess waits on any of them.
+        frames_bell = Doorbell(ctx, most=pc.ring_slots * n_cam)
         frame_shape = (pc.max_frame_height, pc.max_frame_width, 3)
         frame_rings = [make(pc.ring_slots, frame_shape, doorbell=frames_bell) for _ in range(n_cam)]
         # uint8 at model size; infer normalises
-        tensor_ring = make(pc.tensor_slots, (input_h, input_w, 3), doorbell=Doorbell(ctx))
-        score_ring = make(max(pc.tensor_slots, 2 * pc.max_batch), doorbell=Doorbell(ctx))
-        verdict_ring = make(256)  # the supervisor polls it alongside its other duties
+        tensor_ring = make(pc.tensor_slots, (input_h, input_w, 3))
+        score_ring = make(max(pc.tensor_slots, 2 * pc.max_batch))
+        verdict_ring = make(256)  # the supervisor waits on it between its other duties
         rings = {"tensor": tensor_ring, "score": score_ring, "verdict": verdict_ring}
         rings.update({f"frames_{cam}": r for cam, r in zip(self.cameras, frame_rings, strict=True)})
         stages: list[StageProcess] = []
@@ -295,7 +299,6 @@ class Pipeline:
                 if st.kind == "capture":
                     start(i)
             last_sync = 0.0
-            idle = Idle(longest_s=0.005)  # accounting only: latency is stamped by the stages
             while True:
                 busy = drain()
                 now = time.monotonic()
@@ -308,10 +311,8 @@ class Pipeline:
                     break
                 if self._stop_requested or (duration_s is not None and now - t_start >= duration_s):
                     break
-                if busy:
-                    idle.reset()
-                else:
-                    idle.sleep()
+                if not busy:  # accounting only (latency is stamped by the stages): woken by decide's commits
+                    verdict_ring.wait_for_commit(SUPERVISOR_WAIT_S)
             # Shutdown: stop capture, let frames in flight reach a verdict, then stop the rest.
             state.flags[FLAG_STOP_SOURCES] = 1
             for st in stages:

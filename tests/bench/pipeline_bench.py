@@ -1,9 +1,9 @@
 """Pipeline benchmark: streaming throughput against the model's own, and latency at 80 % load.
 
-1. Model alone: the bundle's model on batches of `pipeline.max_batch`, before and after step 2
-   (this machine's speed drifts between runs; the mean of both is the reference).
-2. Pipeline at full speed: a looping folder replay with `block` backpressure; ratio = pipeline / model,
-   plus the CPU each process used (drift-free evidence of where the time goes).
+1. Model alone: the bundle's model on batches of `pipeline.max_batch`, before, between and after the
+   runs of step 2 (this machine's speed drifts; each run is compared with the mean of its neighbours).
+2. Pipeline at full speed, `--rounds` times: a looping folder replay with `block` backpressure;
+   ratio = pipeline / model, plus the CPU each process used (drift-free evidence of where the time goes).
 3. Pipeline paced at 80 % of that rate, like a conveyor: end-to-end latency p50 / p99, against the
    model's own batch-1 p99.
 
@@ -27,11 +27,16 @@ from pipeline.bench import latencies_ms, pipeline_fps, throughput
 from pipeline.config import load_config, with_overrides
 
 
+def _join(values: list[float], digits: int = 1) -> str:
+    return ", ".join(f"{v:.{digits}f}" for v in values)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--bundle", type=Path)
     parser.add_argument("--data", type=Path)
     parser.add_argument("--seconds", type=float, default=30.0)
+    parser.add_argument("--rounds", type=int, default=3, help="pipeline runs at full speed, each between model runs")
     parser.add_argument("--config", type=Path)
     args = parser.parse_args()
     config = load_config(args.config)
@@ -54,16 +59,24 @@ def main() -> None:
 
     def model_alone() -> float:
         with torch.inference_mode():
-            return throughput(lambda: bundle.model(x), batch, min(args.seconds, 15.0))
+            return throughput(lambda: bundle.model(x), batch, min(args.seconds / 2, 10.0))
 
-    before = model_alone()
-    fps, _, cpu = pipeline_fps(config, bundle_path, data, args.seconds)
-    after = model_alone()
-    alone = (before + after) / 2
+    # Model and pipeline alternate, each pipeline run between two model runs: this VM's speed drifts by
+    # 10-20 % within a minute, so a ratio is only taken between neighbours; the median ratio is reported.
+    alone = [model_alone()]
+    ratios, fps_runs = [], []
+    cpu: dict[str, float] = {}
+    for _ in range(args.rounds):
+        fps, _, cpu = pipeline_fps(config, bundle_path, data, args.seconds)
+        alone.append(model_alone())
+        fps_runs.append(fps)
+        ratios.append(fps / ((alone[-2] + alone[-1]) / 2))
+    fps = float(np.median(fps_runs))
     with torch.inference_mode():
         model_p99 = float(np.percentile(latencies_ms(lambda: bundle.model(x[:1]), 10.0), 99))
-    print(f"model alone (batch {batch}): {alone:.1f} frames/s (before {before:.1f}, after {after:.1f})")
-    print(f"pipeline, full speed: {fps:.1f} frames/s -> ratio {fps / alone:.2f}")
+    print(f"model alone (batch {batch}), before/between/after the pipeline runs: {_join(alone)} frames/s")
+    print(f"pipeline, full speed: {_join(fps_runs)} frames/s")
+    print(f"  pipeline / model (neighbouring runs): {_join(ratios, 2)} -> median {np.median(ratios):.2f}")
     if cpu:
         infer = cpu.get("infer", 0.0)
         rest = sum(v for k, v in cpu.items() if k != "infer")

@@ -7,7 +7,7 @@ import numpy as np
 
 from pipeline.bench import free_port
 from pipeline.ring import RECORD, VERDICT_PASS, Doorbell, FrameRing
-from pipeline.stages import StageContext, decide_main
+from pipeline.stages import ConveyorPace, StageContext, decide_main
 from pipeline.state import FLAG_STOP_ALL, RunState
 
 
@@ -41,3 +41,35 @@ def test_decide_publishes_and_forwards_a_retried_frame_once() -> None:
         scores.close()
         verdicts.close()
         state.close()
+
+
+class _FakeClock:
+    def __init__(self) -> None:
+        self.now_ns = 0
+
+    def __call__(self) -> int:
+        return self.now_ns
+
+    def sleep(self, seconds: float) -> None:
+        self.now_ns += round(seconds * 1e9)
+
+
+def test_paced_replay_reads_just_before_each_release_and_never_bursts() -> None:
+    clock = _FakeClock()
+    ms = 1_000_000
+    pace = ConveyorPace(40 * ms, clock.sleep, clock)
+    reads, releases = [], []
+    for read_ms in (3, 3, 3, 3, 30, 3, 3):  # the fifth frame's read overruns its lead
+        reads.append(pace.before_read())
+        clock.now_ns += read_ms * ms
+        pace.release(reads[-1])
+        releases.append(clock.now_ns)
+        clock.now_ns += 20 * ms  # the frame's inference: no reading meanwhile
+    gaps = [b - a for a, b in zip(releases, releases[1:], strict=False)]
+    assert gaps[:3] == [40 * ms] * 3  # on schedule
+    # Reads start a lead of twice the recent read time + 1 ms before the release, not right after the last one.
+    leads = [rel - rd for rd, rel in zip(reads, releases, strict=True)]
+    assert all(r >= prev + 20 * ms for prev, r in zip(releases, reads[1:], strict=False))
+    assert leads[1:4] == [7 * ms] * 3  # reads of 3 ms: a lead of 2 x 3 + 1 ms
+    # The slow read releases late; the next part follows a full period later, never in a burst.
+    assert gaps[3] > 40 * ms and min(gaps) >= 40 * ms
