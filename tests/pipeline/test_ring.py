@@ -40,3 +40,33 @@ def test_a_commit_in_another_process_wakes_the_reader() -> None:
     finally:
         writer.join(30)
         ring.close()
+
+
+def _release_after(spec: RingSpec, delay_s: float) -> None:  # runs in a spawned reader process
+    time.sleep(delay_s)
+    ring = FrameRing.attach(spec)
+    ring.release(0)
+    ring.close()
+
+
+def test_a_release_in_another_process_wakes_the_writer_waiting_for_room() -> None:
+    ctx = mp.get_context("spawn")
+    ring = FrameRing.create(1, (4,), doorbell=Doorbell(ctx), room=Doorbell(ctx, most=1))
+    ring.commit(0)  # the only slot is taken: the writer is short of room
+    reader = ctx.Process(target=_release_after, args=(ring.spec, 0.5))
+    try:
+        reader.start()
+        assert ring.free_slot() is None and ring.spec.room is not None
+        assert ring.spec.room.wait(60.0)  # returns on the release, not after the timeout
+        assert ring.wait_free_slot(lambda: False) == 0
+    finally:
+        reader.join(30)
+        ring.close()
+
+
+def test_a_bounded_bell_keeps_at_most_its_limit_of_posts() -> None:
+    bell = Doorbell(mp.get_context("spawn"), most=2)
+    for _ in range(5):  # nobody waiting: posts beyond two are dropped
+        bell.ring()
+    assert bell.wait(0) and bell.wait(0)
+    assert not bell.wait(0.01)
