@@ -280,6 +280,7 @@ def infer_main(
     except BackendError as exc:
         _log("infer", str(exc))
         sys.exit(2)
+    model.warm_up(example.to(device))  # before `ready`: the line's first part gets the steady-state latency
     state.ready[ctx.process_index] = 1
     while not state.stopping():
         state.heartbeat_ns[ctx.process_index] = time.monotonic_ns()

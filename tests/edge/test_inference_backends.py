@@ -9,6 +9,7 @@ from calibration.fit import fit_patchcore, preprocess_samples
 from edge.backbones import get_spec, load_backbone
 from edge.backends import BackendError, PreparedModel, check_backend, engine_key, prepare_backend
 from edge.models.patchcore import PatchCoreModel
+from edge.scoring import ScoreResult
 
 
 @pytest.fixture(scope="module")
@@ -81,3 +82,17 @@ def test_compile_backend_matches_eager(fitted: tuple[PatchCoreModel, torch.Tenso
         out, ref = prepared(x[:1]), model(x[:1])  # a partial batch: padded, no recompile
     assert prepared.backend == "compile" and prepared.static_batch == 2
     assert torch.allclose(out.scores, ref.scores, rtol=1e-4) and torch.allclose(out.maps, ref.maps, atol=1e-3)
+
+
+def test_warm_up_runs_every_batch_size_the_pipeline_can_send() -> None:
+    seen: list[int] = []
+
+    def run(x: torch.Tensor) -> ScoreResult:
+        seen.append(x.shape[0])
+        return ScoreResult(torch.zeros(x.shape[0]), torch.zeros(x.shape[0], 2, 2))
+
+    PreparedModel(run, "torch").warm_up(torch.zeros(3, 3, 2, 2))
+    assert seen == [1, 2, 3, 1, 2, 3]
+    seen.clear()
+    PreparedModel(run, "compile", static_batch=3).warm_up(torch.zeros(3, 3, 2, 2), rounds=1)
+    assert seen == [3, 3, 3]  # partial batches are padded to the engine's static batch
