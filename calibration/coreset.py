@@ -19,8 +19,12 @@ def random_projection(features: torch.Tensor, dim: int, generator: torch.Generat
     """(N, C) -> (N, dim) with a Gaussian matrix scaled by 1/sqrt(dim); identity when dim >= C."""
     if dim <= 0 or dim >= features.shape[1]:
         return features
-    proj = torch.randn(features.shape[1], dim, generator=generator, dtype=features.dtype) / math.sqrt(dim)
-    return features @ proj
+    return features @ projection_matrix(features.shape[1], dim, generator, features.dtype)
+
+
+def projection_matrix(channels: int, dim: int, generator: torch.Generator, dtype: torch.dtype) -> torch.Tensor:
+    """The (channels, dim) Gaussian matrix scaled by 1/sqrt(dim) that both projections draw."""
+    return torch.randn(channels, dim, generator=generator, dtype=dtype) / math.sqrt(dim)
 
 
 def k_center_greedy(
@@ -96,7 +100,7 @@ def _projected_blocks(features: torch.Tensor, dim: int, generator: torch.Generat
     if d == c:
         x[:n] = features
     else:
-        proj = torch.randn(c, d, generator=generator, dtype=torch.float32) / math.sqrt(d)
+        proj = projection_matrix(c, d, generator, torch.float32)
         for start in range(0, n, _PROJECT_ROWS):  # chunks: a float16 bank is converted a slice at a time
             stop = min(start + _PROJECT_ROWS, n)
             torch.matmul(features[start:stop].float(), proj, out=x[start:stop])
