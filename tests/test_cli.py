@@ -5,6 +5,7 @@ import os
 import shutil
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -191,3 +192,19 @@ def test_efficientad_calibrates_and_runs_in_the_pipeline(
     assert main([*argv, "--teacher", str(bad)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "teacher.pth: not a teacher weights file" in err[0]
+
+
+def test_interleaved_throughput_counts_only_each_calls_own_time() -> None:
+    from pipeline.bench import interleaved_throughput
+
+    now = [0.0]
+
+    def takes(seconds: float) -> Callable[[], None]:
+        def call() -> None:
+            now[0] += seconds
+
+        return call
+
+    rates = interleaved_throughput({"floor": takes(0.010), "model": takes(0.025)}, 2, 1.0, lambda: now[0])
+    # 2 items per call; the other function's time and the warm-up calls do not count.
+    assert rates == {"floor": pytest.approx(2 / 0.010), "model": pytest.approx(2 / 0.025)}
