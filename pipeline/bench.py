@@ -8,6 +8,7 @@ and the ratios pipeline/model and model/backbone, the memory bank's size and the
 
 from __future__ import annotations
 
+import functools
 import os
 import resource
 import socket
@@ -88,23 +89,35 @@ def throughput(fn: Callable[[], object], items: int, seconds: float) -> float:
     return n / (time.perf_counter() - start)
 
 
-def interleaved_throughput(
-    fns: dict[str, Callable[[], object]], items: int, seconds: float, clock: Callable[[], float] = time.perf_counter
-) -> dict[str, float]:
-    """Items per second of each `fn` (each handles `items` per call), calls alternated round by round so
-    this box's drift hits all alike; only the time inside each call counts for it. One warm-up call each."""
+def interleaved_call_seconds(
+    fns: dict[str, Callable[[], object]],
+    seconds: float = 0.0,
+    rounds: int = 1,
+    clock: Callable[[], float] = time.perf_counter,
+) -> dict[str, list[float]]:
+    """Duration of every call of each `fn`, called in turn round by round (at least `rounds` rounds and
+    `seconds` long) so drift on a noisy box hits all alike. One warm-up call each, not counted."""
     for fn in fns.values():
         fn()
-    spent = dict.fromkeys(fns, 0.0)
-    calls = 0
+    spent: dict[str, list[float]] = {name: [] for name in fns}
+    done = 0
     start = clock()
-    while clock() - start < seconds or not calls:
+    while done < rounds or clock() - start < seconds:
         for name, fn in fns.items():
             t = clock()
             fn()
-            spent[name] += clock() - t
-        calls += 1
-    return {name: calls * items / spent[name] for name in fns}
+            spent[name].append(clock() - t)
+        done += 1
+    return spent
+
+
+def interleaved_throughput(
+    fns: dict[str, Callable[[], object]], items: int, seconds: float, clock: Callable[[], float] = time.perf_counter
+) -> dict[str, float]:
+    """Items per second of each `fn` (each handles `items` per call), timed interleaved; only the time
+    inside each call counts for it."""
+    spent = interleaved_call_seconds(fns, seconds, clock=clock)
+    return {name: len(v) * items / sum(v) for name, v in spent.items()}
 
 
 def latencies_ms(fn: Callable[[], object], seconds: float, at_least: int = 20) -> np.ndarray:
@@ -121,18 +134,11 @@ def latencies_ms(fn: Callable[[], object], seconds: float, at_least: int = 20) -
 def interleaved_batch1_ms(
     models: dict[str, Callable[[torch.Tensor], object]], size: tuple[int, int], rounds: int = 60
 ) -> dict[str, float]:
-    """Batch-1 p50 per model, calls interleaved round by round so drift on a noisy box hits all alike."""
+    """Batch-1 p50 per model in ms, calls interleaved round by round so drift on a noisy box hits all alike."""
     x = torch.randn(1, 3, *size).contiguous(memory_format=torch.channels_last)
-    times: dict[str, list[float]] = {k: [] for k in models}
     with torch.inference_mode():
-        for m in models.values():
-            m(x)
-        for _ in range(rounds):
-            for k, m in models.items():
-                t0 = time.perf_counter()
-                m(x)
-                times[k].append((time.perf_counter() - t0) * 1000.0)
-    return {k: float(np.percentile(v, 50)) for k, v in times.items()}
+        spent = interleaved_call_seconds({k: functools.partial(m, x) for k, m in models.items()}, rounds=rounds)
+    return {k: float(np.percentile(v, 50)) * 1000.0 for k, v in spent.items()}
 
 
 def cpu_ticks(pid: int) -> int:
