@@ -24,9 +24,10 @@ from calibration.metrics import auroc
 from calibration.progress import Progress
 from calibration.synthetic import DEFECT_KINDS, add_defect
 from calibration.threshold import ThresholdChoice, choose_threshold, proportion_interval, require_enough_frames
+from edge.backends import OnDevice
 from edge.bundle import Bundle
-from edge.models import AnomalyModel
 from edge.preprocessing import Preprocessing, to_rgb8
+from edge.scoring import Scorer
 from pipeline.config import Config
 
 EXAMPLES_PER_GROUP = 3
@@ -104,7 +105,7 @@ def split_holdout(samples: list[Sample], fraction: float, seed: int) -> tuple[li
 
 
 def score_images(
-    model: AnomalyModel, pre: Preprocessing, images: Iterable[np.ndarray], batch_size: int
+    model: Scorer, pre: Preprocessing, images: Iterable[np.ndarray], batch_size: int
 ) -> Iterator[tuple[float, np.ndarray]]:
     """(score, RGB uint8 image) per image; images are RGB uint8 already at the model's input size."""
     pending: list[np.ndarray] = []
@@ -124,7 +125,7 @@ def score_images(
         yield from flush()
 
 
-def anomaly_maps(model: AnomalyModel, pre: Preprocessing, images: list[np.ndarray]) -> list[np.ndarray]:
+def anomaly_maps(model: Scorer, pre: Preprocessing, images: list[np.ndarray]) -> list[np.ndarray]:
     if not images:
         return []
     x = pre.normalize_batch(torch.from_numpy(np.stack(images)))
@@ -164,7 +165,9 @@ def calibrate(
     if not cc.allow_weak_bound:
         require_enough_frames(len(holdout), cc.target_fpr, cc.confidence)  # before the costly fit
     result = fit(config, fit_set, skip_bad=skip_bad, progress=progress)
-    model, pre, report = result.model, result.preprocessing, result.skipped
+    pre, report = result.preprocessing, result.skipped
+    # Scored on fit.device: the threshold is chosen in the arithmetic of the device the line runs on.
+    model = OnDevice(result.model.to(config.fit.device), config.fit.device)
     batch = config.fit.batch_size
 
     # Held-out frames for the synthetic defects are picked up front so each image is read only once.
@@ -218,9 +221,10 @@ def calibrate(
 
     labelled = None
     if test_category is not None and test_category.test:
-        labelled = check_labelled(result, test_category, t, skip_bad, report, progress)
+        labelled = check_labelled(model, result, test_category, t, skip_bad, report, progress)
 
     examples = _examples(model, pre, worst_normals, defects, t)
+    result.model.cpu()  # what the bundle is saved from
     manifest = dict(result.manifest)
     manifest["threshold"] = {"value": t, "reject_if": "score > value", **choice.to_dict()}
     manifest["normalization"] = normalization(holdout_scores, t)
@@ -258,6 +262,7 @@ def normalization(holdout_scores: np.ndarray, threshold: float) -> dict[str, Any
 
 
 def check_labelled(
+    scorer: Scorer,
     result: FitResult,
     category: MVTecCategory,
     threshold: float,
@@ -265,7 +270,7 @@ def check_labelled(
     report: SkipReport,
     progress: bool,
 ) -> LabelledCheck:
-    bundle = Bundle(model=result.model, preprocessing=result.preprocessing, manifest=result.manifest, hash="")
+    bundle = Bundle(model=scorer, preprocessing=result.preprocessing, manifest=result.manifest, hash="")  # type: ignore[arg-type]
     scored = score_category(bundle, category, skip_bad, report, progress)
     kinds = scored.kinds
     rejected = scored.scores > threshold
@@ -285,7 +290,7 @@ def check_labelled(
 
 
 def _examples(
-    model: AnomalyModel, pre: Preprocessing, normals: _Extremes, defects: _Extremes, threshold: float
+    model: Scorer, pre: Preprocessing, normals: _Extremes, defects: _Extremes, threshold: float
 ) -> list[Example]:
     groups = [
         ("worst normals", normals.highest()),

@@ -58,17 +58,18 @@ def k_center_greedy(
         current = int(torch.randint(n, (1,), generator=gen))
         padding = n_blocks * block - n
         blocks = x.view(n_blocks, block, -1)
-        block_sq = torch.empty(n_blocks, block)
+        dev = x.device  # the features' device: a GPU box selects on its GPU
+        block_sq = torch.empty(n_blocks, block, device=dev)
         for b in range(0, n_blocks, 64):  # squared a slice at a time: `blocks * blocks` would copy all of them
             block_sq[b : b + 64] = (blocks[b : b + 64] * blocks[b : b + 64]).sum(dim=-1)
-        min_dist = torch.full((n_blocks, block), float("inf"))
+        min_dist = torch.full((n_blocks, block), float("inf"), device=dev)
         if padding:
             min_dist.view(-1)[n:] = -float("inf")  # padding rows are never picked
-        seen = torch.zeros(n_blocks, dtype=torch.long)  # centres applied to each block so far
-        bound = torch.full((n_blocks,), float("inf"))  # >= the block's true largest min-distance
-        centres = torch.empty(n_select, x.shape[1])
-        centre_sq = torch.empty(n_select)
-        selected = torch.empty(n_select, dtype=torch.long)
+        seen = torch.zeros(n_blocks, dtype=torch.long, device=dev)  # centres applied to each block so far
+        bound = torch.full((n_blocks,), float("inf"), device=dev)  # >= the block's true largest min-distance
+        centres = torch.empty(n_select, x.shape[1], device=dev)
+        centre_sq = torch.empty(n_select, device=dev)
+        selected = torch.empty(n_select, dtype=torch.long)  # on the CPU, like the caller's indices
         with Progress("coreset", n_select, enabled=progress) as bar:
             for i in range(n_select):
                 selected[i] = current
@@ -96,11 +97,12 @@ def _projected_blocks(features: torch.Tensor, dim: int, generator: torch.Generat
     """
     n, c = features.shape
     d = c if dim <= 0 or dim >= c else dim
-    x = torch.empty(rows, d)
+    x = torch.empty(rows, d, device=features.device)
     if d == c:
         x[:n] = features
     else:
-        proj = projection_matrix(c, d, generator, torch.float32)
+        # Drawn on the CPU whatever the device, so a GPU fit projects (and selects) like a CPU one.
+        proj = projection_matrix(c, d, generator, torch.float32).to(features.device)
         for start in range(0, n, _PROJECT_ROWS):  # chunks: a float16 bank is converted a slice at a time
             stop = min(start + _PROJECT_ROWS, n)
             torch.matmul(features[start:stop].float(), proj, out=x[start:stop])

@@ -33,6 +33,7 @@ from torch import nn
 from calibration.datasets import DatasetError, Sample, SkipReport, iter_loaded, list_images
 from calibration.progress import Progress
 from edge.backbones import IMAGENET_MEAN, IMAGENET_STD, FeatureBackbone, file_sha256, get_spec, load_backbone
+from edge.backends import require_device
 from edge.models.efficientad import (
     QUANTILE_A,
     QUANTILE_B,
@@ -596,15 +597,16 @@ def fit_efficientad(
     data_fingerprint: str,
     progress: bool = False,
     stop_after: int | None = None,
+    device: str = "cpu",
 ) -> EfficientADFit:
     """Teacher (file or distilled), then student + autoencoder, then quantiles on frames kept out of training.
 
     `images` (N, 3, H, W) are normal frames preprocessed with `pre` (`efficientad_preprocessing`).
+    Training runs on `model.efficientad.device`, or on `device` (fit.device) when that is not set.
     """
     ec = mc.efficientad
-    dev = ec.device
-    if dev.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"model.efficientad.device = {dev}: no CUDA device is available on this machine")
+    dev = ec.device or device
+    require_device("model.efficientad.device" if ec.device else "fit.device", dev)
     on_gpu = dev.startswith("cuda")
     precision = resolve_train_precision(ec.precision, dev)
     steps = ec.steps or (CUDA_STEPS if on_gpu else CPU_STEPS)

@@ -19,6 +19,7 @@ from calibration.datasets import DatasetError, Sample, SkipReport, fingerprint, 
 from calibration.efficientad import efficientad_preprocessing, fit_efficientad
 from calibration.progress import Progress
 from edge.backbones import FeatureBackbone, get_spec, load_backbone
+from edge.backends import require_device
 from edge.bundle import build_manifest
 from edge.models import AnomalyModel
 from edge.models.padim import PadimModel, padim_embedding
@@ -108,30 +109,37 @@ def fit_patchcore(
     progress: bool = False,
     search_precision: str = "auto",
     max_bank: int | None = None,
+    device: str = "cpu",
 ) -> PatchCoreModel:
-    """Memory bank = greedy k-center coreset of all training patch features."""
+    """Memory bank = greedy k-center coreset of all training patch features, computed on `device`.
+
+    The model comes back on the CPU (what a bundle is saved from), whatever `device` was.
+    """
+    backbone.to(device)
     with torch.inference_mode():
         # Filled in place: a list of chunks and their concatenation would hold every patch twice.
         features = torch.empty(0)
         row = 0
         for batch in batches(images, batch_size, "features", progress):
-            emb = patchcore_embedding(backbone, batch)
+            emb = patchcore_embedding(backbone, batch.to(device))
             chunk = emb.permute(0, 2, 3, 1).reshape(-1, emb.shape[1])
             if not row:
-                features = torch.empty(images.shape[0] * (chunk.shape[0] // batch.shape[0]), chunk.shape[1])
+                n = images.shape[0] * (chunk.shape[0] // batch.shape[0])
+                features = torch.empty(n, chunk.shape[1], device=device)
             features[row : row + chunk.shape[0]] = chunk
             row += chunk.shape[0]
+    backbone.cpu()
     n_select = max(1, round(coreset_ratio * features.shape[0]))
     if max_bank is not None:
         n_select = min(n_select, max_bank)
     if n_select < features.shape[0]:
         selected = k_center_greedy(features, n_select, projection_dim, seed, progress)
-        bank = features[selected]
+        bank = features[selected.to(features.device)]
     else:
         bank = features
     return PatchCoreModel(
         backbone,
-        bank.clone(),
+        bank.to("cpu", copy=True),
         tuple(images.shape[-2:]),
         num_neighbors=num_neighbors,
         sigma=sigma,
@@ -147,10 +155,12 @@ def fit_padim(
     batch_size: int = 4,
     seed: int = 0,
     progress: bool = False,
+    device: str = "cpu",
 ) -> PadimModel:
-    """Per-position mean and regularised inverse covariance of a random channel subset.
+    """Per-position mean and regularised inverse covariance of a random channel subset, computed on `device`.
 
     Sums are accumulated in float64 batch by batch, so memory does not grow with the number of frames.
+    The model comes back on the CPU.
     """
     total = sum(backbone.channels)
     d = min(n_features, total)
@@ -159,16 +169,19 @@ def fit_padim(
     s1: torch.Tensor | None = None
     s2: torch.Tensor | None = None
     n = 0
+    backbone.to(device)
     with torch.inference_mode():
         for batch in batches(images, batch_size, "features", progress):
-            emb = padim_embedding(backbone, batch, channel_idx)
+            emb = padim_embedding(backbone, batch.to(device), channel_idx.to(device))
             x = emb.flatten(2).permute(2, 0, 1).double()  # (P, B, d)
             b1 = x.sum(dim=1)
             b2 = torch.einsum("pbi,pbj->pij", x, x)
             s1 = b1 if s1 is None else s1 + b1
             s2 = b2 if s2 is None else s2 + b2
             n += x.shape[1]
+    backbone.cpu()
     assert s1 is not None and s2 is not None
+    s1, s2 = s1.cpu(), s2.cpu()
     if n < 2:
         raise DatasetError("PaDiM needs at least 2 normal images to estimate covariances")
     mean = s1 / n
@@ -185,6 +198,7 @@ def fit(config: Config, samples: list[Sample], skip_bad: bool = False, progress:
     spec = get_spec(mc.backbone)
     report = SkipReport()
     fc = config.fit
+    require_device("fit.device", fc.device)  # before any frame is read
     model: AnomalyModel
     extra: dict[str, Any] = {}
     if mc.name == "efficientad":
@@ -193,7 +207,7 @@ def fit(config: Config, samples: list[Sample], skip_bad: bool = False, progress:
         images = preprocess_samples(samples, preprocessing, skip_bad, report)
         used = _used(samples, report)
         data_fingerprint = fingerprint(used)  # keys the training checkpoint and goes into the manifest
-        trained = fit_efficientad(mc, images, preprocessing, fc.seed, data_fingerprint, progress)
+        trained = fit_efficientad(mc, images, preprocessing, fc.seed, data_fingerprint, progress, device=fc.device)
         model, extra = trained.model, {"efficientad": trained.info}
         seconds = time.perf_counter() - start
         return _result(config, model, preprocessing, "", used, report, seconds, extra, data_fingerprint)
@@ -214,9 +228,12 @@ def fit(config: Config, samples: list[Sample], skip_bad: bool = False, progress:
             progress,
             pc.search_precision,
             pc.max_bank,
+            fc.device,
         )
     else:
-        model = fit_padim(backbone.module, images, mc.padim.n_features, mc.sigma, fc.batch_size, fc.seed, progress)
+        model = fit_padim(
+            backbone.module, images, mc.padim.n_features, mc.sigma, fc.batch_size, fc.seed, progress, fc.device
+        )
     seconds = time.perf_counter() - start  # the fit itself; hashing the files for the manifest is not part of it
     used = _used(samples, report)
     weights = backbone.weights_sha256

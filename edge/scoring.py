@@ -7,7 +7,7 @@ it) sees the same graph as eager mode.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, NamedTuple
 
 import torch
@@ -27,6 +27,10 @@ class ScoreResult(NamedTuple):
 
     scores: torch.Tensor
     maps: torch.Tensor
+
+
+# Anything that scores a batch of normalised frames: a model, a prepared backend, a model on a GPU.
+Scorer = Callable[[torch.Tensor], ScoreResult]
 
 
 def concat_feature_maps(features: list[torch.Tensor], pool: bool) -> torch.Tensor:

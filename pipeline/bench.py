@@ -73,6 +73,20 @@ class BackboneOnly(nn.Module):
         return self.backbone.padded(x)
 
 
+def completed(fn: Callable[[], object], device: str) -> Callable[[], object]:
+    """`fn`, waiting for `device` to finish its work: CUDA calls return when queued, so a host clock around
+    a bare call times the launch, not the inference."""
+    if not str(device).startswith("cuda"):
+        return fn
+
+    def call() -> object:
+        out = fn()
+        torch.cuda.synchronize(device)
+        return out
+
+    return call
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -132,12 +146,13 @@ def latencies_ms(fn: Callable[[], object], seconds: float, at_least: int = 20) -
 
 
 def interleaved_batch1_ms(
-    models: dict[str, Callable[[torch.Tensor], object]], size: tuple[int, int], rounds: int = 60
+    models: dict[str, Callable[[torch.Tensor], object]], size: tuple[int, int], rounds: int = 60, device: str = "cpu"
 ) -> dict[str, float]:
     """Batch-1 p50 per model in ms, calls interleaved round by round so drift on a noisy box hits all alike."""
-    x = torch.randn(1, 3, *size).contiguous(memory_format=torch.channels_last)
+    x = torch.randn(1, 3, *size).contiguous(memory_format=torch.channels_last).to(device)
+    calls = {k: completed(functools.partial(m, x), device) for k, m in models.items()}
     with torch.inference_mode():
-        spent = interleaved_call_seconds({k: functools.partial(m, x) for k, m in models.items()}, rounds=rounds)
+        spent = interleaved_call_seconds(calls, rounds=rounds)
     return {k: float(np.percentile(v, 50)) * 1000.0 for k, v in spent.items()}
 
 
@@ -216,9 +231,10 @@ def run_bench(bundle_path: Path, config: Config, batch: int, seconds: float, dat
         floor_module, pc.backend, pc.device, x, cache, f"{bundle.hash}-backbone", pc.backend_fallback
     )
     with torch.inference_mode():
-        rates = interleaved_throughput({"backbone": lambda: floor(x), "model": lambda: batched(x)}, batch, seconds / 2)
+        calls = {"backbone": completed(lambda: floor(x), pc.device), "model": completed(lambda: batched(x), pc.device)}
+        rates = interleaved_throughput(calls, batch, seconds / 2)
         backbone, model_fps = rates["backbone"], rates["model"]
-        lat = latencies_ms(lambda: single(x1), seconds / 4)
+        lat = latencies_ms(completed(lambda: single(x1), pc.device), seconds / 4)
     bank_mb = sum(t.numel() * t.element_size() for t in model.tensors().values()) / 2**20
     with tempfile.TemporaryDirectory(prefix="linewatch-bench-") as tmp:
         folder = data or synthetic_frames(Path(tmp) / "frames", (h, w))

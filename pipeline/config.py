@@ -74,8 +74,8 @@ class EfficientADConfig:
     """Share of the fit frames kept out of training to set the map quantiles (paper: 10 %)."""
     padding: bool = False
     """Pad the PDN convolutions (64 x 64 maps at 256 px); the paper times the unpadded networks."""
-    device: str = "cpu"
-    """Where distillation and training run: cpu, cuda, cuda:1, ..."""
+    device: str | None = None
+    """Where distillation and training run: cpu, cuda, cuda:1, ...; null = fit.device."""
     precision: str = field(default="auto", metadata={"choices": TRAIN_PRECISIONS})
     """Training arithmetic: auto = bf16 autocast on CPUs with native bf16 (AMX/AVX512-BF16), else float32."""
     checkpoint: str | None = None
@@ -114,6 +114,9 @@ class FitConfig:
     seed: int = field(default=0, metadata=_range(0))
     threads: int = field(default=0, metadata=_range(0, 1024))
     """torch CPU threads; 0 = torch's default (one per core)."""
+    device: str = "cpu"
+    """Where fit and calibrate run (features, coreset, EfficientAD training, threshold scoring): cpu, cuda,
+    cuda:1, ... The threshold is chosen on scores computed here: calibrate on the device the line runs on."""
 
 
 @dataclass(frozen=True)

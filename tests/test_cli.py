@@ -208,3 +208,20 @@ def test_interleaved_throughput_counts_only_each_calls_own_time() -> None:
     rates = interleaved_throughput({"floor": takes(0.010), "model": takes(0.025)}, 2, 1.0, lambda: now[0])
     # 2 items per call; the other function's time and the warm-up calls do not count.
     assert rates == {"floor": pytest.approx(2 / 0.010), "model": pytest.approx(2 / 0.025)}
+
+
+def test_bench_waits_for_a_cuda_device_before_the_clock_stops(monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch
+
+    from pipeline.bench import completed
+
+    events: list[str] = []
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: events.append(f"sync {device}"))
+
+    def infer() -> str:
+        events.append("call")
+        return "out"
+
+    assert completed(infer, "cpu") is infer  # the CPU computes before returning: nothing to wait for
+    assert completed(infer, "cuda:1")() == "out"
+    assert events == ["call", "sync cuda:1"]

@@ -167,3 +167,36 @@ def test_calibrate_cli_writes_bundle_and_report_and_evaluate_uses_threshold(
     bundle = load_bundle(out)
     assert bundle.threshold is not None
     assert 0.0 <= result["fpr_at_threshold"] <= 1.0 and 0.0 <= result["tpr_at_threshold"] <= 1.0
+
+
+def test_fit_device_is_checked_before_any_frame_is_read(small_category: Path, tmp_path: Path) -> None:
+    samples = normal_frames(small_category)
+    bad = config_from_dict({"fit": {"device": "gpu0"}, "calibration": LOOSE})
+    with pytest.raises(ValueError, match=r"fit.device = 'gpu0': expected cpu, cuda or cuda:N"):
+        calibrate(bad, samples)
+    if not torch.cuda.is_available():
+        cuda = config_from_dict({"fit": {"device": "cuda"}, "calibration": LOOSE})
+        with pytest.raises(ValueError, match="fit.device = cuda: no CUDA device is available"):
+            calibrate(cuda, samples)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (run on the GPU box)")
+@pytest.mark.parametrize("name", ["patchcore", "padim"])
+def test_calibrate_on_cuda_gives_a_cpu_bundle_with_the_cpu_threshold(
+    name: str, small_category: Path, tmp_path: Path
+) -> None:
+    samples = normal_frames(small_category)
+    runs = {}
+    for device in ("cpu", "cuda"):
+        model = {"name": name, "input_size": 128}
+        config = config_from_dict({"model": model, "fit": {"device": device}, "calibration": LOOSE})
+        runs[device] = calibrate(config, samples, MVTecCategory(small_category))
+    gpu = runs["cuda"]
+    assert all(t.device.type == "cpu" for t in gpu.fit.model.state_dict().values())  # saved from the CPU
+    path = tmp_path / "gpu.pt"
+    save_bundle(path, gpu.fit.model, gpu.manifest)
+    bundle = load_bundle(path)
+    assert bundle.threshold == pytest.approx(runs["cpu"].choice.threshold, rel=1e-2)  # TF32 convolutions
+    np.testing.assert_allclose(gpu.holdout_scores, runs["cpu"].holdout_scores, rtol=1e-2)
+    assert gpu.labelled is not None and runs["cpu"].labelled is not None
+    assert gpu.labelled.image_auroc == pytest.approx(runs["cpu"].labelled.image_auroc, abs=0.02)

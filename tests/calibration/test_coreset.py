@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from calibration import coreset
@@ -62,3 +63,13 @@ def test_projected_selection_in_chunks_picks_what_the_textbook_loop_picks_on_the
     sel = k_center_greedy(x, 100, projection_dim=16, seed=2, block=64)
     projected = random_projection(x.float(), 16, torch.Generator().manual_seed(2))
     assert torch.equal(sel, _reference_k_center(projected, 100, int(sel[0])))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (run on the GPU box)")
+def test_selection_on_cuda_picks_what_the_cpu_picks() -> None:
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(3000, 96, generator=g) * torch.rand(3000, 1, generator=g) * 4
+    cpu = k_center_greedy(x, 200, projection_dim=32, seed=7)
+    gpu = k_center_greedy(x.cuda(), 200, projection_dim=32, seed=7)
+    assert gpu.device.type == "cpu"  # indices come back where the caller indexes with them
+    assert torch.equal(gpu, cpu)

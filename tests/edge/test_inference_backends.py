@@ -96,3 +96,16 @@ def test_warm_up_runs_every_batch_size_the_pipeline_can_send() -> None:
     seen.clear()
     PreparedModel(run, "compile", static_batch=3).warm_up(torch.zeros(3, 3, 2, 2), rounds=1)
     assert seen == [3, 3, 3]  # partial batches are padded to the engine's static batch
+
+
+def test_compile_backend_replays_cuda_graphs_on_a_gpu_only() -> None:
+    from edge.backends import compile_options
+
+    cpu, cuda = compile_options("cpu"), compile_options("cuda")
+    assert "triton.cudagraphs" not in cpu and cuda["triton.cudagraphs"] is True
+    assert cpu["emulate_precision_casts"] is True and cuda["emulate_precision_casts"] is True
+    import torch._inductor.config as inductor
+
+    for key in cuda:  # names Inductor knows: an unknown option would fail only at compile time on the box
+        section, _, name = key.rpartition(".")
+        assert hasattr(getattr(inductor, section) if section else inductor, name), key
