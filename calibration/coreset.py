@@ -46,12 +46,17 @@ def k_center_greedy(
     brought up to date, all their pending centres at once: a matrix-matrix product, compute-bound and
     far rarer. When the best up-to-date block beats every stale bound, its farthest point is exactly
     the textbook pick. Measured 2.3x faster than the float16 matvec loop on 102,400 x 128 points.
+    Features on a GPU go through `farthest_first_queued` instead, with the same start and projection.
     """
     n = features.shape[0]
     if not 0 < n_select <= n:
         raise ValueError(f"coreset size must be in 1..{n}, got {n_select}")
     gen = torch.Generator().manual_seed(seed)
     with torch.inference_mode():
+        if features.device.type != "cpu":
+            x = _projected_blocks(features, projection_dim, gen, n)
+            start = int(torch.randint(n, (1,), generator=gen))  # drawn as below: the same start as on the CPU
+            return farthest_first_queued(x, n_select, start, progress).cpu()
         n_blocks = math.ceil(n / block)
         # The projected points are the one (N, d) allocation: written in place, centred in place, padded.
         x = _projected_blocks(features, projection_dim, gen, n_blocks * block)
@@ -85,6 +90,29 @@ def k_center_greedy(
                         break
                     _bring_up_to_date(blocks, block_sq, min_dist, seen, bound, centres, centre_sq, stale, k)
                 bar.update()
+    return selected
+
+
+def farthest_first_queued(x: torch.Tensor, n_select: int, start: int, progress: bool = False) -> torch.Tensor:
+    """The textbook greedy loop (indices on `x`'s device) with no host sync inside: for GPUs.
+
+    Each pick is one matrix-vector product, a minimum and an argmax queued behind the last, and the
+    picked index stays on the device. The lazy blocks above need the host to choose the blocks at
+    every pick; on an H100 that sync cost about 1 ms per pick, 6 s for a 5,120-row bank.
+    """
+    x_sq = (x * x).sum(dim=1)
+    min_dist = torch.full((x.shape[0],), float("inf"), device=x.device)
+    selected = torch.empty(n_select, dtype=torch.long, device=x.device)
+    selected[0] = start
+    with Progress("coreset", n_select, enabled=progress) as bar:
+        for i in range(n_select):
+            c = x.index_select(0, selected[i : i + 1])[0]
+            # |x|^2 - 2 x.c + |c|^2 per point, the same expansion as the lazy blocks use.
+            d = torch.addmv(x_sq, x, c, alpha=-2.0).add_((c * c).sum())
+            torch.minimum(min_dist, d, out=min_dist)
+            if i + 1 < n_select:
+                selected[i + 1] = torch.argmax(min_dist)
+            bar.update()
     return selected
 
 

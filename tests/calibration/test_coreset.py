@@ -73,3 +73,12 @@ def test_selection_on_cuda_picks_what_the_cpu_picks() -> None:
     gpu = k_center_greedy(x.cuda(), 200, projection_dim=32, seed=7)
     assert gpu.device.type == "cpu"  # indices come back where the caller indexes with them
     assert torch.equal(gpu, cpu)
+
+
+def test_queued_loop_for_gpus_picks_what_the_textbook_loop_picks() -> None:
+    from calibration.coreset import farthest_first_queued
+
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(1000, 24, generator=g) * torch.rand(1000, 1, generator=g) * 4  # uneven density, no ties
+    sel = farthest_first_queued(x, 120, start=17)  # the same code a GPU runs, here on the CPU
+    assert torch.equal(sel, _reference_k_center(x, 120, 17))
