@@ -63,18 +63,17 @@ def k_center_greedy(
         current = int(torch.randint(n, (1,), generator=gen))
         padding = n_blocks * block - n
         blocks = x.view(n_blocks, block, -1)
-        dev = x.device  # the features' device: a GPU box selects on its GPU
-        block_sq = torch.empty(n_blocks, block, device=dev)
+        block_sq = torch.empty(n_blocks, block)
         for b in range(0, n_blocks, 64):  # squared a slice at a time: `blocks * blocks` would copy all of them
             block_sq[b : b + 64] = (blocks[b : b + 64] * blocks[b : b + 64]).sum(dim=-1)
-        min_dist = torch.full((n_blocks, block), float("inf"), device=dev)
+        min_dist = torch.full((n_blocks, block), float("inf"))
         if padding:
             min_dist.view(-1)[n:] = -float("inf")  # padding rows are never picked
-        seen = torch.zeros(n_blocks, dtype=torch.long, device=dev)  # centres applied to each block so far
-        bound = torch.full((n_blocks,), float("inf"), device=dev)  # >= the block's true largest min-distance
-        centres = torch.empty(n_select, x.shape[1], device=dev)
-        centre_sq = torch.empty(n_select, device=dev)
-        selected = torch.empty(n_select, dtype=torch.long)  # on the CPU, like the caller's indices
+        seen = torch.zeros(n_blocks, dtype=torch.long)  # centres applied to each block so far
+        bound = torch.full((n_blocks,), float("inf"))  # >= the block's true largest min-distance
+        centres = torch.empty(n_select, x.shape[1])
+        centre_sq = torch.empty(n_select)
+        selected = torch.empty(n_select, dtype=torch.long)
         with Progress("coreset", n_select, enabled=progress) as bar:
             for i in range(n_select):
                 selected[i] = current
