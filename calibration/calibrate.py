@@ -25,7 +25,6 @@ from calibration.progress import Progress
 from calibration.synthetic import DEFECT_KINDS, add_defect
 from calibration.threshold import ThresholdChoice, choose_threshold, proportion_interval, require_enough_frames
 from edge.backends import OnDevice
-from edge.bundle import Bundle
 from edge.preprocessing import Preprocessing, to_rgb8
 from edge.scoring import Scorer
 from pipeline.config import Config
@@ -270,8 +269,7 @@ def check_labelled(
     report: SkipReport,
     progress: bool,
 ) -> LabelledCheck:
-    bundle = Bundle(model=scorer, preprocessing=result.preprocessing, manifest=result.manifest, hash="")  # type: ignore[arg-type]
-    scored = score_category(bundle, category, skip_bad, report, progress)
+    scored = score_category(scorer, result.preprocessing, category, skip_bad, report, progress)
     kinds = scored.kinds
     rejected = scored.scores > threshold
     good = scored.labels == 0

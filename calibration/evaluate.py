@@ -12,6 +12,8 @@ from calibration.datasets import DatasetError, MVTecCategory, SkipReport, iter_l
 from calibration.metrics import auroc, best_f1, pixel_auroc, pro_score
 from calibration.progress import Progress
 from edge.bundle import Bundle
+from edge.preprocessing import Preprocessing
+from edge.scoring import Scorer
 
 
 @dataclass(frozen=True)
@@ -42,13 +44,17 @@ class ScoredSet:
 
 
 def score_category(
-    bundle: Bundle, category: MVTecCategory, skip_bad: bool, report: SkipReport, progress: bool = False
+    model: Scorer,
+    pre: Preprocessing,
+    category: MVTecCategory,
+    skip_bad: bool,
+    report: SkipReport,
+    progress: bool = False,
 ) -> ScoredSet:
-    """Score every test image at batch 1 (timed: forward pass only, after one warm-up)."""
+    """Score every test image at batch 1 with `model` (timed: forward pass only, after one warm-up)."""
     if not category.test:
         raise DatasetError(f"{category.root / 'test'}: no test images to evaluate on")
     category.check_masks(skip_bad, report)
-    model, pre = bundle.model, bundle.preprocessing
     labels, scores, maps, masks, ms, kinds = [], [], [], [], [], []
     with torch.inference_mode(), Progress("evaluate", len(category.test), enabled=progress) as bar:
         warm = True
@@ -107,5 +113,5 @@ def evaluate(
     bundle: Bundle, category: MVTecCategory, skip_bad: bool = False, progress: bool = False
 ) -> tuple[Evaluation, SkipReport]:
     report = SkipReport()
-    scored = score_category(bundle, category, skip_bad, report, progress)
+    scored = score_category(bundle.model, bundle.preprocessing, category, skip_bad, report, progress)
     return metrics_of(scored, bundle.threshold), report

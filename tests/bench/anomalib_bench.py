@@ -29,7 +29,6 @@ from calibration.evaluate import metrics_of, score_category
 from calibration.fit import fit
 from edge.backbones import get_spec, resolve_weights
 from edge.backends import prepare_backend
-from edge.bundle import Bundle
 from edge.efficientnet_lite import EfficientNetLite
 from pipeline.bench import interleaved_batch1_ms
 from pipeline.config import load_config, with_overrides
@@ -58,8 +57,7 @@ def run_linewatch(folder: Path) -> tuple[dict[str, float], nn.Module]:
     t0 = time.perf_counter()
     result = fit(config, normal_frames(folder))
     fit_s = time.perf_counter() - t0
-    bundle = Bundle(result.model, result.preprocessing, result.manifest, "")
-    e = metrics_of(score_category(bundle, MVTecCategory(folder), False, SkipReport()))
+    e = metrics_of(score_category(result.model, result.preprocessing, MVTecCategory(folder), False, SkipReport()))
     r = {"fit_s": fit_s, "image_auroc": e.image_auroc, "pixel_auroc": e.pixel_auroc}
     return r, result.model.eval()
 

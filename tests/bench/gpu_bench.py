@@ -96,7 +96,7 @@ def bench_bundle(path: Path, data: Path, device: str, compile_too: bool, rounds:
             with torch.inference_mode():
                 fn(torch.randn(1, 3, *bundle.preprocessing.input_size))  # compile / warm-up, timed apart
             first_s = time.perf_counter() - t0
-            scored[label] = score_category(Bundle(fn, bundle.preprocessing, {}, ""), category, False, SkipReport())  # type: ignore[arg-type]
+            scored[label] = score_category(fn, bundle.preprocessing, category, False, SkipReport())
         except Exception as exc:  # report and go on: one arithmetic failing must not hide the others
             error = f"{type(exc).__name__}: {str(exc).splitlines()[0]}"
             rows.append({"bundle": name, "variant": label, "error": error})

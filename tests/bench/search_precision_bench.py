@@ -20,7 +20,6 @@ from calibration.datasets import MVTecCategory, SkipReport, normal_frames
 from calibration.evaluate import metrics_of, score_category
 from calibration.fit import preprocess_samples
 from edge.backbones import get_spec, load_backbone
-from edge.bundle import Bundle
 from edge.models.patchcore import PatchCoreModel
 from pipeline.bench import interleaved_batch1_ms
 from pipeline.config import load_config
@@ -53,10 +52,7 @@ def main() -> None:
             p: PatchCoreModel(backbone, fitted.memory_bank, pre.input_size, search_precision=p).eval()
             for p in ("float32", "bfloat16")
         }
-        scored = {
-            p: score_category(Bundle(m, pre, {}, ""), MVTecCategory(folder), False, SkipReport())
-            for p, m in models.items()
-        }
+        scored = {p: score_category(m, pre, MVTecCategory(folder), False, SkipReport()) for p, m in models.items()}
         ms = interleaved_batch1_ms(models, pre.input_size)
         for p, s in scored.items():
             e = metrics_of(s)
