@@ -55,6 +55,18 @@ printf 'pipeline:\n  device: %s\n' "$DEVICE" >"$W/cuda.yaml"
 printf 'model:\n  name: efficientad\n  efficientad: {size: medium, device: %s, distill_steps: 500, steps: 3000}\n' \
   "$DEVICE" >"$W/ead-m.yaml"
 
+lite0_and_ead_s() {  # PatchCore Lite0 calibrated here (CPU fit); the carried EfficientAD-S bundle
+  step fit-lite0 180 lw calibrate --data "$CARRY/grass" --out "$W/pc-lite0.pt" --allow-weak-bound --quiet
+  cp "$CARRY/grass-ead.pt" "$W/ead-s.pt"
+}
+
+wrn50_random() {  # PatchCore on wide_resnet50_2 with random weights (none can be fetched there): timing only
+  step wrn50-weights 60 python3 -c "import torch, torchvision; torch.manual_seed(0);
+torch.save(torchvision.models.wide_resnet50_2(weights=None).state_dict(), '$W/wrn50-random.pth')"
+  step fit-wrn50 240 lw calibrate --data "$CARRY/grass" --out "$W/pc-wrn50.pt" --backbone wide_resnet50_2 \
+    --backbone-weights "$W/wrn50-random.pth" --allow-weak-bound --quiet
+}
+
 if [ "$PART" = first ]; then
   step env 60 bash -c 'nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv;
     nproc; python3 -c "import sys, torch, torchvision, cv2, numpy;
@@ -62,17 +74,13 @@ print(sys.version.split()[0], torch.__version__, torch.version.cuda, torchvision
       numpy.__version__, torch.cuda.get_device_name(0))";
     python3 -c "import tensorrt" 2>&1 | tail -1; python3 -c "import torch_tensorrt" 2>&1 | tail -1;
     echo "libnvinfer: $(ldconfig -p | grep -c nvinfer) in ldconfig, $(find / -xdev -name "libnvinfer*" 2>/dev/null | wc -l) files"'
-  step fit-lite0 180 lw calibrate --data "$CARRY/grass" --out "$W/pc-lite0.pt" --allow-weak-bound --quiet
-  cp "$CARRY/grass-ead.pt" "$W/ead-s.pt"
+  lite0_and_ead_s
   TAIL=8 step precision-lite0-ead-s 240 python3 tests/bench/gpu_bench.py --data "$CARRY/grass" \
     "$W/pc-lite0.pt" "$W/ead-s.pt" --device "$DEVICE" --json "$OUT/gpu_bench_first.json"
   step bench-lite0 120 bench "$W/pc-lite0.pt" torch
   step bench-ead-s 120 bench "$W/ead-s.pt" torch
   step tensorrt 120 bench "$W/pc-lite0.pt" tensorrt
-  step wrn50-weights 60 python3 -c "import torch, torchvision; torch.manual_seed(0);
-torch.save(torchvision.models.wide_resnet50_2(weights=None).state_dict(), '$W/wrn50-random.pth')"
-  step fit-wrn50 240 lw calibrate --data "$CARRY/grass" --out "$W/pc-wrn50.pt" --backbone wide_resnet50_2 \
-    --backbone-weights "$W/wrn50-random.pth" --allow-weak-bound --quiet
+  wrn50_random
   step fit-ead-m 300 lw calibrate --data "$CARRY/grass" --out "$W/ead-m.pt" --config "$W/ead-m.yaml" \
     --allow-weak-bound
   TAIL=8 step precision-wrn50-ead-m 240 python3 tests/bench/gpu_bench.py --data "$CARRY/grass" \
@@ -82,25 +90,21 @@ torch.save(torchvision.models.wide_resnet50_2(weights=None).state_dict(), '$W/wr
 fi
 
 if [ "$PART" = second ]; then
-  step fit-lite0 180 lw calibrate --data "$CARRY/grass" --out "$W/pc-lite0.pt" --allow-weak-bound --quiet
-  step wrn50-weights 60 python3 -c "import torch, torchvision; torch.manual_seed(0);
-torch.save(torchvision.models.wide_resnet50_2(weights=None).state_dict(), '$W/wrn50-random.pth')"
-  step fit-wrn50 240 lw calibrate --data "$CARRY/grass" --out "$W/pc-wrn50.pt" --backbone wide_resnet50_2 \
-    --backbone-weights "$W/wrn50-random.pth" --allow-weak-bound --quiet
+  lite0_and_ead_s
+  wrn50_random
   TAIL=6 step precision-wrn50 180 python3 tests/bench/gpu_bench.py --data "$CARRY/grass" "$W/pc-wrn50.pt" \
     --device "$DEVICE" --json "$OUT/gpu_bench_wrn50.json"
   step bench-wrn50 120 bench "$W/pc-wrn50.pt" torch
-  cp "$CARRY/grass-ead.pt" "$W/ead-s.pt"
   TAIL=10 step compile-lite0-ead-s 240 python3 tests/bench/gpu_bench.py --data "$CARRY/grass" --compile \
     "$W/pc-lite0.pt" "$W/ead-s.pt" --device "$DEVICE" --json "$OUT/gpu_bench_compile.json"
-  # fit, not calibrate: calibrate scores its 250 held-out and synthetic frames on the CPU (~0.8 s each for PDN-M).
+  # fit, not calibrate: with fit.device cpu, calibrate scores its 250 held-out and synthetic frames on the CPU
+  # (~0.8 s each for PDN-M).
   step fit-ead-m 120 lw fit --data "$CARRY/grass" --out "$W/ead-m.pt" --config "$W/ead-m.yaml"
   TAIL=6 step precision-ead-m 150 python3 tests/bench/gpu_bench.py --data "$CARRY/grass" "$W/ead-m.pt" \
     --device "$DEVICE" --rounds 30 --json "$OUT/gpu_bench_ead_m.json"
 fi
 if [ "$PART" = compile ]; then  # the `compile` backend (CUDA graphs on a GPU) through linewatch bench
-  step fit-lite0 180 lw calibrate --data "$CARRY/grass" --out "$W/pc-lite0.pt" --allow-weak-bound --quiet
-  cp "$CARRY/grass-ead.pt" "$W/ead-s.pt"
+  lite0_and_ead_s
   step bench-compile-lite0 240 bench "$W/pc-lite0.pt" compile
   step bench-compile-ead-s 240 bench "$W/ead-s.pt" compile
 fi
