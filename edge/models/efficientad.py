@@ -241,9 +241,9 @@ class EfficientADModel(nn.Module):
         self.register_buffer("teacher_mean", teacher_mean.float().reshape(1, c, 1, 1))
         self.register_buffer("teacher_std", teacher_std.float().reshape(1, c, 1, 1))
         self.register_buffer("quantiles", quantiles.float())
-        self.smoother = AnomalyMapSmoother(input_size, sigma)
         out = teacher.output_size(self.input_size)
         self.border = (self.input_size[0] // PDN_STRIDE - out[0]) // 2
+        self.smoother = AnomalyMapSmoother(input_size, sigma, border=self.border)
 
     def raw_maps(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """M_ST and M_AE (N, h, w) on the PDN's output grid, before normalisation."""
@@ -254,11 +254,7 @@ class EfficientADModel(nn.Module):
         q = self.quantiles
         st = 0.1 * (map_st - q[0]) / (q[1] - q[0])
         ae = 0.1 * (map_ae - q[2]) / (q[3] - q[2])
-        m = (0.5 * st + 0.5 * ae).unsqueeze(1)
-        if self.border:
-            m = F.pad(m, (self.border,) * 4, mode="replicate")
-        m = F.interpolate(m, size=self.input_size, mode="bilinear", align_corners=False)
-        return self.smoother(m.squeeze(1))
+        return self.smoother(0.5 * st + 0.5 * ae)  # replicate-padded by `border`, upsampled, blurred
 
     def forward(self, x: torch.Tensor) -> ScoreResult:
         maps = self.combine(*self.raw_maps(x))

@@ -66,6 +66,19 @@ def test_padded_maps_crop_to_forward_and_modes_differ_only_near_the_edge() -> No
     assert torch.allclose(a[..., 5:7, 5:7], b[..., 5:7, 5:7], atol=1e-4)
 
 
+@pytest.mark.parametrize("mode", ["circular", "reflect", "replicate"])
+def test_padded_frame_runs_the_network_in_channels_last(mode: str) -> None:
+    # F.pad's circular mode returns NCHW; the CPU convolutions are twice as slow in it.
+    bb = load_backbone("efficientnet_lite0", border_pad=16, border_mode=mode).module
+    x = torch.randn(1, 3, 64, 64).contiguous(memory_format=torch.channels_last)
+    with torch.inference_mode():
+        feats = bb.padded(x)
+        reference = bb._features(torch.nn.functional.pad(x, (16, 16, 16, 16), mode=mode))
+    for f, r in zip(feats, reference, strict=True):
+        assert f.is_contiguous(memory_format=torch.channels_last)
+        assert torch.allclose(f, r, atol=1e-4)
+
+
 def test_patch_features_pool_edge_cells_over_the_padding() -> None:
     bb = load_backbone("efficientnet_lite0", border_pad=16).module
     x = torch.randn(1, 3, 128, 128)
@@ -166,19 +179,27 @@ def test_resnet_with_folded_batchnorm_gives_the_same_features(tmp_path: Path, na
         assert torch.allclose(a, b, rtol=1e-4, atol=1e-4 * float(a.abs().max()))
 
 
-@pytest.mark.parametrize(("kernel", "stride", "size"), [(3, 1, 17), (5, 1, 16), (3, 2, 16), (5, 2, 16), (3, 2, 15)])
-def test_same_conv_matches_tensorflow_same_padding(kernel: int, stride: int, size: int) -> None:
+@pytest.mark.parametrize(
+    ("kernel", "stride", "size"),
+    [(3, 1, 17), (5, 1, 16), (3, 2, 16), (5, 2, 16), (3, 2, 15), (3, 2, (16, 15)), (5, 2, (15, 18))],
+)
+@pytest.mark.parametrize("groups", [4, 1])  # depthwise (padding folded into the kernel) and dense (padded copy)
+def test_same_conv_matches_tensorflow_same_padding(
+    kernel: int, stride: int, size: int | tuple[int, int], groups: int
+) -> None:
     from edge.efficientnet_lite import SameConv2d
 
     torch.manual_seed(0)
-    conv = SameConv2d(4, 4, kernel, stride=stride, groups=4, bias=False)
-    x = torch.randn(1, 4, size, size)
+    conv = SameConv2d(4, 4, kernel, stride=stride, groups=groups, bias=True)
+    h, w = (size, size) if isinstance(size, int) else size
+    x = torch.randn(1, 4, h, w)
     # TensorFlow SAME: output ceil(size / stride); the extra padding (if odd) goes right/bottom.
-    out_size = -(-size // stride)
-    total = max((out_size - 1) * stride + kernel - size, 0)
-    padded = torch.nn.functional.pad(x, (total // 2, total - total // 2, total // 2, total - total // 2))
-    expected = torch.nn.functional.conv2d(padded, conv.weight, None, stride, 0, 1, 4)
+    out_hw = [-(-n // stride) for n in (h, w)]
+    total = [max((o - 1) * stride + kernel - n, 0) for o, n in zip(out_hw, (h, w), strict=True)]
+    pads = (total[1] // 2, total[1] - total[1] // 2, total[0] // 2, total[0] - total[0] // 2)
+    padded = torch.nn.functional.pad(x, pads)
+    expected = torch.nn.functional.conv2d(padded, conv.weight, conv.bias, stride, 0, 1, groups)
     with torch.inference_mode():
         got = conv(x)
-    assert got.shape == expected.shape == (1, 4, out_size, out_size)
-    assert torch.allclose(got, expected, atol=1e-6)
+    assert got.shape == expected.shape == (1, 4, *out_hw)
+    assert torch.allclose(got, expected, atol=1e-5)

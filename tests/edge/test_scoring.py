@@ -3,6 +3,7 @@ import torch
 
 from edge.scoring import (
     AnomalyMapSmoother,
+    gaussian_kernel1d,
     k_nearest,
     nearest_neighbor,
     resolve_search_precision,
@@ -41,6 +42,27 @@ def test_smoother_keeps_constant_maps_and_spreads_a_peak() -> None:
     out = smoother(peak)
     assert out.max() < 1.0 and abs(float(out.sum()) - 64.0) < 1.0  # mass conserved (x 8^2 upsampling)
     assert int(out[0].argmax()) // 64 in range(30, 40)
+
+
+@pytest.mark.parametrize(
+    ("grid", "size", "sigma", "border"),
+    [((8, 8), (64, 64), 4.0, 0), ((6, 9), (40, 72), 2.0, 2), ((8, 8), (64, 64), 0.0, 1)],
+)
+def test_smoother_operators_equal_upsampling_then_blurring_the_map(
+    grid: tuple[int, int], size: tuple[int, int], sigma: float, border: int
+) -> None:
+    g = torch.Generator().manual_seed(3)
+    scores = torch.rand(2, *grid, generator=g) * 30
+    x = torch.nn.functional.pad(scores.unsqueeze(1), (border,) * 4, mode="replicate")
+    x = torch.nn.functional.interpolate(x, size=size, mode="bilinear", align_corners=False)
+    if sigma > 0:  # the 2-D computation the operators stand for
+        k = gaussian_kernel1d(sigma)
+        r = k.numel() // 2
+        x = torch.nn.functional.conv2d(torch.nn.functional.pad(x, (r, r, 0, 0), mode="replicate"), k.view(1, 1, 1, -1))
+        x = torch.nn.functional.conv2d(torch.nn.functional.pad(x, (0, 0, r, r), mode="replicate"), k.view(1, 1, -1, 1))
+    got = AnomalyMapSmoother(size, sigma, border=border)(scores)
+    assert got.shape == (2, *size)
+    assert torch.allclose(got, x.squeeze(1), rtol=1e-5, atol=1e-5)
 
 
 def test_split_bfloat16_search_is_close_to_exact_where_plain_bfloat16_is_not() -> None:
