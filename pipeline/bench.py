@@ -37,6 +37,7 @@ JSON_KEYS = (
     "pipeline_efficiency",
     "model_ms_p50",
     "model_ms_p99",
+    "backbone_ms_p50",
     "bank_mb",
     "rss_mb",
 )
@@ -50,6 +51,7 @@ class BenchResult:
     pipeline_efficiency: float
     model_ms_p50: float
     model_ms_p99: float
+    backbone_ms_p50: float
     bank_mb: float
     rss_mb: float
     batch: int
@@ -230,11 +232,18 @@ def run_bench(bundle_path: Path, config: Config, batch: int, seconds: float, dat
     floor = prepare_backend(
         floor_module, pc.backend, pc.device, x, cache, f"{bundle.hash}-backbone", pc.backend_fallback
     )
+    floor1 = prepare_backend(
+        floor_module, pc.backend, pc.device, x1, cache, f"{bundle.hash}-backbone", pc.backend_fallback
+    )
     with torch.inference_mode():
         calls = {"backbone": completed(lambda: floor(x), pc.device), "model": completed(lambda: batched(x), pc.device)}
         rates = interleaved_throughput(calls, batch, seconds / 2)
         backbone, model_fps = rates["backbone"], rates["model"]
-        lat = latencies_ms(completed(lambda: single(x1), pc.device), seconds / 4)
+        # Batch-1 latency of the model and of its floor, interleaved, for the ratio of the two.
+        calls = {"backbone": completed(lambda: floor1(x1), pc.device)}
+        calls["model"] = completed(lambda: single(x1), pc.device)
+        spent = interleaved_call_seconds(calls, seconds / 4, rounds=20)
+        lat, floor_lat = np.asarray(spent["model"]) * 1000.0, np.asarray(spent["backbone"]) * 1000.0
     bank_mb = sum(t.numel() * t.element_size() for t in model.tensors().values()) / 2**20
     with tempfile.TemporaryDirectory(prefix="linewatch-bench-") as tmp:
         folder = data or synthetic_frames(Path(tmp) / "frames", (h, w))
@@ -247,6 +256,7 @@ def run_bench(bundle_path: Path, config: Config, batch: int, seconds: float, dat
         pipeline_efficiency=fps / model_fps if model_fps else 0.0,
         model_ms_p50=float(np.percentile(lat, 50)),
         model_ms_p99=float(np.percentile(lat, 99)),
+        backbone_ms_p50=float(np.percentile(floor_lat, 50)),
         bank_mb=bank_mb,
         rss_mb=rss_mb,
         batch=batch,

@@ -196,7 +196,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
     print(f"backbone alone (batch {r.batch}): {r.backbone_fps:8.1f} frames/s   (the floor)")
     ratio = r.model_fps / r.backbone_fps
     print(f"model (batch {r.batch}):          {r.model_fps:8.1f} frames/s   = {ratio:.2f} x backbone")
-    print(f"model latency (batch 1):   p50 {r.model_ms_p50:.1f} ms, p99 {r.model_ms_p99:.1f} ms")
+    print(f"backbone latency (batch 1): p50 {r.backbone_ms_p50:.1f} ms")
+    ratio = r.model_ms_p50 / r.backbone_ms_p50
+    lat = f"p50 {r.model_ms_p50:.1f} ms, p99 {r.model_ms_p99:.1f} ms"
+    print(f"model latency (batch 1):   {lat}   = {ratio:.2f} x backbone")
     print(f"pipeline (block replay):   {r.pipeline_fps:8.1f} frames/s   = {r.pipeline_efficiency:.2f} x model")
     if r.pipeline_cpu:
         print("  CPU cores per process: " + ", ".join(f"{k} {v:.2f}" for k, v in r.pipeline_cpu.items()))

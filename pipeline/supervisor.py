@@ -236,9 +236,16 @@ class Pipeline:
             )
             st.process.start()
 
+        def sync_metrics() -> None:
+            metrics.sync(state, {k: r.occupancy() for k, r in rings.items()}, self._restarts(stages, state))
+
         def drain() -> int:
             nonlocal t_first, t_last
             slots = verdict_ring.written()
+            if slots.size and t_first is None:
+                # The last periodic sync may predate the cameras opening: the first verdicts bring the
+                # gauges (camera connected, ring occupancy) up to date at once, not up to 0.25 s later.
+                sync_metrics()
             for s in slots:
                 rec = verdict_ring.headers[int(s)].copy()
                 verdict_ring.release(int(s))
@@ -304,7 +311,7 @@ class Pipeline:
                 now = time.monotonic()
                 if now - last_sync > 0.25:
                     supervise()
-                    metrics.sync(state, {k: r.occupancy() for k, r in rings.items()}, self._restarts(stages, state))
+                    sync_metrics()
                     last_sync = now
                 finite_done = all(state.done[c] for c in range(n_cam))
                 if finite_done and np.array_equal(accounted(), state.captured):
@@ -335,7 +342,7 @@ class Pipeline:
             for c in range(n_cam):
                 if missing[c] > 0:  # in flight when a forced stop (timeout) ended the run
                     state.drop(c, "shutdown", int(missing[c]))
-            metrics.sync(state, {k: r.occupancy() for k, r in rings.items()}, self._restarts(stages, state))
+            sync_metrics()
             return self._summary(state, stages, verdict_counts, latencies, t_first, t_last, port)
         finally:
             state.flags[FLAG_STOP_ALL] = 1

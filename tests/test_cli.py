@@ -153,6 +153,7 @@ def test_bench_json_has_the_documented_keys(
     assert result["backbone_fps"] > result["model_fps"] > 0 and result["pipeline_fps"] > 0
     assert result["pipeline_efficiency"] == pytest.approx(result["pipeline_fps"] / result["model_fps"])
     assert 0 < result["model_ms_p50"] <= result["model_ms_p99"] and result["bank_mb"] > 0 and result["rss_mb"] > 100
+    assert 0 < result["backbone_ms_p50"] < result["model_ms_p50"]  # the floor runs less than the whole model
     # A batch the pipeline could not run is refused like the config value it overrides, before any work.
     for bad in ("0", "-3"):
         assert main(["bench", "--bundle", str(bundle), "--seconds", "1", "--batch", bad]) == 2

@@ -65,6 +65,19 @@ def test_smoother_operators_equal_upsampling_then_blurring_the_map(
     assert torch.allclose(got, x.squeeze(1), rtol=1e-5, atol=1e-5)
 
 
+def test_split_bfloat16_minimum_is_exact_over_distances_of_either_sign() -> None:
+    # The CPU takes the minimum of the bf16 products through their int16 bits: check it against the
+    # float minimum, with negative products (rounding near a zero distance) in some rows and not others.
+    g = torch.Generator().manual_seed(4)
+    bank = torch.rand(300, 8, generator=g).bfloat16()
+    q = torch.cat([torch.rand(20, 8, generator=g), -torch.rand(20, 8, generator=g), torch.randn(24, 8, generator=g)])
+    q = q.bfloat16()  # products: all positive, all negative, mixed
+    expected = (q @ bank.t()).float().amin(dim=1).clamp_min(0)
+    assert bool((expected[:20] > 0).all()) and bool((expected[20:40] == 0).all())
+    for chunk in (64 * 7, 1 << 24):
+        assert torch.equal(split_bfloat16_sq_distance(q, bank, chunk), expected)
+
+
 def test_split_bfloat16_search_is_close_to_exact_where_plain_bfloat16_is_not() -> None:
     g = torch.Generator().manual_seed(2)
     # Patch-feature-like data: non-negative, norms far larger than the nearest-neighbour distances.
