@@ -186,6 +186,19 @@ def _import_tensorrt(device: str) -> types.ModuleType:
     return torch_tensorrt
 
 
+class TupleOutputs(nn.Module):
+    """`model` returning (scores, maps) as a plain tuple: a saved ExportedProgram can only hold output
+    containers that torch knows by a serialized name, and `ScoreResult` is not one."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        out = self.model(x)
+        return out.scores, out.maps
+
+
 def _tensorrt(model: nn.Module, device: str, example: torch.Tensor, cache_dir: Path, bundle_hash: str) -> PreparedModel:
     torch_tensorrt = _import_tensorrt(device)
     name = torch.cuda.get_device_name(torch.device(device))
@@ -196,7 +209,7 @@ def _tensorrt(model: nn.Module, device: str, example: torch.Tensor, cache_dir: P
         module = torch.export.load(str(path)).module()
     else:
         log.info("compiling TensorRT engine (FP16, batch %d); cached as %s", example.shape[0], path)
-        exported = torch.export.export(model, (example,))
+        exported = torch.export.export(TupleOutputs(model), (example,))
         try:
             module = torch_tensorrt.dynamo.compile(exported, arg_inputs=[example], **TENSORRT_SETTINGS)
         except Exception as exc:
@@ -205,4 +218,8 @@ def _tensorrt(model: nn.Module, device: str, example: torch.Tensor, cache_dir: P
         tmp = path.with_suffix(".tmp")
         torch_tensorrt.save(module, str(tmp), arg_inputs=[example])
         tmp.replace(path)
-    return PreparedModel(module, "tensorrt", static_batch=int(example.shape[0]))
+
+    def run(x: torch.Tensor) -> ScoreResult:
+        return ScoreResult(*module(x))
+
+    return PreparedModel(run, "tensorrt", static_batch=int(example.shape[0]))

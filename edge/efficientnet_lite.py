@@ -52,21 +52,29 @@ class SameConv2d(nn.Conv2d):
     stem) keeps the copy: there the extra taps cost more than copying its small input.
     """
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        before: list[int] = []  # per spatial axis (H, W): padding before; after is before or before + 1
+    def same_padding(self, x: torch.Tensor) -> tuple[list[int], list[int]]:
+        """Padding before and after, per spatial axis (H, W); after is before or before + 1."""
+        before: list[int] = []
         after: list[int] = []
         for size, k, s, d in zip(x.shape[-2:], self.kernel_size, self.stride, self.dilation, strict=True):
             total = max((math.ceil(size / s) - 1) * s + (k - 1) * d + 1 - size, 0)
             before.append(total // 2)
             after.append(total - total // 2)
+        return before, after
+
+    def conv_padded_copy(self, x: torch.Tensor, before: list[int], after: list[int]) -> torch.Tensor:
+        pads = [before[1], after[1], before[0], after[0]]  # F.pad order: (left, right, top, bottom)
+        return F.conv2d(F.pad(x, pads), self.weight, self.bias, self.stride, 0, self.dilation, self.groups)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        before, after = self.same_padding(x)
         if before == after:
             return F.conv2d(x, self.weight, self.bias, self.stride, tuple(before), self.dilation, self.groups)
         if self.groups == self.in_channels and self.dilation == (1, 1):
             extra = [a - b for a, b in zip(after, before, strict=True)]
             weight = F.pad(self.weight, (extra[1], 0, extra[0], 0))
             return F.conv2d(x, weight, self.bias, self.stride, tuple(after), 1, self.groups)
-        pads = [before[1], after[1], before[0], after[0]]  # F.pad order: (left, right, top, bottom)
-        return F.conv2d(F.pad(x, pads), self.weight, self.bias, self.stride, 0, self.dilation, self.groups)
+        return self.conv_padded_copy(x, before, after)
 
 
 def fold_batchnorm(parent: nn.Module, conv_name: str, bn_name: str) -> None:

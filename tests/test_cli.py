@@ -211,6 +211,28 @@ def test_interleaved_throughput_counts_only_each_calls_own_time() -> None:
     assert rates == {"floor": pytest.approx(2 / 0.010), "model": pytest.approx(2 / 0.025)}
 
 
+def test_interleaved_bursts_leave_out_the_first_call_of_each_turn() -> None:
+    from pipeline.bench import interleaved_call_seconds
+
+    now = [0.0]
+    log: list[str] = []
+
+    def model(name: str, cold: float, warm: float) -> Callable[[], None]:
+        def call() -> None:  # slow when the previous call was another model's (cold caches)
+            now[0] += warm if log and log[-1] == name else cold
+            log.append(name)
+
+        return call
+
+    fns = {"a": model("a", 0.030, 0.010), "b": model("b", 0.050, 0.020)}
+    spent = interleaved_call_seconds(fns, rounds=4, clock=lambda: now[0], burst=3)
+    assert log[2:] == (["a"] * 3 + ["b"] * 3) * 4  # one warm-up call each, then turns of 3
+    assert spent == {"a": [pytest.approx(0.010)] * 8, "b": [pytest.approx(0.020)] * 8}
+    log.clear()
+    single = interleaved_call_seconds(fns, rounds=2, clock=lambda: now[0])
+    assert single == {"a": [pytest.approx(0.030)] * 2, "b": [pytest.approx(0.050)] * 2}
+
+
 def test_bench_waits_for_a_cuda_device_before_the_clock_stops(monkeypatch: pytest.MonkeyPatch) -> None:
     import torch
 

@@ -1,4 +1,6 @@
 import logging
+import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -109,3 +111,61 @@ def test_compile_backend_replays_cuda_graphs_on_a_gpu_only() -> None:
     for key in cuda:  # names Inductor knows: an unknown option would fail only at compile time on the box
         section, _, name = key.rpartition(".")
         assert hasattr(getattr(inductor, section) if section else inductor, name), key
+
+
+class FakeTorchTensorRT(types.ModuleType):
+    """torch_tensorrt's surface that `_tensorrt` uses, on the CPU: "compiling" keeps the exported program."""
+
+    __version__ = "0.0-test"
+
+    def __init__(self, fail: bool = False) -> None:
+        super().__init__("torch_tensorrt")
+        self.compiled: list[dict[str, object]] = []
+        self.fail = fail
+        self.last: torch.export.ExportedProgram | None = None
+        self.dynamo = types.SimpleNamespace(compile=self._compile)
+
+    def _compile(self, exported: torch.export.ExportedProgram, arg_inputs: list[torch.Tensor], **settings: object):  # noqa: ANN202
+        if self.fail:
+            raise RuntimeError("Unsupported operator: aten.fake\nlong trace")
+        self.compiled.append(settings)
+        self.last = exported
+        return exported.module()
+
+    def save(self, module: object, path: str, arg_inputs: list[torch.Tensor]) -> None:
+        assert self.last is not None
+        torch.export.save(self.last, path)
+
+
+def test_tensorrt_engine_is_cached_by_key_and_loaded_without_recompiling(
+    fitted: tuple[PatchCoreModel, torch.Tensor], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from edge import backends
+
+    model, x = fitted
+    gpu = {"name": "Fake GPU A"}
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: gpu["name"])
+    trt = FakeTorchTensorRT()
+    monkeypatch.setitem(sys.modules, "torch_tensorrt", trt)
+    with torch.inference_mode():
+        ref = model(x)
+    first = backends._tensorrt(model, "cuda", x, tmp_path, "bundlehash")
+    key = engine_key("bundlehash", "Fake GPU A", trt.__version__, 2, tuple(x.shape[1:]))
+    assert len(trt.compiled) == 1 and trt.compiled[0] == backends.TENSORRT_SETTINGS
+    assert sorted(p.name for p in tmp_path.iterdir()) == [f"{key}.ep"]  # written whole, no temp file left
+    again = backends._tensorrt(model, "cuda", x, tmp_path, "bundlehash")  # the next start
+    assert len(trt.compiled) == 1  # loaded from disk
+    for prepared in (first, again):
+        assert prepared.backend == "tensorrt" and prepared.static_batch == 2
+        with torch.inference_mode():
+            out = prepared(x)
+        assert torch.allclose(out.scores, ref.scores, rtol=1e-5) and torch.allclose(out.maps, ref.maps, atol=1e-4)
+    gpu["name"] = "Fake GPU B"  # another GPU model: its own engine
+    backends._tensorrt(model, "cuda", x, tmp_path, "bundlehash")
+    assert len(trt.compiled) == 2 and len(list(tmp_path.glob("*.ep"))) == 2
+    monkeypatch.setitem(sys.modules, "torch_tensorrt", FakeTorchTensorRT(fail=True))
+    with pytest.raises(
+        BackendError, match=r"^pipeline.backend = tensorrt: compile failed: Unsupported operator: aten.fake$"
+    ):
+        backends._tensorrt(model, "cuda", x, tmp_path / "other", "bundlehash")
