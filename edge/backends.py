@@ -127,8 +127,8 @@ def prepare_backend(
 
 def compile_options(device_type: str) -> dict[str, object]:
     """Inductor options of the `compile` backend on a `device_type` ("cpu", "cuda") device."""
-    # Inductor by default drops a float32 -> bf16 -> float32 round trip inside a fused kernel; the split-bf16
-    # search (`edge.scoring.split_bfloat16_bank`) needs that rounding to be real, or its low half is zero.
+    # Inductor by default drops a float32 -> bf16 -> float32 round trip inside a fused kernel; the bf16 search
+    # (`edge.scoring.bfloat16_bank_operand`) needs that rounding to be real, or its norms' low halves are zero.
     options: dict[str, object] = {"emulate_precision_casts": True}
     if device_type == "cuda":
         # At batch 1 the GPU waits on kernel launches: replayed as one CUDA graph, Lite0 PatchCore took 1.2 ms

@@ -150,49 +150,59 @@ def resolve_search_precision(precision: str) -> str:
     return precision
 
 
+# Bank rows per block of the bf16 search. On the dev CPU (AMX, 2 MB of L2 per core) 512 rows were the
+# fastest for 1,024 and 2,048 queries: 2.3 ms per 10,240-row search at batch 1, against 2.8-3.5 ms for
+# blocks of 768-4,096 rows, which fall out of L2 before `amin` reads them back (docs/speed.md).
+BFLOAT16_SEARCH_ROWS = 512
+
+
 def _split_bfloat16(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """x ~ hi + lo, both bfloat16: 16 significant bits together instead of bf16's 8."""
     hi = x.to(torch.bfloat16)
     return hi, (x - hi.float()).to(torch.bfloat16)
 
 
-def _split_parts(x: torch.Tensor, centre: torch.Tensor, scale: float) -> list[torch.Tensor]:
-    """[hi, lo, |x - centre|^2_hi, |x - centre|^2_lo, ones (N, 2)] of (x - centre) * scale, all bfloat16."""
-    v = x - centre
-    hi, lo = _split_bfloat16(scale * v)
-    sq_hi, sq_lo = _split_bfloat16(squared_norms(v))
-    ones = torch.ones(x.shape[0], 2, dtype=torch.bfloat16, device=x.device)
-    return [hi, lo, sq_hi.unsqueeze(1), sq_lo.unsqueeze(1), ones]
+def _bfloat16_parts(x: torch.Tensor, centre: torch.Tensor, scale: float) -> list[torch.Tensor]:
+    """[scale * v, |v|^2_hi, |v|^2_lo, ones (N, 2)], all bfloat16, with v = x - centre rounded to bfloat16.
 
-
-def split_bfloat16_bank(bank: torch.Tensor, centre: torch.Tensor) -> torch.Tensor:
-    """Bank operand (M, 3C + 4) of `split_bfloat16_sq_distance`; pairs with `split_bfloat16_queries`.
-
-    With b = bank - centre (centring shrinks the norms and so the rounding error), the columns are
-    [-2b_hi, -2b_hi, -2b_lo, |b|^2_hi, |b|^2_lo, 1, 1]. One bf16 matmul (fp32 accumulation) against
-    the query operand then gives ||q - b||^2 directly, with the cross term to three-product ("bf16x3")
-    precision and the output (rounded to bf16) being the distance itself, not a difference of large terms.
+    The norms are those of the rounded v, split into two bf16 halves, so that the matmul of
+    `bfloat16_sq_distance` gives the distance between the rounded points without cancellation error.
     """
-    b_hi, b_lo, sq_hi, sq_lo, ones = _split_parts(bank, centre, -2.0)
-    return torch.cat([b_hi, b_hi, b_lo, sq_hi, sq_lo, ones], dim=1).contiguous()
+    v = (x - centre).to(torch.bfloat16)
+    sq_hi, sq_lo = _split_bfloat16(squared_norms(v.float()))
+    ones = torch.ones(x.shape[0], 2, dtype=torch.bfloat16, device=x.device)
+    return [v * scale, sq_hi.unsqueeze(1), sq_lo.unsqueeze(1), ones]
 
 
-def split_bfloat16_queries(queries: torch.Tensor, centre: torch.Tensor) -> torch.Tensor:
-    """Query operand (Q, 3C + 4): [q_hi, q_lo, q_hi, 1, 1, |q|^2_hi, |q|^2_lo] with q = queries - centre."""
-    q_hi, q_lo, sq_hi, sq_lo, ones = _split_parts(queries, centre, 1.0)
-    return torch.cat([q_hi, q_lo, q_hi, ones, sq_hi, sq_lo], dim=1)
+def bfloat16_bank_operand(bank: torch.Tensor, centre: torch.Tensor) -> torch.Tensor:
+    """Bank operand (M, C + 4) of `bfloat16_sq_distance`; pairs with `bfloat16_query_operand`.
+
+    With b = bf16(bank - centre) (centring shrinks the norms, and so the rounding), the columns are
+    [-2b, |b|^2_hi, |b|^2_lo, 1, 1]. Scaling by -2 is exact in bf16.
+    """
+    b, sq_hi, sq_lo, ones = _bfloat16_parts(bank, centre, -2.0)
+    return torch.cat([b, sq_hi, sq_lo, ones], dim=1).contiguous()
 
 
-def split_bfloat16_sq_distance(
+def bfloat16_query_operand(queries: torch.Tensor, centre: torch.Tensor) -> torch.Tensor:
+    """Query operand (Q, C + 4): [q, 1, 1, |q|^2_hi, |q|^2_lo] with q = bf16(queries - centre)."""
+    q, sq_hi, sq_lo, ones = _bfloat16_parts(queries, centre, 1.0)
+    return torch.cat([q, ones, sq_hi, sq_lo], dim=1)
+
+
+def bfloat16_sq_distance(
     query_op: torch.Tensor, bank_op: torch.Tensor, chunk_elements: int = DEFAULT_CHUNK_ELEMENTS
 ) -> torch.Tensor:
-    """Squared distance (Q,) from each query to its nearest bank row, to ~2e-3 relative (not exact).
+    """Squared distance (Q,) from each query to its nearest bank row, both rounded to bf16 (not exact).
 
-    Only the minimum value is reduced, never its index: on the CPU `amin` is 2.5x faster than
-    `min` with indices and 5x faster than `topk`, and after the bf16 matmul those passes over the
-    (Q x M) block were what cost the time. Chunked by bank rows like `nearest_neighbor`.
+    One bf16 matmul of the two operands gives |q|^2 + |b|^2 - 2 q.b for the rounded points: each
+    product of two bf16 numbers is exact in the fp32 accumulator, and the output, rounded to bf16, is
+    the distance itself rather than a difference of large terms (~2.5e-3 relative on Lite0 features).
+    Only the minimum value is reduced, never its index: on the CPU `amin` is 2.5x faster than `min`
+    with indices and 5x faster than `topk`. Blocks of BFLOAT16_SEARCH_ROWS bank rows, fewer if
+    `chunk_elements` (the memory bound) asks for it.
     """
-    rows = _chunk_rows(query_op.shape[0], bank_op.shape[0], chunk_elements)
+    rows = min(BFLOAT16_SEARCH_ROWS, _chunk_rows(query_op.shape[0], bank_op.shape[0], chunk_elements))
     as_int = query_op.device.type == "cpu"
     best: torch.Tensor | None = None
     for start in range(0, bank_op.shape[0], rows):

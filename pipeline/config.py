@@ -42,7 +42,7 @@ class PatchCoreConfig:
     num_neighbors: int = field(default=9, metadata=_range(1))
     """b in the paper's image-score reweighting."""
     search_precision: str = field(default="auto", metadata={"choices": SEARCH_PRECISIONS})
-    """Nearest-neighbour search: float32 (exact), bfloat16 (split-bf16 matmul, maps to ~2e-3, the top
+    """Nearest-neighbour search: float32 (exact), bfloat16 (one bf16 matmul, maps to ~2.5e-3, the top
     patches of each image searched again in float32 so image scores stay the float32 ones), or auto
     (bfloat16 where the CPU has AMX / AVX512-BF16, else float32). See docs/speed.md."""
 

@@ -8,7 +8,7 @@ For each bundle it scores the MVTec-layout category's test set at batch 1 with
 - `float16`: eager, convolutions under fp16 autocast (EfficientAD: the whole model; PatchCore: the backbone,
   with the nearest-neighbour search in float32 as linewatch's TensorRT settings keep it): what TensorRT's
   FP16 engine computes, as a proxy, not the engine;
-- `bf16 search` (PatchCore): the split-bf16 nearest-neighbour search (`search_precision: bfloat16`);
+- `bf16 search` (PatchCore): the bf16 nearest-neighbour search (`search_precision: bfloat16`);
 - with --compile, `compile` (torch.compile, the `compile` backend) and `compile graphs` (mode
   "reduce-overhead": the whole call replayed as one CUDA graph);
 and prints image and pixel AUROC, the largest image-score difference to the reference, how many test

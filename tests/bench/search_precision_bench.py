@@ -1,4 +1,4 @@
-"""Benchmark: PatchCore's float32 search against the split-bf16 search, same bank, same images, same run.
+"""Benchmark: PatchCore's float32 search against the bf16 search, same bank, same images, same run.
 
     python tests/bench/search_precision_bench.py [--data ROOT] [--categories grass brick gravel] [--n-train 100]
 

@@ -32,8 +32,9 @@ def test_patchcore_full_bank_scores_training_images_zero(images: torch.Tensor, p
         out = model(images[:2])
     assert out.scores.shape == (2,) and out.maps.shape == (2, 128, 128)
     # Zero up to float32 cancellation in |q|^2 - 2 q.b + |b|^2 (|q|^2 ~ 2500): sqrt(~1e-3) ~ 0.03,
-    # against unseen-normal patch distances of ~20-40. The split-bf16 map's error is ~1.5e-5 of |q - centre|^2,
-    # a few hundredths of a squared unit, ~0.2 after the square root; the image score is searched exactly.
+    # against unseen-normal patch distances of ~20-40. The bf16 search rounds a training patch and its bank
+    # row alike; what is left is the bf16 norms' cancellation, ~0.2 after the square root. The image score
+    # is searched exactly.
     assert float(out.maps.abs().max()) < map_zero and float(out.scores.abs().max()) < 0.1
 
 
@@ -114,7 +115,7 @@ def test_patchcore_bfloat16_search_gives_the_float32_scores(images: torch.Tensor
         a, b = exact(x), fast(x)
     # Image scores come from the float32 re-search of the top patches: the float32 ones.
     assert torch.allclose(a.scores, b.scores, rtol=1e-5)
-    # The rest of the map carries the split-bf16 search's small error.
+    # The rest of the map carries the bf16 search's small error.
     assert float(((a.maps - b.maps).abs() / a.maps.abs().clamp_min(1e-3)).max()) < 5e-3
     assert not torch.equal(a.maps, b.maps)
     assert fast.params()["search_precision"] == "bfloat16" and fast.search == "bfloat16"

@@ -2,14 +2,15 @@ import pytest
 import torch
 
 from edge.scoring import (
+    BFLOAT16_SEARCH_ROWS,
     AnomalyMapSmoother,
+    bfloat16_bank_operand,
+    bfloat16_query_operand,
+    bfloat16_sq_distance,
     gaussian_kernel1d,
     k_nearest,
     nearest_neighbor,
     resolve_search_precision,
-    split_bfloat16_bank,
-    split_bfloat16_queries,
-    split_bfloat16_sq_distance,
     squared_norms,
 )
 
@@ -65,32 +66,38 @@ def test_smoother_operators_equal_upsampling_then_blurring_the_map(
     assert torch.allclose(got, x.squeeze(1), rtol=1e-5, atol=1e-5)
 
 
-def test_split_bfloat16_minimum_is_exact_over_distances_of_either_sign() -> None:
+def test_bfloat16_minimum_is_exact_over_distances_of_either_sign() -> None:
     # The CPU takes the minimum of the bf16 products through their int16 bits: check it against the
     # float minimum, with negative products (rounding near a zero distance) in some rows and not others.
     g = torch.Generator().manual_seed(4)
-    bank = torch.rand(300, 8, generator=g).bfloat16()
+    bank = torch.rand(3 * BFLOAT16_SEARCH_ROWS + 7, 8, generator=g).bfloat16()
     q = torch.cat([torch.rand(20, 8, generator=g), -torch.rand(20, 8, generator=g), torch.randn(24, 8, generator=g)])
     q = q.bfloat16()  # products: all positive, all negative, mixed
     expected = (q @ bank.t()).float().amin(dim=1).clamp_min(0)
     assert bool((expected[:20] > 0).all()) and bool((expected[20:40] == 0).all())
-    for chunk in (64 * 7, 1 << 24):
-        assert torch.equal(split_bfloat16_sq_distance(q, bank, chunk), expected)
+    for chunk in (64 * 7, 1 << 24):  # blocks set by the memory bound, and by BFLOAT16_SEARCH_ROWS
+        assert torch.equal(bfloat16_sq_distance(q, bank, chunk), expected)
 
 
-def test_split_bfloat16_search_is_close_to_exact_where_plain_bfloat16_is_not() -> None:
+def test_bfloat16_search_gives_the_distance_between_rounded_points() -> None:
     g = torch.Generator().manual_seed(2)
     # Patch-feature-like data: non-negative, norms far larger than the nearest-neighbour distances.
     bank = torch.rand(2000, 64, generator=g) * 3
     q = bank[torch.randint(0, 2000, (300,), generator=g)] + 0.05 * torch.randn(300, 64, generator=g)
     ref = torch.stack([(q - b).pow(2).sum(dim=1) for b in bank]).min(dim=0).values.sqrt()  # direct, no matmul
     centre = bank.mean(dim=0)
-    bank_op = split_bfloat16_bank(bank, centre)
-    query_op = split_bfloat16_queries(q, centre)
-    assert bank_op.dtype == query_op.dtype == torch.bfloat16 and bank_op.shape == (2000, 3 * 64 + 4)
-    for chunk in (300 * 128, 1 << 24):  # several bank chunks, and one
-        d = split_bfloat16_sq_distance(query_op, bank_op, chunk).sqrt()
-        assert float(((d - ref).abs() / ref).max()) < 5e-3
+    bank_op = bfloat16_bank_operand(bank, centre)
+    query_op = bfloat16_query_operand(q, centre)
+    assert bank_op.dtype == query_op.dtype == torch.bfloat16 and bank_op.shape == (2000, 64 + 4)
+    # What it computes: the nearest distance between the centred points rounded to bf16, in float64.
+    rounded = torch.cdist((q - centre).bfloat16().double(), (bank - centre).bfloat16().double()).amin(dim=1)
+    # Rounding moves each centred point by at most 2^-9 of its norm, so each distance by at most this:
+    moved = 2.0**-9 * ((q - centre).norm(dim=1) + (bank - centre).norm(dim=1).max())
+    for chunk in (300 * 128, 1 << 24):  # blocks set by the memory bound, and by BFLOAT16_SEARCH_ROWS
+        d = bfloat16_sq_distance(query_op, bank_op, chunk).sqrt()
+        # The output is rounded to bf16 and the norms cancel in the fp32 accumulator: a few 1e-3.
+        assert float(((d.double() - rounded).abs() / rounded).max()) < 5e-3
+        assert bool(((d - ref).abs() <= moved + 5e-3 * ref).all())
     # One plain bf16 matmul (|b|^2 - 2 q.b) is off by far more on the same data.
     plain = (squared_norms(bank).bfloat16() - 2 * q.bfloat16() @ bank.bfloat16().t()).amin(dim=1).float()
     plain_d = (plain + squared_norms(q)).clamp_min(0).sqrt()
