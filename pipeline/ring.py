@@ -165,8 +165,12 @@ class FrameRing:
             else:
                 self.spec.room.wait(ROOM_WAIT_S)
 
-    def commit(self, slot: int, record: np.void | None = None) -> None:
-        """Publish slot to the reader; `record` (a RECORD) is copied in first when given."""
+    def commit(self, slot: int, record: np.void | None = None, notify: bool = True) -> None:
+        """Publish slot to the reader; `record` (a RECORD) is copied in first when given.
+
+        notify=False leaves the reader asleep until `notify_reader`: a writer that commits a batch
+        wakes it once, not once per slot (each wake-up on two cores preempts an inference thread).
+        """
         if record is not None:
             record = record.copy()
             record["state"] = FREE  # records copied from another ring say WRITTEN: that must come last
@@ -175,6 +179,10 @@ class FrameRing:
         self.headers[slot]["attempts"] = 0
         self.meta[0] += 1
         self.headers[slot]["state"] = WRITTEN  # last: the reader may take the slot from here on
+        if notify:
+            self.notify_reader()
+
+    def notify_reader(self) -> None:
         if self.spec.doorbell is not None:
             self.spec.doorbell.ring()
 
@@ -191,8 +199,13 @@ class FrameRing:
         else:
             self.spec.doorbell.wait(timeout_s)
 
-    def release(self, slot: int) -> None:
+    def release(self, slot: int, notify: bool = True) -> None:
+        """Free slot for the writer; notify=False defers the wake-up to `notify_writer` (see `commit`)."""
         self.headers[slot]["state"] = FREE
+        if notify:
+            self.notify_writer()
+
+    def notify_writer(self) -> None:
         if self.spec.room is not None:
             self.spec.room.ring()
 

@@ -320,8 +320,10 @@ def infer_main(
                 rec["verdict"] = VERDICT_ERROR
             rec["m_infer_start_ns"], rec["m_infer_ns"] = start, done
             rec["batch"] = len(good) if i == 0 else 0
-            out.commit(target, rec)
-            tensors.release(s)
+            out.commit(target, rec, notify=False)
+            tensors.release(s, notify=False)
+        out.notify_reader()
+        tensors.notify_writer()
 
 
 def decide_main(

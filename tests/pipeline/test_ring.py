@@ -27,6 +27,27 @@ def test_doorbell_counts_commits_and_times_out_without_one() -> None:
         ring.close()
 
 
+def test_a_batch_of_commits_and_releases_rings_each_bell_once() -> None:
+    ctx = mp.get_context("spawn")
+    ring = FrameRing.create(3, (2,), doorbell=Doorbell(ctx), room=Doorbell(ctx))
+    reader, room = ring.spec.doorbell, ring.spec.room
+    assert reader is not None and room is not None
+    try:
+        ring.commit(0, notify=False)
+        ring.commit(1, notify=False)
+        assert [int(s) for s in ring.written()] == [0, 1]  # published at once, only nobody woken yet
+        assert not reader.wait(0.01)
+        ring.notify_reader()
+        assert reader.wait(0) and not reader.wait(0.01)  # one wake-up for the batch
+        ring.release(0, notify=False)
+        ring.release(1, notify=False)
+        assert ring.free_slot() == 0 and not room.wait(0.01)
+        ring.notify_writer()
+        assert room.wait(0) and not room.wait(0.01)
+    finally:
+        ring.close()
+
+
 def test_a_commit_in_another_process_wakes_the_reader() -> None:
     ctx = mp.get_context("spawn")
     ring = FrameRing.create(2, (4,), doorbell=Doorbell(ctx))
