@@ -30,7 +30,14 @@ from pipeline.config import Config, SourceConfig
 from pipeline.metrics import PipelineMetrics
 from pipeline.ring import VERDICT_NAMES, Doorbell, FrameRing
 from pipeline.sources import default_policy, parse_spec
-from pipeline.stages import StageContext, capture_main, decide_main, infer_main, preprocess_main
+from pipeline.stages import (
+    StageContext,
+    capture_main,
+    decide_main,
+    freeze_startup_heap,
+    infer_main,
+    preprocess_main,
+)
 from pipeline.state import DROP_REASONS, FLAG_STOP_ALL, FLAG_STOP_SOURCES, PipelineError, RunState
 
 DRAIN_TIMEOUT_S = 30.0
@@ -302,6 +309,7 @@ class Pipeline:
                 if self._stop_requested:
                     break
                 time.sleep(0.01)
+            freeze_startup_heap()  # this process drains every verdict: no collector stalls here either
             for i, st in enumerate(stages):
                 if st.kind == "capture":
                     start(i)

@@ -2,6 +2,7 @@
 
 import multiprocessing as mp
 import time
+from typing import Any
 
 import numpy as np
 
@@ -73,3 +74,26 @@ def test_paced_replay_reads_just_before_each_release_and_never_bursts() -> None:
     assert leads[1:4] == [7 * ms] * 3  # reads of 3 ms: a lead of 2 x 3 + 1 ms
     # The slow read releases late; the next part follows a full period later, never in a burst.
     assert gaps[3] > 40 * ms and min(gaps) >= 40 * ms
+
+
+def _frozen_after_start_up(out: Any) -> None:  # runs in a spawned process: the test runner's heap stays as it is
+    import gc
+
+    from pipeline.stages import freeze_startup_heap
+
+    start_up = [[i] for i in range(50_000)]  # tracked containers, like a loaded model's
+    freeze_startup_heap()
+    later = [[i] for i in range(10)]
+    tracked = {id(o) for o in gc.get_objects()}
+    out.put((gc.get_freeze_count(), id(start_up[0]) in tracked, id(later[0]) in tracked))
+
+
+def test_start_up_objects_are_out_of_the_collectors_reach() -> None:
+    ctx = mp.get_context("spawn")
+    out = ctx.Queue()
+    p = ctx.Process(target=_frozen_after_start_up, args=(out,))
+    p.start()
+    frozen, start_up_seen, later_seen = out.get(timeout=60)
+    p.join(30)
+    # A full collection no longer walks what start-up made; what the loop makes later it still does.
+    assert frozen >= 50_000 and not start_up_seen and later_seen
