@@ -162,8 +162,8 @@ def _split_bfloat16(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return hi, (x - hi.float()).to(torch.bfloat16)
 
 
-def _bfloat16_parts(x: torch.Tensor, centre: torch.Tensor, scale: float) -> list[torch.Tensor]:
-    """[scale * v, |v|^2_hi, |v|^2_lo, ones (N, 2)], all bfloat16, with v = x - centre rounded to bfloat16.
+def _bfloat16_parts(x: torch.Tensor, centre: torch.Tensor) -> list[torch.Tensor]:
+    """[v, |v|^2_hi, |v|^2_lo, ones (N, 2)], all bfloat16, with v = x - centre rounded to bfloat16.
 
     The norms are those of the rounded v, split into two bf16 halves, so that the matmul of
     `bfloat16_sq_distance` gives the distance between the rounded points without cancellation error.
@@ -171,7 +171,7 @@ def _bfloat16_parts(x: torch.Tensor, centre: torch.Tensor, scale: float) -> list
     v = (x - centre).to(torch.bfloat16)
     sq_hi, sq_lo = _split_bfloat16(squared_norms(v.float()))
     ones = torch.ones(x.shape[0], 2, dtype=torch.bfloat16, device=x.device)
-    return [v * scale, sq_hi.unsqueeze(1), sq_lo.unsqueeze(1), ones]
+    return [v, sq_hi.unsqueeze(1), sq_lo.unsqueeze(1), ones]
 
 
 def bfloat16_bank_operand(bank: torch.Tensor, centre: torch.Tensor) -> torch.Tensor:
@@ -180,13 +180,13 @@ def bfloat16_bank_operand(bank: torch.Tensor, centre: torch.Tensor) -> torch.Ten
     With b = bf16(bank - centre) (centring shrinks the norms, and so the rounding), the columns are
     [-2b, |b|^2_hi, |b|^2_lo, 1, 1]. Scaling by -2 is exact in bf16.
     """
-    b, sq_hi, sq_lo, ones = _bfloat16_parts(bank, centre, -2.0)
-    return torch.cat([b, sq_hi, sq_lo, ones], dim=1).contiguous()
+    b, sq_hi, sq_lo, ones = _bfloat16_parts(bank, centre)
+    return torch.cat([-2 * b, sq_hi, sq_lo, ones], dim=1).contiguous()
 
 
 def bfloat16_query_operand(queries: torch.Tensor, centre: torch.Tensor) -> torch.Tensor:
     """Query operand (Q, C + 4): [q, 1, 1, |q|^2_hi, |q|^2_lo] with q = bf16(queries - centre)."""
-    q, sq_hi, sq_lo, ones = _bfloat16_parts(queries, centre, 1.0)
+    q, sq_hi, sq_lo, ones = _bfloat16_parts(queries, centre)
     return torch.cat([q, ones, sq_hi, sq_lo], dim=1)
 
 

@@ -105,6 +105,9 @@ class FrameRing:
         self.spec = spec
         self._shm = shm
         self._owner = owner
+        # Commits / releases made with notify=False whose bell has not rung yet (this process's side only).
+        self._quiet_commits = False
+        self._quiet_releases = False
         n = spec.slots
         header_bytes = RECORD.itemsize * n
         self.meta = np.ndarray((2,), dtype=np.int64, buffer=shm.buf, offset=0)  # [next_seq, unused]
@@ -158,6 +161,8 @@ class FrameRing:
             slot = self.free_slot()
             if slot is not None:
                 return slot
+            if self._quiet_commits:
+                self.notify_reader()  # the reader makes room only once it sees what is already committed
             if stop():
                 return None
             if self.spec.room is None:
@@ -170,6 +175,7 @@ class FrameRing:
 
         notify=False leaves the reader asleep until `notify_reader`: a writer that commits a batch
         wakes it once, not once per slot (each wake-up on two cores preempts an inference thread).
+        A writer that then has to wait for room rings first, so deferred commits never hold it up.
         """
         if record is not None:
             record = record.copy()
@@ -181,8 +187,11 @@ class FrameRing:
         self.headers[slot]["state"] = WRITTEN  # last: the reader may take the slot from here on
         if notify:
             self.notify_reader()
+        else:
+            self._quiet_commits = True
 
     def notify_reader(self) -> None:
+        self._quiet_commits = False
         if self.spec.doorbell is not None:
             self.spec.doorbell.ring()
 
@@ -194,6 +203,8 @@ class FrameRing:
 
     def wait_for_commit(self, timeout_s: float) -> None:
         """Sleep until a writer commits to this ring (or any ring sharing its doorbell), at most `timeout_s`."""
+        if self._quiet_releases:
+            self.notify_writer()  # the writer commits again only once it sees the room already made
         if self.spec.doorbell is None:
             time.sleep(min(timeout_s, 0.002))
         else:
@@ -204,8 +215,11 @@ class FrameRing:
         self.headers[slot]["state"] = FREE
         if notify:
             self.notify_writer()
+        else:
+            self._quiet_releases = True
 
     def notify_writer(self) -> None:
+        self._quiet_releases = False
         if self.spec.room is not None:
             self.spec.room.ring()
 

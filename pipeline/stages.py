@@ -326,8 +326,6 @@ def infer_main(
         done = time.monotonic_ns()
         for i, s in enumerate(slots):
             s = int(s)
-            if i and out.free_slot() is None:
-                out.notify_reader()  # decide must see the commits deferred so far before it can make room
             target = out.wait_free_slot(state.stopping)
             if target is None:
                 return

@@ -102,15 +102,12 @@ def main() -> None:
     # model does one part at a time: parts then wait for a partner. "batch1" paces below that.
     rate = 0.8 * (fps if args.load_of == "pipeline" else 1000.0 / first_p50) * 60.0
 
-    def model_p99_ms() -> float:
-        return model_batch1_ms()[1]
-
     # As above: each paced pipeline run sits between two measurements of the model's batch-1 p99.
     reference = [first_p99]
     p99_ratios, lines = [], []
     for _ in range(args.rounds):
         paced_fps, lat, _ = pipeline_fps(config, bundle_path, data, args.seconds, rate)
-        reference.append(model_p99_ms())
+        reference.append(model_batch1_ms()[1])
         p50, p99 = float(np.percentile(lat, 50)), float(np.percentile(lat, 99))
         p99_ratios.append(p99 / ((reference[-2] + reference[-1]) / 2))
         lines.append(f"{paced_fps:.1f} frames/s, end-to-end p50 {p50:.1f} / p99 {p99:.1f} ms")

@@ -48,6 +48,24 @@ def test_a_batch_of_commits_and_releases_rings_each_bell_once() -> None:
         ring.close()
 
 
+def test_waiting_on_the_other_side_first_rings_for_what_was_deferred() -> None:
+    ctx = mp.get_context("spawn")
+    ring = FrameRing.create(1, (2,), doorbell=Doorbell(ctx), room=Doorbell(ctx))
+    reader, room = ring.spec.doorbell, ring.spec.room
+    assert reader is not None and room is not None
+    try:
+        ring.commit(0, notify=False)  # the only slot, committed quietly: the writer is now short of room
+        assert ring.wait_free_slot(lambda: True) is None  # gives up at once, but rang the reader first
+        assert reader.wait(0) and not reader.wait(0.01)
+        assert ring.wait_free_slot(lambda: True) is None  # nothing deferred any more: no second ring
+        assert not reader.wait(0.01)
+        ring.release(0, notify=False)
+        ring.wait_for_commit(0.01)  # a reader that waits for the next commit first rings for the room it made
+        assert room.wait(0) and not room.wait(0.01)
+    finally:
+        ring.close()
+
+
 def test_a_commit_in_another_process_wakes_the_reader() -> None:
     ctx = mp.get_context("spawn")
     ring = FrameRing.create(2, (4,), doorbell=Doorbell(ctx))
