@@ -226,6 +226,8 @@ def calibrate(
     result.model.cpu()  # what the bundle is saved from
     manifest = dict(result.manifest)
     manifest["threshold"] = {"value": t, "reject_if": "score > value", **choice.to_dict()}
+    if result.model.backbone is not None:  # what the held-out frames were scored in (see Bundle.arithmetic_mismatch)
+        manifest["threshold"]["backbone_arithmetic"] = result.model.backbone.arithmetic(torch.device(config.fit.device))
     manifest["normalization"] = normalization(holdout_scores, t)
     manifest["calibration"] = {
         "config": {k: getattr(cc, k) for k in cc.__dataclass_fields__},

@@ -46,8 +46,9 @@ from edge.models.efficientad import (
     disagreement_maps,
     load_pdn_weights,
 )
+from edge.precision import native_bfloat16_matmul
 from edge.preprocessing import Preprocessing
-from edge.scoring import concat_feature_maps, native_bfloat16_matmul
+from edge.scoring import concat_feature_maps
 from pipeline.config import ModelConfig
 
 HARD_QUANTILE = 0.999  # q_hard in the paper

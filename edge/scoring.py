@@ -128,28 +128,6 @@ def k_nearest(
     return best_i
 
 
-# "auto" resolves to bfloat16 where the hardware multiplies bf16 natively, else float32 (`resolve_search_precision`).
-SEARCH_PRECISIONS = ("float32", "bfloat16", "auto")
-
-
-def native_bfloat16_matmul() -> bool:
-    """True on CPUs with AMX or AVX512-BF16, where a bf16 matmul runs ~8x faster than float32 (elsewhere
-    bf16 is emulated and slower)."""
-    cpu = torch.cpu
-    try:
-        return bool(cpu._is_amx_tile_supported() or cpu._is_avx512_bf16_supported())
-    except AttributeError:  # private API: a torch without it gets the safe answer
-        return False
-
-
-def resolve_search_precision(precision: str) -> str:
-    if precision not in SEARCH_PRECISIONS:
-        raise ValueError(f"search_precision must be one of {', '.join(SEARCH_PRECISIONS)}, got {precision!r}")
-    if precision == "auto":
-        return "bfloat16" if native_bfloat16_matmul() else "float32"
-    return precision
-
-
 # Bank rows per block of the bf16 search. On the dev CPU (AMX, 2 MB of L2 per core) 512 rows were the
 # fastest for 1,024 and 2,048 queries: 2.3 ms per 10,240-row search at batch 1, against 2.8-3.5 ms for
 # blocks of 768-4,096 rows, which fall out of L2 before `amin` reads them back (docs/speed.md).

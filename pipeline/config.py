@@ -20,7 +20,7 @@ from edge.backbones import BACKBONES, BORDER_MODES
 from edge.backends import BACKENDS
 from edge.models import MODELS
 from edge.models.efficientad import PDN_SIZES, TRAIN_PRECISIONS
-from edge.scoring import SEARCH_PRECISIONS
+from edge.precision import PRECISIONS
 
 
 class ConfigError(ValueError):
@@ -41,7 +41,7 @@ class PatchCoreConfig:
     """Random-projection dimension used only to select the coreset; 0 = no projection."""
     num_neighbors: int = field(default=9, metadata=_range(1))
     """b in the paper's image-score reweighting."""
-    search_precision: str = field(default="auto", metadata={"choices": SEARCH_PRECISIONS})
+    search_precision: str = field(default="auto", metadata={"choices": PRECISIONS})
     """Nearest-neighbour search: float32 (exact), bfloat16 (one bf16 matmul, maps to ~2.5e-3, the top
     patches of each image searched again in float32 so image scores stay the float32 ones), or auto
     (bfloat16 where the CPU has AMX / AVX512-BF16, else float32). See docs/speed.md."""
@@ -99,6 +99,10 @@ class ModelConfig:
     """Pixels added around the frame before the backbone (multiple of its largest stride)."""
     border_mode: str = field(default="circular", metadata={"choices": BORDER_MODES})
     """How those pixels are filled: circular (wrap the opposite edge), reflect or replicate."""
+    backbone_precision: str = field(default="auto", metadata={"choices": PRECISIONS})
+    """Arithmetic of the backbone (PatchCore, PaDiM): float32, bfloat16, or auto (bfloat16 on CPUs with
+    AMX / AVX512-BF16, float32 elsewhere and on GPUs). Fit, calibration and scoring use the same one, so
+    calibrate on the kind of box the line runs on. See docs/speed.md."""
     sigma: float = field(default=4.0, metadata=_range(0.0, 64.0))
     """Gaussian smoothing of the anomaly map, in input pixels; 0 = none."""
     patchcore: PatchCoreConfig = PatchCoreConfig()

@@ -295,6 +295,8 @@ def infer_main(
     except BackendError as exc:
         _log("infer", str(exc))
         sys.exit(2)
+    if (mismatch := bundle.arithmetic_mismatch(device)) is not None:
+        _log("infer", f"warning: {mismatch}")
     model.warm_up(example.to(device))  # before `ready`: the line's first part gets the steady-state latency
     freeze_startup_heap()
     state.ready[ctx.process_index] = 1

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from edge.backbones import FeatureBackbone
+from edge.precision import bfloat16_on, resolve_precision
 from edge.scoring import (
     DEFAULT_CHUNK_ELEMENTS,
     AnomalyMapSmoother,
@@ -22,7 +23,6 @@ from edge.scoring import (
     k_nearest,
     nearest_neighbor,
     patch_features,
-    resolve_search_precision,
     squared_norms,
 )
 
@@ -76,7 +76,7 @@ class PatchCoreModel(nn.Module):
         self.chunk_elements = chunk_elements
         self.register_buffer("memory_bank", memory_bank.float().contiguous())  # M in the paper
         self.register_buffer("bank_sq", squared_norms(self.memory_bank), persistent=False)
-        self.search = resolve_search_precision(search_precision)
+        self.search = resolve_precision(search_precision, "search_precision")
         self.search_precision = search_precision
         if self.search == "bfloat16":  # derived operands: not part of the bundle
             centre = self.memory_bank.mean(dim=0)
@@ -103,8 +103,7 @@ class PatchCoreModel(nn.Module):
         return ScoreResult(scores, self.smoother(patch_scores.view(n, h, w)))
 
     def _bfloat16_search_on(self, device: torch.device) -> bool:
-        """Static per device, so export and compile see one branch."""
-        return self.search == "bfloat16" and (device.type == "cpu" or self.search_precision == "bfloat16")
+        return bfloat16_on(self.search_precision, self.search, device)
 
     def _bfloat16_search(
         self, patches: torch.Tensor, n: int

@@ -203,3 +203,21 @@ def test_same_conv_matches_tensorflow_same_padding(
         got = conv(x)
     assert got.shape == expected.shape == (1, 4, *out_hw)
     assert torch.allclose(got, expected, atol=1e-5)
+
+
+def test_bfloat16_backbone_gives_float32_maps_close_to_the_float32_ones() -> None:
+    exact = load_backbone("efficientnet_lite0", border_pad=16).module
+    fast = load_backbone("efficientnet_lite0", border_pad=16, precision="bfloat16").module
+    assert exact.net_bfloat16 is None and fast.net_bfloat16 is not None
+    assert all(p.dtype == torch.float32 for p in fast.net.parameters())  # the float32 net is kept for GPUs
+    x = torch.from_numpy(BACKBONES["efficientnet_lite0"].preprocessing(128)(skimage_data.chelsea())).unsqueeze(0)
+    with torch.inference_mode():
+        a, b = exact(x), fast(x)
+    for f32, f16 in zip(a, b, strict=True):
+        assert f16.dtype == torch.float32 and f16.shape == f32.shape
+        rel = float((f16 - f32).norm() / f32.norm())
+        assert 1e-4 < rel < 0.06  # rounded (so the bf16 net ran), yet within bf16's few percent
+    assert fast.arithmetic(torch.device("cpu")) == "bfloat16"
+    assert fast.arithmetic(torch.device("cuda")) == "bfloat16"  # asked for explicitly: everywhere
+    with pytest.raises(ValueError, match="backbone_precision must be one of"):
+        load_backbone("efficientnet_lite0", precision="half")

@@ -1,3 +1,4 @@
+import json
 from pathlib import Path
 
 import pytest
@@ -9,11 +10,15 @@ from edge.bundle import BundleError, load_bundle, read_bundle_file, save_bundle
 from pipeline.config import config_from_dict
 
 
-@pytest.mark.parametrize(("model_name", "border_mode"), [("patchcore", "circular"), ("padim", "reflect")])
+@pytest.mark.parametrize(
+    ("model_name", "border_mode", "precision"),
+    [("patchcore", "circular", "float32"), ("patchcore", "circular", "bfloat16"), ("padim", "reflect", "float32")],
+)
 def test_fit_save_load_gives_identical_scores(
-    small_category: Path, tmp_path: Path, model_name: str, border_mode: str
+    small_category: Path, tmp_path: Path, model_name: str, border_mode: str, precision: str
 ) -> None:
-    config = config_from_dict({"model": {"name": model_name, "input_size": 128, "border_mode": border_mode}})
+    model_config = {"name": model_name, "input_size": 128, "border_mode": border_mode, "backbone_precision": precision}
+    config = config_from_dict({"model": model_config})
     result = fit(config, normal_frames(small_category)[:8])
     path = tmp_path / "m.pt"
     digest = save_bundle(path, result.model, result.manifest)
@@ -22,6 +27,7 @@ def test_fit_save_load_gives_identical_scores(
     assert bundle.manifest["model"] == model_name
     assert bundle.manifest["backbone"]["name"] == "efficientnet_lite0"
     assert bundle.model.backbone.border_mode == bundle.manifest["backbone"]["border_mode"] == border_mode
+    assert bundle.model.backbone.precision == bundle.manifest["backbone"]["precision"] == precision
     assert bundle.manifest["versions"]["torch"] == torch.__version__
     assert bundle.manifest["dataset"]["n_images"] == 8
     x = torch.from_numpy(
@@ -96,3 +102,27 @@ def test_newer_format_is_refused(saved: Path) -> None:
     torch.save(raw, saved)
     with pytest.raises(BundleError, match="format_version 99 is not supported"):
         load_bundle(saved)
+
+
+def test_bundle_without_a_recorded_precision_runs_its_backbone_in_float32(saved: Path) -> None:
+    raw = torch.load(saved, weights_only=True)
+    manifest = json.loads(raw["manifest"])
+    del manifest["backbone"]["precision"]  # as bundles written before the setting existed
+    save_bundle(saved, load_bundle(saved).model, manifest)
+    backbone = load_bundle(saved).model.backbone
+    assert backbone.precision == "float32" and backbone.net_bfloat16 is None
+
+
+def test_a_threshold_calibrated_in_another_arithmetic_is_flagged(saved: Path) -> None:
+    raw = torch.load(saved, weights_only=True)
+    manifest = json.loads(raw["manifest"])
+    manifest["backbone"]["precision"] = "auto"
+    manifest["threshold"] = {"value": 1.0, "reject_if": "score > value", "backbone_arithmetic": "bfloat16"}
+    save_bundle(saved, load_bundle(saved).model, manifest)
+    bundle = load_bundle(saved)
+    cpu = bundle.model.backbone.arithmetic(torch.device("cpu"))
+    # "auto" runs float32 on a GPU, so a bf16-calibrated threshold is flagged there on every machine ...
+    warning = bundle.arithmetic_mismatch("cuda")
+    assert warning is not None and "calibrated with the backbone in bfloat16, cuda runs it in float32" in warning
+    # ... and on this CPU exactly when it lacks native bf16.
+    assert (bundle.arithmetic_mismatch("cpu") is None) == (cpu == "bfloat16")

@@ -18,9 +18,12 @@ def images(small_category: Path) -> torch.Tensor:
     return preprocess_samples(normal_frames(small_category)[:8], pre, False, SkipReport())
 
 
-@pytest.mark.parametrize("variant", ["patchcore-float32", "patchcore-bfloat16", "padim", "efficientad"])
+@pytest.mark.parametrize(
+    "variant", ["patchcore-float32", "patchcore-bfloat16", "patchcore-bfloat16-backbone", "padim", "efficientad"]
+)
 def test_exported_model_equals_eager(images: torch.Tensor, variant: str) -> None:
-    backbone = load_backbone("efficientnet_lite0", border_pad=16).module
+    precision = "bfloat16" if variant.endswith("-backbone") else "float32"
+    backbone = load_backbone("efficientnet_lite0", border_pad=16, precision=precision).module
     if variant == "efficientad":
         teacher, student, autoencoder = build_networks("small", 384, False, (128, 128))
         stats = torch.tensor([0.0, 1.0, 0.0, 2.0])
@@ -29,8 +32,7 @@ def test_exported_model_equals_eager(images: torch.Tensor, variant: str) -> None
         model = fit_padim(backbone, images[:6], n_features=50)
     else:
         fitted = fit_patchcore(backbone, images[:6], coreset_ratio=0.1)
-        precision = variant.split("-")[1]
-        model = PatchCoreModel(backbone, fitted.memory_bank, (128, 128), search_precision=precision)
+        model = PatchCoreModel(backbone, fitted.memory_bank, (128, 128), search_precision=variant.split("-")[1])
     model.eval()
     batch = images[6:8].contiguous(memory_format=torch.channels_last)  # (max_batch, 3, H, W) as infer sends
     exported = torch.export.export(model, (batch,))

@@ -10,7 +10,6 @@ from edge.scoring import (
     gaussian_kernel1d,
     k_nearest,
     nearest_neighbor,
-    resolve_search_precision,
     squared_norms,
 )
 
@@ -102,11 +101,3 @@ def test_bfloat16_search_gives_the_distance_between_rounded_points() -> None:
     plain = (squared_norms(bank).bfloat16() - 2 * q.bfloat16() @ bank.bfloat16().t()).amin(dim=1).float()
     plain_d = (plain + squared_norms(q)).clamp_min(0).sqrt()
     assert float(((plain_d - ref).abs() / ref).max()) > 0.05
-
-
-def test_search_precision_names() -> None:
-    assert resolve_search_precision("float32") == "float32"
-    assert resolve_search_precision("bfloat16") == "bfloat16"
-    assert resolve_search_precision("auto") in ("float32", "bfloat16")
-    with pytest.raises(ValueError, match="search_precision must be one of float32, bfloat16, auto"):
-        resolve_search_precision("float16")
