@@ -38,7 +38,6 @@ from edge.models.efficientad import (
     QUANTILE_A,
     QUANTILE_B,
     TEACHER_CHANNELS,
-    TRAIN_PRECISIONS,
     Autoencoder,
     EfficientADModel,
     PatchDescriptionNetwork,
@@ -46,7 +45,7 @@ from edge.models.efficientad import (
     disagreement_maps,
     load_pdn_weights,
 )
-from edge.precision import native_bfloat16_matmul
+from edge.precision import bfloat16_on, resolve_precision
 from edge.preprocessing import Preprocessing
 from edge.scoring import concat_feature_maps
 from pipeline.config import ModelConfig
@@ -80,11 +79,8 @@ class TrainSettings:
 
 def resolve_train_precision(precision: str, device: str) -> str:
     """`auto` trains under bf16 autocast where the CPU multiplies bf16 natively (4x faster here), else float32."""
-    if precision not in TRAIN_PRECISIONS:
-        raise ValueError(f"train precision must be one of {', '.join(TRAIN_PRECISIONS)}, got {precision!r}")
-    if precision == "auto":
-        return "bfloat16" if device == "cpu" and native_bfloat16_matmul() else "float32"
-    return precision
+    resolved = resolve_precision(precision, "model.efficientad.precision")
+    return "bfloat16" if bfloat16_on(precision, resolved, torch.device(device)) else "float32"
 
 
 def _autocast(device: str, precision: str) -> torch.autocast:

@@ -19,7 +19,7 @@ import yaml
 from edge.backbones import BACKBONES, BORDER_MODES
 from edge.backends import BACKENDS
 from edge.models import MODELS
-from edge.models.efficientad import PDN_SIZES, TRAIN_PRECISIONS
+from edge.models.efficientad import PDN_SIZES
 from edge.precision import PRECISIONS
 
 
@@ -76,7 +76,7 @@ class EfficientADConfig:
     """Pad the PDN convolutions (64 x 64 maps at 256 px); the paper times the unpadded networks."""
     device: str | None = None
     """Where distillation and training run: cpu, cuda, cuda:1, ...; null = fit.device."""
-    precision: str = field(default="auto", metadata={"choices": TRAIN_PRECISIONS})
+    precision: str = field(default="auto", metadata={"choices": PRECISIONS})
     """Training arithmetic: auto = bf16 autocast on CPUs with native bf16 (AMX/AVX512-BF16), else float32."""
     checkpoint: str | None = None
     """Training checkpoint file: resumed when it exists (same settings and data), rewritten every

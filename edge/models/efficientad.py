@@ -28,7 +28,6 @@ PDN_STRIDE = 4
 # Quantiles of the held-out normal maps mapped to 0 and 0.1 (paper: q_a = 0.9, q_b = 0.995).
 QUANTILE_A = 0.9
 QUANTILE_B = 0.995
-TRAIN_PRECISIONS = ("auto", "float32", "bfloat16")  # model.efficientad.precision (training arithmetic)
 
 
 def _pdn_layers(size: str, out_channels: int, padding: bool) -> list[tuple[str, nn.Module]]:
