@@ -33,17 +33,19 @@ class ScoreResult(NamedTuple):
 Scorer = Callable[[torch.Tensor], ScoreResult]
 
 
-def concat_feature_maps(features: list[torch.Tensor], pool: bool) -> torch.Tensor:
+def concat_feature_maps(features: list[torch.Tensor], pool: bool, pool_zeros: bool = False) -> torch.Tensor:
     """Upsample every map to the first (finest) one's size and concatenate channels: (N, sum C, h, w).
 
     With `pool`, each map is first 3x3 average-pooled (stride 1): PatchCore's "locally aware" patch
-    features, which aggregate a neighbourhood without losing resolution.
+    features, which aggregate a neighbourhood without losing resolution. `pool_zeros`: the window
+    counts the cells beyond the map's edge as zeros (see FeatureBackbone's "zeros" border); otherwise
+    an edge cell averages the cells inside only.
     """
     size = features[0].shape[-2:]
     out = []
     for f in features:
         if pool:
-            f = F.avg_pool2d(f, 3, stride=1, padding=1, count_include_pad=False)
+            f = F.avg_pool2d(f, 3, stride=1, padding=1, count_include_pad=pool_zeros)
         if f.shape[-2:] != size:
             f = F.interpolate(f, size=size, mode="bilinear", align_corners=False)
         out.append(f)
@@ -56,7 +58,8 @@ def patch_features(backbone: FeatureBackbone, x: torch.Tensor, pool: bool) -> to
     Pooling and upsampling before the crop means the frame's edge cells see real neighbours
     (from the padding) rather than a truncated window.
     """
-    return backbone.crop(concat_feature_maps(backbone.padded(x), pool), backbone.strides[0])
+    maps = concat_feature_maps(backbone.padded(x), pool, backbone.pools_zeros)
+    return backbone.crop(maps, backbone.strides[0])
 
 
 def squared_norms(x: torch.Tensor) -> torch.Tensor:

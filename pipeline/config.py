@@ -95,10 +95,11 @@ class ModelConfig:
     """Feature layers; default stride 8 and 16 of the backbone."""
     input_size: int = field(default=256, metadata=_range(32, 2048))
     crop_size: int | None = field(default=None, metadata=_range(32, 2048))
-    border_pad: int = field(default=16, metadata=_range(0, 256))
+    border_mode: str = field(default="zeros", metadata={"choices": BORDER_MODES})
+    """What surrounds the frame: zeros (the CNN's own padding; PatchCore's pooling counts them too), or
+    `border_pad` pixels filled by circular (wrapping the opposite edge), reflect or replicate."""
+    border_pad: int = field(default=0, metadata=_range(0, 256))
     """Pixels added around the frame before the backbone (multiple of its largest stride)."""
-    border_mode: str = field(default="circular", metadata={"choices": BORDER_MODES})
-    """How those pixels are filled: circular (wrap the opposite edge), reflect or replicate."""
     backbone_precision: str = field(default="auto", metadata={"choices": PRECISIONS})
     """Arithmetic of the backbone (PatchCore, PaDiM): float32, bfloat16, or auto (bfloat16 on CPUs with
     AMX / AVX512-BF16, float32 elsewhere and on GPUs). Fit, calibration and scoring use the same one, so

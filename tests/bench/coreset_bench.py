@@ -45,7 +45,7 @@ def main() -> None:
         category = generate_mvtec_dataset(tmp, ("brick",), n_train=args.images, n_test_good=0, n_test_per_defect=0)[0]
         pre = get_spec("efficientnet_lite0").preprocessing(256)
         images = preprocess_samples(normal_frames(category), pre, False, SkipReport())
-    backbone = load_backbone("efficientnet_lite0", border_pad=16).module
+    backbone = load_backbone("efficientnet_lite0").module
     with torch.inference_mode():
         emb = torch.cat([patchcore_embedding(backbone, images[i : i + 8]) for i in range(0, len(images), 8)])
     features = emb.permute(0, 2, 3, 1).reshape(-1, emb.shape[1])

@@ -36,7 +36,7 @@ def pool_embeddings(texture: str, n: int, size: int, seed: int) -> tuple[PatchCo
     """Patch features (n, C, h, w) of n generated normal frames, plus a model shell for scoring."""
     photo = texture_photo(texture)
     rng = np.random.default_rng(seed)
-    backbone = load_backbone("efficientnet_lite0", border_pad=16).module
+    backbone = load_backbone("efficientnet_lite0").module
     pre = get_spec("efficientnet_lite0").preprocessing(size, None)
     frames = np.stack([pre(to_rgb8(normal_tile(photo, size, rng))) for _ in range(n)])
     chunks = []

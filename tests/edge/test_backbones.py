@@ -37,7 +37,7 @@ def test_lite0_feature_maps_have_strides_8_and_16() -> None:
 
 def test_border_pad_keeps_output_size_and_changes_edge_features() -> None:
     plain = load_backbone("efficientnet_lite0").module
-    padded = load_backbone("efficientnet_lite0", border_pad=16).module
+    padded = load_backbone("efficientnet_lite0", border_pad=16, border_mode="circular").module
     x = torch.randn(1, 3, 64, 64)
     with torch.inference_mode():
         a, b = plain(x), padded(x)
@@ -46,8 +46,8 @@ def test_border_pad_keeps_output_size_and_changes_edge_features() -> None:
     assert not torch.allclose(a[0][..., 0, 0], b[0][..., 0, 0])
     with pytest.raises(ValueError, match="multiple of 16"):
         load_backbone("efficientnet_lite0", border_pad=8)
-    with pytest.raises(ValueError, match="border_mode must be one of circular, reflect, replicate"):
-        load_backbone("efficientnet_lite0", border_pad=16, border_mode="zeros")
+    with pytest.raises(ValueError, match="border_mode must be one of zeros, circular, reflect, replicate"):
+        load_backbone("efficientnet_lite0", border_pad=16, border_mode="mirror")
 
 
 def test_padded_maps_crop_to_forward_and_modes_differ_only_near_the_edge() -> None:
@@ -80,7 +80,7 @@ def test_padded_frame_runs_the_network_in_channels_last(mode: str) -> None:
 
 
 def test_patch_features_pool_edge_cells_over_the_padding() -> None:
-    bb = load_backbone("efficientnet_lite0", border_pad=16).module
+    bb = load_backbone("efficientnet_lite0", border_pad=16, border_mode="circular").module
     x = torch.randn(1, 3, 128, 128)
     with torch.inference_mode():
         ours = patch_features(bb, x, pool=True)
@@ -90,6 +90,70 @@ def test_patch_features_pool_edge_cells_over_the_padding() -> None:
     assert not torch.allclose(ours[..., 0, :], pooled_after_crop[..., 0, :], atol=1e-4)
     # (3 cells: the upsampled stride-16 map reaches one coarse cell, i.e. up to 3 fine cells, inward.)
     assert torch.allclose(ours[..., 3:-3, 3:-3], pooled_after_crop[..., 3:-3, 3:-3], atol=1e-5)
+
+
+def test_zeros_border_pools_the_zeros_beyond_the_edge() -> None:
+    bb = load_backbone("efficientnet_lite0").module  # the default: zeros, nothing added
+    assert bb.border_mode == "zeros" and bb.border_pad == 0 and bb.pools_zeros
+    x = torch.randn(1, 3, 128, 128)
+    with torch.inference_mode():
+        ours = patch_features(bb, x, pool=True)
+        inside_only = concat_feature_maps(bb(x), pool=True)
+    fine = slice(0, bb.channels[0])  # the stride-8 map, pooled at its own resolution (no upsampling after)
+    # A corner window holds 4 of its 9 cells inside the frame, an edge window 6: the rest count as zeros.
+    assert torch.allclose(ours[:, fine, 0, 0], inside_only[:, fine, 0, 0] * 4 / 9, atol=1e-5)
+    assert torch.allclose(ours[:, fine, 0, 5], inside_only[:, fine, 0, 5] * 6 / 9, atol=1e-5)
+    assert torch.allclose(ours[..., 3:-3, 3:-3], inside_only[..., 3:-3, 3:-3], atol=1e-5)
+
+
+def test_unpadded_frame_runs_channels_last_whatever_the_caller_hands_in() -> None:
+    # Offline scoring hands in NCHW frames, the pipeline channels-last ones: both must run the same
+    # convolutions (NCHW is 2x slower, and in bf16 it rounds differently).
+    bb = load_backbone("efficientnet_lite0", precision="bfloat16").module
+    x = torch.randn(1, 3, 64, 64)
+    with torch.inference_mode():
+        nchw, last = bb.padded(x), bb.padded(x.contiguous(memory_format=torch.channels_last))
+    for a, b in zip(nchw, last, strict=True):
+        assert a.is_contiguous(memory_format=torch.channels_last) and torch.equal(a, b)
+
+
+def test_zeros_border_with_padding_fills_zeros() -> None:
+    bb = load_backbone("efficientnet_lite0", border_pad=16, border_mode="zeros").module
+    x = torch.randn(1, 3, 64, 64)
+    with torch.inference_mode():
+        feats = bb.padded(x)
+        reference = bb._features(torch.nn.functional.pad(x, (16, 16, 16, 16)))
+    for f, r in zip(feats, reference, strict=True):
+        assert f.is_contiguous(memory_format=torch.channels_last)
+        assert torch.allclose(f, r, atol=1e-4)
+
+
+def test_zeros_border_keeps_normal_frames_edges_from_scoring_highest(small_category: Path) -> None:
+    """Normal frames' highest-scoring patch lands on the frame's edge ring (a quarter of the cells) about
+    as often as chance with the zeros border; pooled over the inside cells only, it always did."""
+    from calibration.datasets import MVTecCategory, SkipReport, normal_frames, read_image
+    from calibration.fit import fit_patchcore, preprocess_samples
+    from edge.models.patchcore import PatchCoreModel, patchcore_embedding
+    from edge.preprocessing import to_rgb8
+    from edge.scoring import nearest_neighbor
+
+    pre = BACKBONES["efficientnet_lite0"].preprocessing(128)
+    train = preprocess_samples(normal_frames(small_category), pre, False, SkipReport())
+    good = [s for s in MVTecCategory(small_category).test if s.label == 0]
+    x = torch.stack([torch.from_numpy(pre(to_rgb8(read_image(s.path)))) for s in good])
+    on_edge = {}
+    for mode in ("zeros", "circular"):  # circular with border_pad 0: nothing added, pooling truncated
+        bb = load_backbone("efficientnet_lite0", border_mode=mode).module
+        model = PatchCoreModel(bb, fit_patchcore(bb, train, 0.1).memory_bank, (128, 128)).eval()
+        with torch.inference_mode():
+            emb = patchcore_embedding(bb, x)
+            n, c, h, w = emb.shape
+            dist, _ = nearest_neighbor(emb.permute(0, 2, 3, 1).reshape(-1, c), model.memory_bank, model.bank_sq)
+        edge = torch.ones(h, w, dtype=torch.bool)
+        edge[1:-1, 1:-1] = False
+        on_edge[mode] = int(edge.view(-1)[dist.view(n, -1).argmax(dim=1)].sum())
+    assert len(good) == 4
+    assert on_edge["zeros"] <= 1 and on_edge["circular"] >= 3, on_edge
 
 
 @pytest.mark.parametrize(("name", "channels"), [("resnet18", (128, 256)), ("wide_resnet50_2", (512, 1024))])
@@ -206,8 +270,8 @@ def test_same_conv_matches_tensorflow_same_padding(
 
 
 def test_bfloat16_backbone_gives_float32_maps_close_to_the_float32_ones() -> None:
-    exact = load_backbone("efficientnet_lite0", border_pad=16).module
-    fast = load_backbone("efficientnet_lite0", border_pad=16, precision="bfloat16").module
+    exact = load_backbone("efficientnet_lite0").module
+    fast = load_backbone("efficientnet_lite0", precision="bfloat16").module
     assert exact.net_bfloat16 is None and fast.net_bfloat16 is not None
     assert all(p.dtype == torch.float32 for p in fast.net.parameters())  # the float32 net is kept for GPUs
     x = torch.from_numpy(BACKBONES["efficientnet_lite0"].preprocessing(128)(skimage_data.chelsea())).unsqueeze(0)

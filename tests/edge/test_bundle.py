@@ -11,13 +11,23 @@ from pipeline.config import config_from_dict
 
 
 @pytest.mark.parametrize(
-    ("model_name", "border_mode", "precision"),
-    [("patchcore", "circular", "float32"), ("patchcore", "circular", "bfloat16"), ("padim", "reflect", "float32")],
+    ("model_name", "border_mode", "border_pad", "precision"),
+    [
+        ("patchcore", "zeros", 0, "float32"),
+        ("patchcore", "circular", 16, "bfloat16"),
+        ("padim", "reflect", 16, "float32"),
+    ],
 )
 def test_fit_save_load_gives_identical_scores(
-    small_category: Path, tmp_path: Path, model_name: str, border_mode: str, precision: str
+    small_category: Path, tmp_path: Path, model_name: str, border_mode: str, border_pad: int, precision: str
 ) -> None:
-    model_config = {"name": model_name, "input_size": 128, "border_mode": border_mode, "backbone_precision": precision}
+    model_config = {
+        "name": model_name,
+        "input_size": 128,
+        "border_mode": border_mode,
+        "border_pad": border_pad,
+        "backbone_precision": precision,
+    }
     config = config_from_dict({"model": model_config})
     result = fit(config, normal_frames(small_category)[:8])
     path = tmp_path / "m.pt"
@@ -27,6 +37,7 @@ def test_fit_save_load_gives_identical_scores(
     assert bundle.manifest["model"] == model_name
     assert bundle.manifest["backbone"]["name"] == "efficientnet_lite0"
     assert bundle.model.backbone.border_mode == bundle.manifest["backbone"]["border_mode"] == border_mode
+    assert bundle.model.backbone.border_pad == bundle.manifest["backbone"]["border_pad"] == border_pad
     assert bundle.model.backbone.precision == bundle.manifest["backbone"]["precision"] == precision
     assert bundle.manifest["versions"]["torch"] == torch.__version__
     assert bundle.manifest["dataset"]["n_images"] == 8

@@ -18,7 +18,7 @@ from edge.scoring import ScoreResult
 def fitted(small_category: Path) -> tuple[PatchCoreModel, torch.Tensor]:
     pre = get_spec("efficientnet_lite0").preprocessing(128)
     images = preprocess_samples(normal_frames(small_category)[:8], pre, False, SkipReport())
-    model = fit_patchcore(load_backbone("efficientnet_lite0", border_pad=16).module, images[:6], coreset_ratio=0.1)
+    model = fit_patchcore(load_backbone("efficientnet_lite0").module, images[:6], coreset_ratio=0.1)
     return model.eval(), images[6:8].contiguous(memory_format=torch.channels_last)
 
 

@@ -59,7 +59,7 @@ def test_patchcore_reweighting_matches_paper_formula(images: torch.Tensor) -> No
 
 
 def test_patchcore_scores_defects_above_normals(images: torch.Tensor, defect_images: torch.Tensor) -> None:
-    bb = load_backbone("efficientnet_lite0", border_pad=16).module
+    bb = load_backbone("efficientnet_lite0").module
     model = fit_patchcore(bb, images[:12], coreset_ratio=0.2).eval()
     with torch.inference_mode():
         normal = model(images[12:]).scores
@@ -106,7 +106,7 @@ def test_padim_fit_needs_two_images(images: torch.Tensor) -> None:
 
 
 def test_patchcore_bfloat16_search_gives_the_float32_scores(images: torch.Tensor, defect_images: torch.Tensor) -> None:
-    bb = load_backbone("efficientnet_lite0", border_pad=16).module
+    bb = load_backbone("efficientnet_lite0").module
     exact = fit_patchcore(bb, images[:12], coreset_ratio=0.2).eval()
     exact = PatchCoreModel(bb, exact.memory_bank, (128, 128), search_precision="float32").eval()
     fast = PatchCoreModel(bb, exact.memory_bank, (128, 128), search_precision="bfloat16").eval()
