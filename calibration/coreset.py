@@ -12,7 +12,7 @@ import math
 import torch
 
 from calibration.progress import Progress
-from edge.scoring import nearest_neighbor, squared_norms
+from edge.scoring import bank_columns, nearest_neighbor, squared_norms
 
 
 def random_projection(features: torch.Tensor, dim: int, generator: torch.Generator) -> torch.Tensor:
@@ -173,5 +173,5 @@ def _bring_up_to_date(
 def coverage_radius(features: torch.Tensor, selected: torch.Tensor) -> float:
     """Largest distance from any point to its nearest selected point (what k-center minimises)."""
     bank = features[selected]
-    dist, _ = nearest_neighbor(features, bank, squared_norms(bank))
+    dist, _ = nearest_neighbor(features, bank_columns(bank), squared_norms(bank))
     return float(dist.max())

@@ -231,6 +231,11 @@ class FeatureBackbone(nn.Module):
         """The arithmetic the network runs in on `device`: "bfloat16" or "float32"."""
         return "bfloat16" if bfloat16_on(self.precision, self.resolved_precision, device) else "float32"
 
+    def grid_size(self, input_size: tuple[int, int]) -> tuple[int, int]:
+        """Size of the finest feature map of a frame of `input_size` (SAME padding: ceil(size / stride))."""
+        s = self.strides[0]
+        return -(-input_size[0] // s), -(-input_size[1] // s)
+
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         return [self.crop(f, s) for f, s in zip(self.padded(x), self.strides, strict=True)]
 

@@ -50,7 +50,7 @@ class PadimModel(nn.Module):
         self.register_buffer("channel_idx", channel_idx.long())
         self.register_buffer("mean", mean.float().contiguous())
         self.register_buffer("inv_cov", inv_cov.float().contiguous())
-        self.smoother = AnomalyMapSmoother(input_size, sigma)
+        self.smoother = AnomalyMapSmoother(input_size, sigma, grid_size=backbone.grid_size(input_size))
 
     def distance_map(self, x: torch.Tensor) -> torch.Tensor:
         """Mahalanobis distance per feature-map position (N, h, w)."""

@@ -35,6 +35,13 @@ def test_lite0_feature_maps_have_strides_8_and_16() -> None:
     assert bb.strides == [8, 16] and bb.channels == [40, 112]
 
 
+@pytest.mark.parametrize("size", [(128, 96), (100, 100)])
+def test_grid_size_is_the_finest_feature_map_size(size: tuple[int, int]) -> None:
+    bb = load_backbone("efficientnet_lite0").module
+    with torch.inference_mode():
+        assert tuple(bb(torch.zeros(1, 3, *size))[0].shape[-2:]) == bb.grid_size(size)
+
+
 def test_border_pad_keeps_output_size_and_changes_edge_features() -> None:
     plain = load_backbone("efficientnet_lite0").module
     padded = load_backbone("efficientnet_lite0", border_pad=16, border_mode="circular").module
@@ -148,7 +155,7 @@ def test_zeros_border_keeps_normal_frames_edges_from_scoring_highest(small_categ
         with torch.inference_mode():
             emb = patchcore_embedding(bb, x)
             n, c, h, w = emb.shape
-            dist, _ = nearest_neighbor(emb.permute(0, 2, 3, 1).reshape(-1, c), model.memory_bank, model.bank_sq)
+            dist, _ = nearest_neighbor(emb.permute(0, 2, 3, 1).reshape(-1, c), model.bank_cols, model.bank_sq)
         edge = torch.ones(h, w, dtype=torch.bool)
         edge[1:-1, 1:-1] = False
         on_edge[mode] = int(edge.view(-1)[dist.view(n, -1).argmax(dim=1)].sum())

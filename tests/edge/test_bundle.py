@@ -124,6 +124,36 @@ def test_bundle_without_a_recorded_precision_runs_its_backbone_in_float32(saved:
     assert backbone.precision == "float32" and backbone.net_bfloat16 is None
 
 
+def _resave_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
+    from edge.bundle import content_hash
+
+    raw = torch.load(path, weights_only=True)
+    raw["tensors"] = tensors
+    raw["hash"] = content_hash(raw["manifest"], tensors)
+    torch.save(raw, path)
+
+
+def test_bundle_without_the_neighbour_table_computes_the_same_one(saved: Path, small_category: Path) -> None:
+    bundle = load_bundle(saved)
+    table = bundle.model.bank_neighbors
+    tensors = torch.load(saved, weights_only=True)["tensors"]
+    assert table.shape == (bundle.model.memory_bank.shape[0], 9) and torch.equal(tensors["bank_neighbors"], table)
+    _resave_tensors(saved, {"memory_bank": tensors["memory_bank"]})  # as bundles before session 10
+    older = load_bundle(saved)
+    assert torch.equal(older.model.bank_neighbors, table)
+    x = preprocess_samples(normal_frames(small_category)[4:6], older.preprocessing, False, SkipReport())
+    with torch.inference_mode():
+        assert torch.equal(older.model(x).scores, bundle.model(x).scores)
+
+
+def test_a_neighbour_table_of_the_wrong_shape_is_refused(saved: Path) -> None:
+    tensors = torch.load(saved, weights_only=True)["tensors"]
+    tensors["bank_neighbors"] = tensors["bank_neighbors"][:, :3]
+    _resave_tensors(saved, tensors)
+    with pytest.raises(BundleError, match=r"bank_neighbors has shape \(\d+, 3\), expected \(\d+, 9\)"):
+        load_bundle(saved)
+
+
 def test_a_threshold_calibrated_in_another_arithmetic_is_flagged(saved: Path) -> None:
     raw = torch.load(saved, weights_only=True)
     manifest = json.loads(raw["manifest"])

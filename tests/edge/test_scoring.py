@@ -4,6 +4,7 @@ import torch
 from edge.scoring import (
     BFLOAT16_SEARCH_ROWS,
     AnomalyMapSmoother,
+    bank_columns,
     bfloat16_bank_operand,
     bfloat16_query_operand,
     bfloat16_sq_distance,
@@ -20,7 +21,7 @@ def test_nearest_neighbor_matches_brute_force_for_any_chunk_size() -> None:
     ref = torch.cdist(q, bank)
     ref_d, ref_i = ref.min(dim=1)
     for chunk in (1, 37 * 5, 37 * 101, 1 << 24):
-        d, i = nearest_neighbor(q, bank, squared_norms(bank), chunk_elements=chunk)
+        d, i = nearest_neighbor(q, bank_columns(bank), squared_norms(bank), chunk_elements=chunk)
         assert torch.equal(i, ref_i)
         assert torch.allclose(d, ref_d, atol=1e-4)
 
@@ -30,7 +31,7 @@ def test_k_nearest_matches_topk_across_chunks() -> None:
     q, bank = torch.randn(5, 8, generator=g), torch.randn(50, 8, generator=g)
     ref = torch.cdist(q, bank).topk(4, dim=1, largest=False).indices
     for chunk in (5, 5 * 7, 1 << 24):
-        assert torch.equal(k_nearest(q, bank, squared_norms(bank), 4, chunk), ref)
+        assert torch.equal(k_nearest(q, bank_columns(bank), squared_norms(bank), 4, chunk), ref)
 
 
 def test_smoother_keeps_constant_maps_and_spreads_a_peak() -> None:
@@ -101,3 +102,13 @@ def test_bfloat16_search_gives_the_distance_between_rounded_points() -> None:
     plain = (squared_norms(bank).bfloat16() - 2 * q.bfloat16() @ bank.bfloat16().t()).amin(dim=1).float()
     plain_d = (plain + squared_norms(q)).clamp_min(0).sqrt()
     assert float(((plain_d - ref).abs() / ref).max()) > 0.05
+
+
+def test_smoother_built_for_a_grid_size_gives_the_same_maps_and_still_takes_other_grids() -> None:
+    g = torch.Generator().manual_seed(3)
+    built = AnomalyMapSmoother((64, 48), sigma=2.0, grid_size=(8, 6))
+    per_call = AnomalyMapSmoother((64, 48), sigma=2.0)
+    for shape in ((2, 8, 6), (1, 16, 12)):  # the size it was built for, and another one
+        scores = torch.rand(*shape, generator=g)
+        assert torch.allclose(built(scores), per_call(scores), atol=1e-6)
+    assert built.grid_rows.shape == (64, 8) and built.grid_cols.shape == (48, 6)
