@@ -174,8 +174,8 @@ class PipelineConfig:
     max_frame_width: int = field(default=1920, metadata=_range(16, 16384))
     """Frames larger than this are downscaled at capture (they are resized for the model anyway)."""
     max_batch: int = field(default=2, metadata=_range(1, 1024))
-    """Largest inference batch (across cameras). 2 on CPUs: on the 2-core dev box batch 1 and 2 ran at
-    the same frames/s and batch 4 15 % slower (activations fall out of cache); raise it on a GPU."""
+    """Largest inference batch (across cameras). 2 on CPUs: on the 2-core dev box batch 2 ran 122 frames/s
+    against 97 at batch 1, and batch 4 was slower (activations fall out of cache); raise it on a GPU."""
     max_wait_ms: float = field(default=0.0, metadata=_range(0.0, 1000.0))
     """How long inference waits for a fuller batch once a frame is ready. 0: take what is there; under
     load frames queue during each inference and batches fill by themselves, while a lone frame never
