@@ -211,8 +211,9 @@ def fit(config: Config, samples: list[Sample], skip_bad: bool = False, progress:
         model, extra = trained.model, {"efficientad": trained.info}
         seconds = time.perf_counter() - start
         return _result(config, model, preprocessing, "", used, report, seconds, extra, data_fingerprint)
+    border_mode, border_pad = mc.border()
     backbone = load_backbone(
-        mc.backbone, mc.layers, mc.backbone_weights, mc.border_pad, mc.border_mode, mc.backbone_precision
+        mc.backbone, mc.layers, mc.backbone_weights, border_pad, border_mode, mc.backbone_precision
     )
     preprocessing = spec.preprocessing(mc.input_size, mc.crop_size)
     images = load_frames(samples, preprocessing, skip_bad, report)

@@ -34,6 +34,18 @@ class WeightsNotFound(FileNotFoundError):
 
 # How the frame's surroundings are filled (see FeatureBackbone): zeros, or a torch.nn.functional.pad mode.
 BORDER_MODES = ("zeros", "circular", "reflect", "replicate")
+# Each model's border where the config leaves it open, as measured on generated textures (docs/speed.md,
+# "Frame border"): PatchCore scored better with zeros; PaDiM, whose per-position Gaussians see the
+# pooled-free edge cells, better with 16 px wrapped (demo grass image AUROC 0.967 against 0.943).
+DEFAULT_BORDER_MODES = {"patchcore": "zeros", "padim": "circular"}
+PADDED_BORDER_PX = 16  # border_pad of a padding mode left open: one stride-16 cell
+
+
+def resolve_border(model: str, mode: str | None, pad: int | None) -> tuple[str, int]:
+    """(border_mode, border_pad) for `model`, filling what is None: the model's mode, and no padding for
+    zeros or PADDED_BORDER_PX for the padding modes."""
+    mode = mode or DEFAULT_BORDER_MODES.get(model, "zeros")
+    return mode, pad if pad is not None else (0 if mode == "zeros" else PADDED_BORDER_PX)
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,7 @@ from typing import Any
 
 import yaml
 
-from edge.backbones import BACKBONES, BORDER_MODES
+from edge.backbones import BACKBONES, BORDER_MODES, resolve_border
 from edge.backends import BACKENDS
 from edge.models import MODELS
 from edge.models.efficientad import PDN_SIZES
@@ -95,11 +95,13 @@ class ModelConfig:
     """Feature layers; default stride 8 and 16 of the backbone."""
     input_size: int = field(default=256, metadata=_range(32, 2048))
     crop_size: int | None = field(default=None, metadata=_range(32, 2048))
-    border_mode: str = field(default="zeros", metadata={"choices": BORDER_MODES})
+    border_mode: str | None = field(default=None, metadata={"choices": BORDER_MODES})
     """What surrounds the frame: zeros (the CNN's own padding; PatchCore's pooling counts them too), or
-    `border_pad` pixels filled by circular (wrapping the opposite edge), reflect or replicate."""
-    border_pad: int = field(default=0, metadata=_range(0, 256))
-    """Pixels added around the frame before the backbone (multiple of its largest stride)."""
+    `border_pad` pixels filled by circular (wrapping the opposite edge), reflect or replicate. null: the
+    model's own, PatchCore zeros and PaDiM circular (docs/speed.md, "Frame border")."""
+    border_pad: int | None = field(default=None, metadata=_range(0, 256))
+    """Pixels added around the frame before the backbone (multiple of its largest stride). null: none
+    for zeros, 16 for the other modes."""
     backbone_precision: str = field(default="auto", metadata={"choices": PRECISIONS})
     """Arithmetic of the backbone (PatchCore, PaDiM): float32, bfloat16, or auto (bfloat16 on CPUs with
     AMX / AVX512-BF16, float32 elsewhere and on GPUs). Fit, calibration and scoring use the same one, so
@@ -109,6 +111,10 @@ class ModelConfig:
     patchcore: PatchCoreConfig = PatchCoreConfig()
     padim: PadimConfig = PadimConfig()
     efficientad: EfficientADConfig = EfficientADConfig()
+
+    def border(self) -> tuple[str, int]:
+        """(border_mode, border_pad), with what this config leaves open filled in for its model."""
+        return resolve_border(self.name, self.border_mode, self.border_pad)
 
 
 @dataclass(frozen=True)

@@ -42,7 +42,8 @@ def main() -> None:
     mc = load_config(None).model
     spec = get_spec(mc.backbone)
     pre = spec.preprocessing(mc.input_size)
-    backbone = load_backbone(mc.backbone, None, None, mc.border_pad, mc.border_mode).module
+    border_mode, border_pad = mc.border()
+    backbone = load_backbone(mc.backbone, None, None, border_pad, border_mode).module
     print(f"{'category':8s} {'search':9s} {'image AUROC':>11s} {'pixel AUROC':>11s} {'PRO':>7s} {'batch-1 p50':>11s}")
     for name in args.categories:
         folder = root / name

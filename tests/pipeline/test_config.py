@@ -62,3 +62,22 @@ def test_overrides_apply_and_validate() -> None:
     assert c.model.name == "padim" and c.model.backbone == "efficientnet_lite0" and c.fit.seed == 7
     with pytest.raises(ConfigError, match="command line: fit.seed = -1"):
         with_overrides(Config(), {"fit.seed": -1})
+
+
+@pytest.mark.parametrize(
+    ("model", "settings", "border"),
+    [
+        ("patchcore", {}, ("zeros", 0)),
+        ("padim", {}, ("circular", 16)),
+        ("patchcore", {"border_mode": "circular"}, ("circular", 16)),
+        ("padim", {"border_mode": "zeros"}, ("zeros", 0)),
+        ("patchcore", {"border_mode": "reflect", "border_pad": 32}, ("reflect", 32)),
+    ],
+)
+def test_border_left_open_is_each_models_own(model: str, settings: dict, border: tuple[str, int]) -> None:
+    assert config_from_dict({"model": {"name": model, **settings}}).model.border() == border
+
+
+def test_unknown_border_mode_names_the_field() -> None:
+    with pytest.raises(ConfigError, match="model.border_mode"):
+        config_from_dict({"model": {"border_mode": "mirror"}})
