@@ -226,9 +226,15 @@ def blur_operator(n: int, kernel: torch.Tensor) -> torch.Tensor:
     return F.conv1d(F.pad(impulses, (r, r), mode="replicate"), kernel.view(1, 1, -1)).squeeze(1).t()
 
 
+# How a score grid is brought to the frame's size before the blur. "linear": bilinear, as the PatchCore,
+# PaDiM and EfficientAD papers. "cubic": bicubic (Keys, a = -0.75, as torch's), which adds less blur of its
+# own, so the map's smoothing is about the Gaussian's `sigma` alone (docs/speed.md, "Map upsampling").
+UPSAMPLINGS = ("linear", "cubic")
+
+
 class AnomalyMapSmoother(nn.Module):
-    """Score grid (N, h, w) -> anomaly map (N, H, W): replicate-pad by `border` cells, upsample bilinearly,
-    then a separable Gaussian blur (replicate borders).
+    """Score grid (N, h, w) -> anomaly map (N, H, W): replicate-pad by `border` cells, upsample (`upsampling`,
+    bilinear or bicubic), then a separable Gaussian blur (replicate borders).
 
     Every step is linear and acts on rows and columns separately, so the map is A_h @ grid @ A_w^T, each
     A the blur matrix (a buffer: it depends only on the output size) times the upsampling matrix of the
@@ -244,11 +250,15 @@ class AnomalyMapSmoother(nn.Module):
         sigma: float = 4.0,
         border: int = 0,
         grid_size: tuple[int, int] | None = None,
+        upsampling: str = "linear",
     ) -> None:
         super().__init__()
+        if upsampling not in UPSAMPLINGS:
+            raise ValueError(f"map upsampling {upsampling!r}: expected one of {', '.join(UPSAMPLINGS)}")
         self.output_size = output_size
         self.sigma = sigma
         self.border = border
+        self.upsampling_mode = upsampling
         kernel = gaussian_kernel1d(sigma) if sigma > 0 else torch.ones(1)
         self.register_buffer("blur_rows", blur_operator(output_size[0], kernel), persistent=False)
         self.register_buffer("blur_cols", blur_operator(output_size[1], kernel), persistent=False)
@@ -259,11 +269,15 @@ class AnomalyMapSmoother(nn.Module):
             self.register_buffer("grid_cols", cols, persistent=False)
 
     def upsampling(self, n_in: int, n_out: int) -> torch.Tensor:
-        """(n_out, n_in) matrix of the replicate padding and the linear upsampling along one axis."""
+        """(n_out, n_in) matrix of the replicate padding and the upsampling along one axis."""
         impulses = torch.eye(n_in, device=self.blur_rows.device).unsqueeze(1)
         if self.border:
             impulses = F.pad(impulses, (self.border, self.border), mode="replicate")
-        return F.interpolate(impulses, size=n_out, mode="linear", align_corners=False).squeeze(1).t()
+        if self.upsampling_mode == "linear":
+            return F.interpolate(impulses, size=n_out, mode="linear", align_corners=False).squeeze(1).t()
+        # torch's bicubic is separable: its 1-D operator is a 2-D bicubic over rows of height 1.
+        cubic = F.interpolate(impulses.unsqueeze(2), size=(1, n_out), mode="bicubic", align_corners=False)
+        return cubic.view(n_in, n_out).t()
 
     def operators(self, grid_size: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
         """(A_h, A_w) for grids of `grid_size`: blur times upsampling, (H, h) and (W, w)."""

@@ -146,6 +146,28 @@ def test_bundle_without_the_neighbour_table_computes_the_same_one(saved: Path, s
         assert torch.equal(older.model(x).scores, bundle.model(x).scores)
 
 
+def test_bundle_records_its_map_upsampling_and_older_bundles_keep_bilinear_maps(
+    saved: Path, small_category: Path
+) -> None:
+    bundle = load_bundle(saved)
+    assert bundle.manifest["model_params"]["map_upsampling"] == "cubic"  # what a fit now gives PatchCore
+    raw = torch.load(saved, weights_only=True)
+    manifest = json.loads(raw["manifest"])
+    del manifest["model_params"]["map_upsampling"]  # as bundles written before it existed
+    save_bundle(saved, bundle.model, manifest)
+    older = load_bundle(saved)
+    assert older.model.smoother.upsampling_mode == "linear"
+    x = preprocess_samples(normal_frames(small_category)[4:6], older.preprocessing, False, SkipReport())
+    with torch.inference_mode():
+        new, old = bundle.model(x), older.model(x)
+    assert torch.equal(new.scores, old.scores)  # image scores (and so the threshold) do not depend on it
+    assert not torch.allclose(new.maps, old.maps)
+    manifest["model_params"]["map_upsampling"] = "bilinear"
+    save_bundle(saved, bundle.model, manifest)
+    with pytest.raises(BundleError, match="map upsampling 'bilinear': expected one of linear, cubic"):
+        load_bundle(saved)
+
+
 def test_a_neighbour_table_of_the_wrong_shape_is_refused(saved: Path) -> None:
     tensors = torch.load(saved, weights_only=True)["tensors"]
     tensors["bank_neighbors"] = tensors["bank_neighbors"][:, :3]

@@ -46,24 +46,57 @@ def test_smoother_keeps_constant_maps_and_spreads_a_peak() -> None:
 
 
 @pytest.mark.parametrize(
-    ("grid", "size", "sigma", "border"),
-    [((8, 8), (64, 64), 4.0, 0), ((6, 9), (40, 72), 2.0, 2), ((8, 8), (64, 64), 0.0, 1)],
+    ("grid", "size", "sigma", "border", "upsampling"),
+    [
+        ((8, 8), (64, 64), 4.0, 0, "linear"),
+        ((6, 9), (40, 72), 2.0, 2, "linear"),
+        ((8, 8), (64, 64), 0.0, 1, "linear"),
+        ((8, 8), (64, 64), 4.0, 0, "cubic"),
+        ((6, 9), (40, 72), 2.0, 2, "cubic"),
+    ],
 )
 def test_smoother_operators_equal_upsampling_then_blurring_the_map(
-    grid: tuple[int, int], size: tuple[int, int], sigma: float, border: int
+    grid: tuple[int, int], size: tuple[int, int], sigma: float, border: int, upsampling: str
 ) -> None:
     g = torch.Generator().manual_seed(3)
     scores = torch.rand(2, *grid, generator=g) * 30
     x = torch.nn.functional.pad(scores.unsqueeze(1), (border,) * 4, mode="replicate")
-    x = torch.nn.functional.interpolate(x, size=size, mode="bilinear", align_corners=False)
+    mode = {"linear": "bilinear", "cubic": "bicubic"}[upsampling]
+    x = torch.nn.functional.interpolate(x, size=size, mode=mode, align_corners=False)
     if sigma > 0:  # the 2-D computation the operators stand for
         k = gaussian_kernel1d(sigma)
         r = k.numel() // 2
         x = torch.nn.functional.conv2d(torch.nn.functional.pad(x, (r, r, 0, 0), mode="replicate"), k.view(1, 1, 1, -1))
         x = torch.nn.functional.conv2d(torch.nn.functional.pad(x, (0, 0, r, r), mode="replicate"), k.view(1, 1, -1, 1))
-    got = AnomalyMapSmoother(size, sigma, border=border)(scores)
+    got = AnomalyMapSmoother(size, sigma, border=border, upsampling=upsampling)(scores)
     assert got.shape == (2, *size)
     assert torch.allclose(got, x.squeeze(1), rtol=1e-5, atol=1e-5)
+
+
+def _spread_px2(smoother: AnomalyMapSmoother) -> float:
+    """Variance (in output pixels squared) of the map of one high cell in the middle of an 8 x 8 grid."""
+    peak = torch.zeros(1, 8, 8)
+    peak[0, 4, 4] = 1.0
+    rows = smoother(peak)[0].sum(dim=1)
+    rows = rows / rows.sum()
+    x = torch.arange(rows.numel(), dtype=torch.float32)
+    return float((rows * (x - (rows * x).sum()) ** 2).sum())
+
+
+def test_cubic_upsampling_adds_no_blur_of_its_own_where_linear_adds_a_third_of_a_cell() -> None:
+    # At 8 output pixels per cell, linear interpolation spreads a cell with variance 8^2 / 6 on top of
+    # the Gaussian's; bicubic's kernel has negative lobes and leaves the map at most as spread as sigma.
+    linear = _spread_px2(AnomalyMapSmoother((64, 64), 4.0, upsampling="linear"))
+    cubic = _spread_px2(AnomalyMapSmoother((64, 64), 4.0, upsampling="cubic"))
+    assert linear == pytest.approx(16.0 + 64 / 6, abs=0.3)
+    assert 10.0 < cubic <= 16.0
+    flat = AnomalyMapSmoother((64, 64), 4.0, upsampling="cubic")(torch.full((1, 8, 8), 2.5))
+    assert torch.allclose(flat, torch.tensor(2.5), atol=1e-5)  # both still keep a constant map
+
+
+def test_an_unknown_upsampling_is_refused() -> None:
+    with pytest.raises(ValueError, match="map upsampling 'nearest': expected one of linear, cubic"):
+        AnomalyMapSmoother((64, 64), 4.0, upsampling="nearest")
 
 
 def test_bfloat16_minimum_is_exact_over_distances_of_either_sign() -> None:
