@@ -226,9 +226,10 @@ def blur_operator(n: int, kernel: torch.Tensor) -> torch.Tensor:
     return F.conv1d(F.pad(impulses, (r, r), mode="replicate"), kernel.view(1, 1, -1)).squeeze(1).t()
 
 
-# How a score grid is brought to the frame's size before the blur. "linear": bilinear, as the PatchCore,
-# PaDiM and EfficientAD papers. "cubic": bicubic (Keys, a = -0.75, as torch's), which adds less blur of its
-# own, so the map's smoothing is about the Gaussian's `sigma` alone (docs/speed.md, "Map upsampling").
+# How a score grid is brought to the frame's size before the blur. "linear": bilinear, as in the PatchCore,
+# PaDiM and EfficientAD papers; at 8 px per cell it adds a spread of its own (sigma 4 becomes 5.2 px in
+# all). "cubic": bicubic (Keys, a = -0.75, as torch's), whose negative lobes add none (3.4 px in all).
+# See docs/speed.md, "Map upsampling".
 UPSAMPLINGS = ("linear", "cubic")
 
 
