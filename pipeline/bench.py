@@ -154,6 +154,35 @@ def latencies_ms(fn: Callable[[], object], seconds: float, at_least: int = 20) -
     return np.asarray(out)
 
 
+def paced_loop_latencies_ms(
+    fn: Callable[[], object],
+    period_s: float,
+    seconds: float,
+    clock: Callable[[], float] = time.perf_counter,
+    sleep: Callable[[float], None] = time.sleep,
+) -> np.ndarray:
+    """Latency in ms of each part through a one-process loop fed on a conveyor's schedule: no stages, no
+    rings, just `fn` per part, as a line engineer's own loop would run. Part i is due at i * `period_s`;
+    if the loop is still busy then, the part waits, and its latency runs from when it was due. So stalls
+    of the box and queueing behind a slow call reach this loop as they reach the pipeline. One warm-up
+    call first, not counted.
+    """
+    fn()
+    out = []
+    start = clock()
+    i = 0
+    while (due := start + i * period_s) - start < seconds:
+        if (now := clock()) < due:
+            sleep(due - now)
+            t0 = clock()  # idle: stamped on waking, as the pipeline's capture stamps a part it releases
+        else:
+            t0 = due  # busy: the part has waited since it was due
+        fn()
+        out.append((clock() - t0) * 1000.0)
+        i += 1
+    return np.asarray(out)
+
+
 def interleaved_batch1_ms(
     models: dict[str, Callable[[torch.Tensor], object]],
     size: tuple[int, int],

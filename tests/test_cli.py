@@ -233,6 +233,25 @@ def test_interleaved_bursts_leave_out_the_first_call_of_each_turn() -> None:
     assert single == {"a": [pytest.approx(0.030)] * 2, "b": [pytest.approx(0.050)] * 2}
 
 
+def test_paced_loop_counts_the_wait_behind_a_slow_call_and_not_a_late_wake_up() -> None:
+    from pipeline.bench import paced_loop_latencies_ms
+
+    now = [0.0]
+    durations = iter([0.005, 0.005, 0.025, 0.005, 0.005, 0.005])  # the warm-up call first
+
+    def call() -> None:
+        now[0] += next(durations)
+
+    def sleep(seconds: float) -> None:
+        now[0] += seconds + 0.001  # wakes a millisecond late
+
+    lat = paced_loop_latencies_ms(call, 0.010, 0.045, lambda: now[0], sleep)
+    # Parts due every 10 ms. The second finds the loop idle and counts from its late wake-up (25 ms, not
+    # 26); the 25 ms call holds up the three after it, which count from when they were due and catch up
+    # by 5 ms a part.
+    assert lat == pytest.approx([5.0, 25.0, 21.0, 16.0, 11.0])
+
+
 def test_bench_waits_for_a_cuda_device_before_the_clock_stops(monkeypatch: pytest.MonkeyPatch) -> None:
     import torch
 

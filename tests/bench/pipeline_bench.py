@@ -7,6 +7,9 @@
 3. Pipeline paced at 80 % of that rate, like a conveyor, `--rounds` times: end-to-end latency p50 / p99,
    each run's p99 against the model's own batch-1 p99 measured before and after it. With
    `--load-of batch1`, at 80 % of the model's batch-1 rate instead (parts passing one at a time).
+   After each paced run, the same parts on the same schedule through a one-process loop (the model
+   at batch 1, no stages: what a line engineer's own loop would do), so the box's own stalls and the
+   queueing behind them can be told apart from what the pipeline adds.
 
     python tests/bench/pipeline_bench.py --bundle B.pt --data FOLDER_OR_MVTEC [--seconds 30] [--load-of batch1]
 
@@ -24,7 +27,7 @@ import torch
 
 from calibration.datasets import normal_frames
 from edge.bundle import load_bundle
-from pipeline.bench import latencies_ms, pipeline_fps, throughput
+from pipeline.bench import latencies_ms, paced_loop_latencies_ms, pipeline_fps, throughput
 from pipeline.config import load_config, with_overrides
 
 
@@ -104,13 +107,18 @@ def main() -> None:
 
     # As above: each paced pipeline run sits between two measurements of the model's batch-1 p99.
     reference = [first_p99]
-    p99_ratios, lines = [], []
+    p99_ratios, loop_ratios, lines, loop_lines = [], [], [], []
     for _ in range(args.rounds):
         paced_fps, lat, _ = pipeline_fps(config, bundle_path, data, args.seconds, rate)
+        with torch.inference_mode():
+            loop = paced_loop_latencies_ms(lambda: bundle.model(x[:1]), 60.0 / rate, args.seconds)
         reference.append(model_batch1_ms()[1])
         p50, p99 = float(np.percentile(lat, 50)), float(np.percentile(lat, 99))
+        loop_p99 = float(np.percentile(loop, 99))
         p99_ratios.append(p99 / ((reference[-2] + reference[-1]) / 2))
+        loop_ratios.append(loop_p99 / ((reference[-2] + reference[-1]) / 2))
         lines.append(f"{paced_fps:.1f} frames/s, end-to-end p50 {p50:.1f} / p99 {p99:.1f} ms")
+        loop_lines.append(f"p50 {np.percentile(loop, 50):.1f} / p99 {loop_p99:.1f} ms")
     basis = (
         "the full-speed pipeline"
         if args.load_of == "pipeline"
@@ -119,6 +127,8 @@ def main() -> None:
     print(f"pipeline at 80% of {basis} ({rate / 60:.1f} parts/s): " + "; ".join(lines))
     print(f"  model's own batch-1 p99, back to back, before/between/after: {_join(reference)} ms")
     print(f"  end-to-end p99 / model p99 (neighbours): {_join(p99_ratios, 2)} -> median {np.median(p99_ratios):.2f}")
+    print("  one-process loop on the same schedule, after each run: " + "; ".join(loop_lines))
+    print(f"  loop p99 / model p99 (neighbours): {_join(loop_ratios, 2)} -> median {np.median(loop_ratios):.2f}")
 
 
 if __name__ == "__main__":
