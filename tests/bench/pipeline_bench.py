@@ -115,8 +115,9 @@ def main() -> None:
         reference.append(model_batch1_ms()[1])
         p50, p99 = float(np.percentile(lat, 50)), float(np.percentile(lat, 99))
         loop_p99 = float(np.percentile(loop, 99))
-        p99_ratios.append(p99 / ((reference[-2] + reference[-1]) / 2))
-        loop_ratios.append(loop_p99 / ((reference[-2] + reference[-1]) / 2))
+        model_p99 = (reference[-2] + reference[-1]) / 2
+        p99_ratios.append(p99 / model_p99)
+        loop_ratios.append(loop_p99 / model_p99)
         lines.append(f"{paced_fps:.1f} frames/s, end-to-end p50 {p50:.1f} / p99 {p99:.1f} ms")
         loop_lines.append(f"p50 {np.percentile(loop, 50):.1f} / p99 {loop_p99:.1f} ms")
     basis = (
