@@ -70,7 +70,7 @@ def bank_columns(bank: torch.Tensor) -> torch.Tensor:
     """The bank (M, C) as contiguous columns (C, M), the layout the float32 searches take.
 
     With the bank's rows as a transposed view, MKL's sgemm took 0.58 ms to re-search 16 patches over
-    10,240 rows on the dev CPU; on contiguous columns 0.39 ms (docs/speed.md).
+    10,240 rows on the dev CPU; on contiguous columns 0.43 ms (docs/speed.md, "Scoring after the search").
     """
     return bank.t().contiguous()
 
