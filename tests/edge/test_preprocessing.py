@@ -1,5 +1,6 @@
 import numpy as np
 import pytest
+import torch
 
 from edge.backbones import BACKBONES
 from edge.preprocessing import Preprocessing, to_rgb8
@@ -42,3 +43,16 @@ def test_gray_and_rgb_of_same_content_give_same_tensor() -> None:
     pre = BACKBONES["efficientnet_lite0"].preprocessing(32)
     gray = np.random.default_rng(0).integers(0, 255, (50, 50), dtype=np.uint8)
     assert np.array_equal(pre(gray), pre(np.repeat(gray[:, :, None], 3, axis=2)))
+
+
+def test_batched_normalisation_is_the_per_frame_one_bit_for_bit() -> None:
+    pre = Preprocessing(resize=(24, 20), crop=(24, 20), mean=(123.675, 116.28, 103.53), std=(58.395, 57.12, 57.375))
+    rgb8 = np.random.default_rng(3).integers(0, 256, (3, 24, 20, 3), dtype=np.uint8)
+    expected = torch.from_numpy(np.stack([pre.normalize(f) for f in rgb8]))
+    out = pre.normalize_batch(torch.from_numpy(rgb8))
+    assert out.shape == (3, 3, 24, 20) and out.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(out, expected)
+    # A strided view (every other frame, mirrored) gives the same values as its copy.
+    view = torch.from_numpy(rgb8).flip(2)[::2]
+    assert torch.equal(pre.normalize_batch(view), pre.normalize_batch(view.contiguous()))
+    assert torch.equal(pre.normalize_batch(view)[1], expected[2].flip(2))
