@@ -7,6 +7,7 @@ captured = verdicts + drops + in flight from these cells and the rings.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from multiprocessing import shared_memory
 
@@ -29,6 +30,7 @@ class StateSpec:
     name: str
     cameras: int
     processes: int
+    supervisor_pid: int  # the process that created the state and spawns the stages
 
 
 class RunState:
@@ -68,7 +70,7 @@ class RunState:
     @classmethod
     def create(cls, cameras: int, processes: int) -> RunState:
         shm = shared_memory.SharedMemory(create=True, size=8 * cls.cells(cameras, processes))
-        state = cls(StateSpec(shm.name, cameras, processes), shm, owner=True)
+        state = cls(StateSpec(shm.name, cameras, processes, os.getpid()), shm, owner=True)
         state._arr[:] = 0
         state.last_decided[:] = -1
         return state
@@ -80,11 +82,20 @@ class RunState:
     def drop(self, camera: int, reason: str, n: int = 1) -> None:
         self.drops[camera, DROP_REASONS.index(reason)] += n
 
+    def supervisor_gone(self) -> bool:
+        """True in a stage whose supervisor has died (the stage was handed to another parent).
+
+        Stages ignore SIGINT and SIGTERM so that the supervisor alone decides how a run ends; without this
+        check, a supervisor killed outright (SIGKILL, the OOM killer) would leave them blocked on full rings
+        for ever, holding the GPU, the shared memory and the publisher's port.
+        """
+        return not self._owner and os.getppid() != self.spec.supervisor_pid
+
     def stopping_sources(self) -> bool:
-        return bool(self.flags[FLAG_STOP_SOURCES] or self.flags[FLAG_STOP_ALL])
+        return bool(self.flags[FLAG_STOP_SOURCES] or self.flags[FLAG_STOP_ALL]) or self.supervisor_gone()
 
     def stopping(self) -> bool:
-        return bool(self.flags[FLAG_STOP_ALL])
+        return bool(self.flags[FLAG_STOP_ALL]) or self.supervisor_gone()
 
     def close(self) -> None:
         del self.flags, self.captured, self.connected, self.reconnects, self.done, self.position

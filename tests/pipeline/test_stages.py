@@ -1,7 +1,11 @@
 """Stage processes run on their own: decide over hand-made score records."""
 
+import dataclasses
 import multiprocessing as mp
+import os
+import signal
 import time
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -41,6 +45,64 @@ def test_decide_publishes_and_forwards_a_retried_frame_once() -> None:
         decide.join(30)
         scores.close()
         verdicts.close()
+        state.close()
+
+
+def _supervisor_that_hangs(pids: Any) -> None:
+    """A stand-in supervisor: creates the run state, spawns a decide stage, reports its pid and waits."""
+    ctx = mp.get_context("spawn")
+    state = RunState.create(cameras=1, processes=1)
+    scores = FrameRing.create(8, doorbell=Doorbell(ctx))
+    verdicts = FrameRing.create(8)
+    args = (StageContext(state.spec, 0), scores.spec, verdicts.spec, ["cam0"], 1.0, "hash", "run")
+    decide = ctx.Process(target=decide_main, args=(*args, f"tcp://127.0.0.1:{free_port()}", 100))
+    decide.start()
+    pids.put(decide.pid)
+    time.sleep(600)
+
+
+def _running(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def test_stages_end_when_their_supervisor_is_killed() -> None:
+    """Stages ignore SIGTERM (the supervisor runs the stop); a supervisor killed outright must not leave
+    them behind, holding the shared memory, the GPU and the publisher's port."""
+    ctx = mp.get_context("spawn")
+    pids = ctx.Queue()
+    supervisor = ctx.Process(target=_supervisor_that_hangs, args=(pids,))
+    supervisor.start()
+    stage = pids.get(timeout=60)
+    try:
+        time.sleep(0.5)
+        assert _running(stage)  # alive while its supervisor is
+        os.kill(supervisor.pid, signal.SIGKILL)
+        supervisor.join(10)
+        deadline = time.monotonic() + 20
+        while _running(stage) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not _running(stage)
+    finally:
+        if _running(stage):
+            os.kill(stage, signal.SIGKILL)
+
+
+def test_only_a_stage_of_a_dead_supervisor_sees_it_gone() -> None:
+    state = RunState.create(cameras=1, processes=1)
+    try:
+        assert state.spec.supervisor_pid == os.getpid() and not state.supervisor_gone()
+        # Attached as this process's own stage would be (its parent is the supervisor): running on.
+        as_child = RunState.attach(dataclasses.replace(state.spec, supervisor_pid=os.getppid()))
+        assert not as_child.supervisor_gone() and not as_child.stopping() and not as_child.stopping_sources()
+        # Attached with a supervisor that is not its parent (any more): stop.
+        orphan = RunState.attach(dataclasses.replace(state.spec, supervisor_pid=os.getppid() + 100_000))
+        assert orphan.supervisor_gone() and orphan.stopping() and orphan.stopping_sources()
+        as_child.close()
+        orphan.close()
+    finally:
         state.close()
 
 
