@@ -70,8 +70,8 @@ class Preprocessing:
         """
         n, h, w, c = rgb8.shape
         x = rgb8.to(torch.float32, memory_format=torch.contiguous_format)
-        # The channel constants tiled along a whole row: broadcast per channel, the innermost loop would run
-        # over 3 values and not vectorise (a frame took 0.5 ms on the dev CPU against 0.04 ms this way). The
+        # The channel constants tiled along a whole row: broadcast per channel, the innermost loop runs over
+        # 3 values and does not vectorise (2-3x slower on the dev CPU: tests/bench/normalise_bench.py). The
         # operations, and so every value, are those of `normalize`.
         mean = torch.tensor(self.mean, dtype=torch.float32, device=x.device).repeat(w)
         std = torch.tensor(self.std, dtype=torch.float32, device=x.device).repeat(w)
