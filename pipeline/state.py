@@ -87,7 +87,8 @@ class RunState:
 
         Stages ignore SIGINT and SIGTERM so that the supervisor alone decides how a run ends; without this
         check, a supervisor killed outright (SIGKILL, the OOM killer) would leave them blocked on full rings
-        for ever, holding the GPU, the shared memory and the publisher's port.
+        for ever, holding the GPU, the shared memory and the publisher's port. The supervisor starts them
+        itself (the `spawn` method, no fork server), so while it lives it is their parent.
         """
         return not self._owner and os.getppid() != self.spec.supervisor_pid
 
