@@ -60,3 +60,7 @@ def test_batched_normalisation_is_the_per_frame_one_bit_for_bit(device: str) -> 
     view = torch.from_numpy(rgb8).to(device).flip(2)[::2]
     assert torch.equal(pre.normalize_batch(view), pre.normalize_batch(view.contiguous()))
     assert torch.equal(pre.normalize_batch(view)[1], expected[2].flip(2))
+    # Float frames (already in 0-255) give the same values, and the caller's tensor is left as it was.
+    floats = torch.from_numpy(rgb8).to(device, torch.float32)
+    assert torch.equal(pre.normalize_batch(floats), expected)
+    assert torch.equal(floats, torch.from_numpy(rgb8).to(device, torch.float32))
