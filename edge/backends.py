@@ -159,15 +159,17 @@ def require_device(key: str, device: str) -> torch.device:
     return dev
 
 
-def check_backend(backend: str, device: str) -> None:
-    """Raise BackendError now when `backend` cannot run on `device` here (before any process starts)."""
+def check_backend(backend: str, device: str, allow_fallback: bool = False) -> None:
+    """Raise BackendError now when `backend` cannot run on `device` here (before any process starts or any
+    model is loaded). With `allow_fallback` a backend that cannot run is let through, since eager torch will
+    run instead, but a device that is not there is still refused: the fallback runs on the same device."""
     if backend not in BACKENDS:
         raise BackendError(f"pipeline.backend = {backend!r}: expected one of {', '.join(BACKENDS)}")
     try:
         require_device("pipeline.device", device)
     except ValueError as exc:
         raise BackendError(str(exc)) from None
-    if backend == "tensorrt":
+    if backend == "tensorrt" and not allow_fallback:
         _import_tensorrt(device)
 
 

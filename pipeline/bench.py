@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from edge.backbones import FeatureBackbone
-from edge.backends import engine_cache_dir, prepare_backend
+from edge.backends import check_backend, engine_cache_dir, prepare_backend
 from edge.bundle import load_bundle
 from pipeline.config import Config, SourceConfig, with_overrides
 from pipeline.supervisor import Pipeline
@@ -259,9 +259,10 @@ def pipeline_fps(
 
 
 def run_bench(bundle_path: Path, config: Config, batch: int, seconds: float, data: Path | None = None) -> BenchResult:
+    pc = config.pipeline
+    check_backend(pc.backend, pc.device, pc.backend_fallback)
     bundle = load_bundle(bundle_path, config.model.backbone_weights)
     model, pre = bundle.model, bundle.preprocessing
-    pc = config.pipeline
     h, w = pre.input_size
     x = torch.randn(batch, 3, h, w).contiguous(memory_format=torch.channels_last).to(pc.device)
     x1 = x[:1].contiguous(memory_format=torch.channels_last)

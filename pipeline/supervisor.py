@@ -108,8 +108,7 @@ class Pipeline:
             raise ValueError(f"pipeline.sources: camera ids must be unique, got {self.cameras}")
         self.policies = [default_policy(s) for s in sources]
         pc = config.pipeline
-        if not pc.backend_fallback:
-            check_backend(pc.backend, pc.device)  # refuse now, not after spawning every stage
+        check_backend(pc.backend, pc.device, pc.backend_fallback)  # refuse now, not after spawning every stage
         self.on_verdict = on_verdict
         self.run_id = uuid.uuid4().hex[:12]
         self._stop_requested = False

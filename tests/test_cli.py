@@ -9,6 +9,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+import torch
 
 from pipeline.cli import main
 
@@ -160,6 +161,13 @@ def test_bench_json_has_the_documented_keys(
         err = capsys.readouterr().err.strip()
         expected = "out of range, expected a value >= 1 and <= 1024"
         assert err == f"linewatch: error: command line: pipeline.max_batch = {bad}: {expected}"
+    if not torch.cuda.is_available():  # a device that is not there: one line, fallback allowed or not
+        for fallback in ("false", "true"):
+            cfg = tmp_path / f"cuda-{fallback}.yaml"
+            cfg.write_text(f"pipeline:\n  device: cuda\n  backend_fallback: {fallback}\n")
+            assert main(["bench", "--bundle", str(bundle), "--seconds", "1", "--config", str(cfg)]) == 2
+            err = capsys.readouterr().err.strip()
+            assert err == "linewatch: error: pipeline.device = cuda: no CUDA device is available on this machine"
 
 
 def test_efficientad_calibrates_and_runs_in_the_pipeline(

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from calibration.datasets import normal_frames
-from edge.backends import engine_cache_dir, prepare_backend
+from edge.backends import check_backend, engine_cache_dir, prepare_backend
 from edge.bundle import load_bundle
 from pipeline.bench import completed, latencies_ms, paced_loop_latencies_ms, pipeline_fps, throughput
 from pipeline.config import load_config, with_overrides
@@ -52,6 +52,8 @@ def main() -> None:
     )
     args = parser.parse_args()
     config = load_config(args.config)
+    pc = config.pipeline
+    check_backend(pc.backend, pc.device, pc.backend_fallback)  # before a bundle is calibrated or loaded
     bundle_path, data = args.bundle, args.data
     if bundle_path is None or data is None:
         from calibration.calibrate import calibrate
@@ -66,7 +68,6 @@ def main() -> None:
         save_bundle(bundle_path, cal.fit.model, cal.manifest)
     bundle = load_bundle(bundle_path, config.model.backbone_weights)
     h, w = bundle.preprocessing.input_size
-    pc = config.pipeline
     batch = pc.max_batch
     # The model alone runs as the infer stage runs it: on pipeline.device, through pipeline.backend.
     x = torch.randn(batch, 3, h, w).contiguous(memory_format=torch.channels_last).to(pc.device)

@@ -55,9 +55,11 @@ def test_tensorrt_without_cuda_is_refused_or_falls_back_when_allowed(
         prepare_backend(model, "tensorrt", "cpu", x, tmp_path, "h")
     with pytest.raises(BackendError, match="tensorrt needs a CUDA device"):
         check_backend("tensorrt", "cpu")
+    check_backend("tensorrt", "cpu", allow_fallback=True)  # eager torch will run instead
     if not torch.cuda.is_available():
-        with pytest.raises(BackendError, match="pipeline.device = cuda: no CUDA device"):
-            check_backend("torch", "cuda")
+        for fallback in (False, True):  # the fallback runs on the same device, so a missing one is refused
+            with pytest.raises(BackendError, match="pipeline.device = cuda: no CUDA device"):
+                check_backend("torch", "cuda", allow_fallback=fallback)
     with caplog.at_level(logging.WARNING, logger="linewatch.backends"):
         prepared = prepare_backend(model, "tensorrt", "cpu", x, tmp_path, "h", allow_fallback=True)
     assert prepared.backend == "torch"
