@@ -196,6 +196,11 @@ class PipelineConfig:
     """Folder for compiled TensorRT engines; default: an `engines` folder next to the bundle."""
     heartbeat_timeout_s: float = field(default=30.0, metadata=_range(1.0, 3600.0))
     """A stage silent for this long is restarted like a crashed one."""
+    decide_priority: int = field(default=10, metadata=_range(0, 99))
+    """SCHED_FIFO priority of the decide stage, which thresholds and publishes (0: normal scheduling). A
+    verdict then goes out as soon as its score exists; at normal priority it could wait ~4 ms behind the
+    next part's inference. Needs CAP_SYS_NICE or an rtprio limit; without either the stage logs it and runs
+    at normal priority."""
 
 
 @dataclass(frozen=True)

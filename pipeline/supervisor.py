@@ -201,6 +201,7 @@ class Pipeline:
                     self.run_id,
                     pub.address,
                     pub.send_hwm,
+                    pc.decide_priority,
                 ),
             )
         )

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import yaml
 
-from pipeline.config import MetricsConfig
+from pipeline.config import MetricsConfig, PipelineConfig
 from pipeline.metrics import PipelineMetrics
 from pipeline.publisher import Verdict, encode
 
@@ -43,6 +43,15 @@ def test_prometheus_and_compose_point_at_the_metrics_port() -> None:
     assert (DEPLOY / "Dockerfile").read_text().count("ENTRYPOINT") == 1
     unit = (DEPLOY / "linewatch.service").read_text()
     assert "ExecStart=" in unit and "linewatch run --config" in unit and "KillSignal=SIGTERM" in unit
+
+
+def test_deploys_allow_the_decide_stages_real_time_priority() -> None:
+    wanted = PipelineConfig().decide_priority
+    compose = yaml.safe_load((DEPLOY / "docker-compose.yml").read_text())
+    assert compose["services"]["linewatch"]["ulimits"]["rtprio"] >= wanted
+    unit = (DEPLOY / "linewatch.service").read_text()
+    limit = re.search(r"^LimitRTPRIO=(\d+)$", unit, re.M)
+    assert limit is not None and int(limit.group(1)) >= wanted
 
 
 def _message(seq: int, topic_seq: int, verdict: str = "reject", run: str = "r1") -> list[bytes]:

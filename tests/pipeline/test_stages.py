@@ -3,16 +3,18 @@
 import dataclasses
 import multiprocessing as mp
 import os
+import resource
 import signal
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pytest
 
 from pipeline.bench import free_port
 from pipeline.ring import RECORD, VERDICT_PASS, Doorbell, FrameRing
-from pipeline.stages import ConveyorPace, StageContext, decide_main
+from pipeline.stages import ConveyorPace, StageContext, decide_main, run_realtime
 from pipeline.state import FLAG_STOP_ALL, RunState
 
 
@@ -46,6 +48,65 @@ def test_decide_publishes_and_forwards_a_retried_frame_once() -> None:
         scores.close()
         verdicts.close()
         state.close()
+
+
+def _may_run_realtime(priority: int) -> bool:
+    status = Path("/proc/self/status").read_text()
+    cap_eff = int(next(line.split()[1] for line in status.splitlines() if line.startswith("CapEff:")), 16)
+    return bool(cap_eff & (1 << 23)) or resource.getrlimit(resource.RLIMIT_RTPRIO)[0] >= priority  # CAP_SYS_NICE
+
+
+def _policies(pid: int) -> dict[str, tuple[int, int]]:
+    """(scheduling policy, real-time priority) of the threads of process `pid` that carry a verdict: its
+    main thread ("main") and ZeroMQ's ("ZMQbg/..."). Idle pools started at import (numpy's) are left out."""
+    out = {}
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        name = "main" if task.name == str(pid) else (task / "comm").read_text().strip()
+        if name == "main" or name.startswith("ZMQbg/"):
+            fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
+            out[name] = (int(fields[38]), int(fields[37]))  # stat fields 41 (policy) and 40 (rt_priority)
+    return out
+
+
+def test_decide_and_its_publisher_threads_run_at_real_time_priority(capfd: pytest.CaptureFixture) -> None:
+    """The verdict must not queue behind the next inference's threads, and neither may ZeroMQ's I/O
+    thread that puts it on the wire. Where the box refuses, the stage says so and runs on."""
+    ctx = mp.get_context("spawn")
+    state = RunState.create(cameras=1, processes=1)
+    scores = FrameRing.create(8, doorbell=Doorbell(ctx))
+    verdicts = FrameRing.create(8)
+    args = (StageContext(state.spec, 0), scores.spec, verdicts.spec, ["cam0"], 1.0, "hash", "run")
+    decide = ctx.Process(target=decide_main, args=(*args, f"tcp://127.0.0.1:{free_port()}", 100, 3))
+    try:
+        decide.start()
+        deadline = time.monotonic() + 60
+        while not state.ready[0] and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert state.ready[0] and decide.pid is not None
+        policies = _policies(decide.pid)
+        assert "main" in policies and "ZMQbg/IO/0" in policies
+        if _may_run_realtime(3):
+            assert set(policies.values()) == {(os.SCHED_FIFO, 3)}, policies
+        else:
+            assert {policy for policy, _ in policies.values()} == {os.SCHED_OTHER}
+            assert "cannot run at real-time priority 3" in capfd.readouterr().err
+    finally:
+        state.flags[FLAG_STOP_ALL] = 1
+        decide.join(30)
+        scores.close()
+        verdicts.close()
+        state.close()
+
+
+def test_refused_real_time_priority_says_what_to_grant(monkeypatch: pytest.MonkeyPatch) -> None:
+    def refuse(*_: object) -> None:
+        raise PermissionError(1, "Operation not permitted")
+
+    monkeypatch.setattr(os, "sched_setscheduler", refuse)
+    message = run_realtime(10)
+    assert message is not None
+    assert "real-time priority 10 (Operation not permitted)" in message
+    assert "CAP_SYS_NICE" in message and "LimitRTPRIO" in message and "rtprio" in message
 
 
 def _supervisor_that_hangs(pids: Any) -> None:
