@@ -1,5 +1,7 @@
 """Stage processes run on their own: decide over hand-made score records."""
 
+from __future__ import annotations
+
 import dataclasses
 import multiprocessing as mp
 import os
@@ -18,36 +20,48 @@ from pipeline.stages import ConveyorPace, StageContext, decide_main, run_realtim
 from pipeline.state import FLAG_STOP_ALL, RunState
 
 
+class _DecideRig:
+    """One decide stage process on rings of its own; on leaving the `with`, it is stopped and they are freed."""
+
+    def __init__(self, priority: int = 0) -> None:
+        ctx = mp.get_context("spawn")
+        self.state = RunState.create(cameras=1, processes=1)
+        self.scores = FrameRing.create(8, doorbell=Doorbell(ctx))
+        self.verdicts = FrameRing.create(8)
+        args = (StageContext(self.state.spec, 0), self.scores.spec, self.verdicts.spec, ["cam0"], 1.0, "hash", "run")
+        address = f"tcp://127.0.0.1:{free_port()}"
+        self.process = ctx.Process(target=decide_main, args=(*args, address, 100, priority))
+
+    def __enter__(self) -> _DecideRig:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.state.flags[FLAG_STOP_ALL] = 1
+        if self.process.pid is not None:
+            self.process.join(30)
+        self.scores.close()
+        self.verdicts.close()
+        self.state.close()
+
+
 def test_decide_publishes_and_forwards_a_retried_frame_once() -> None:
-    ctx = mp.get_context("spawn")
-    state = RunState.create(cameras=1, processes=1)
-    scores = FrameRing.create(8, doorbell=Doorbell(ctx))
-    verdicts = FrameRing.create(8)
-    # Frame 0 arrives twice: the stage before decide died after forwarding it but before releasing it,
-    # and its restarted successor forwarded it again.
-    for frame_id in (0, 0, 1):
-        rec = np.zeros((), dtype=RECORD)
-        rec["frame_id"], rec["score"], rec["verdict"] = frame_id, 5.0, VERDICT_PASS
-        slot = scores.free_slot()
-        assert slot is not None
-        scores.commit(slot, rec)
-    args = (StageContext(state.spec, 0), scores.spec, verdicts.spec, ["cam0"], 1.0, "hash", "run")
-    decide = ctx.Process(target=decide_main, args=(*args, f"tcp://127.0.0.1:{free_port()}", 100))
-    try:
-        decide.start()
+    with _DecideRig() as rig:
+        # Frame 0 arrives twice: the stage before decide died after forwarding it but before releasing it,
+        # and its restarted successor forwarded it again.
+        for frame_id in (0, 0, 1):
+            rec = np.zeros((), dtype=RECORD)
+            rec["frame_id"], rec["score"], rec["verdict"] = frame_id, 5.0, VERDICT_PASS
+            slot = rig.scores.free_slot()
+            assert slot is not None
+            rig.scores.commit(slot, rec)
+        rig.process.start()
         deadline = time.monotonic() + 60
-        while scores.written().size and time.monotonic() < deadline:  # all three taken off the ring
+        while rig.scores.written().size and time.monotonic() < deadline:  # all three taken off the ring
             time.sleep(0.01)
-        assert not scores.written().size
-        assert [int(verdicts.headers[s]["frame_id"]) for s in verdicts.written()] == [0, 1]
-        assert int(state.publisher[0]) == 2  # two messages published, not three
-        assert int(state.last_decided[0]) == 1
-    finally:
-        state.flags[FLAG_STOP_ALL] = 1
-        decide.join(30)
-        scores.close()
-        verdicts.close()
-        state.close()
+        assert not rig.scores.written().size
+        assert [int(rig.verdicts.headers[s]["frame_id"]) for s in rig.verdicts.written()] == [0, 1]
+        assert int(rig.state.publisher[0]) == 2  # two messages published, not three
+        assert int(rig.state.last_decided[0]) == 1
 
 
 def _may_run_realtime(priority: int) -> bool:
@@ -71,31 +85,19 @@ def _policies(pid: int) -> dict[str, tuple[int, int]]:
 def test_decide_and_its_publisher_threads_run_at_real_time_priority(capfd: pytest.CaptureFixture) -> None:
     """The verdict must not queue behind the next inference's threads, and neither may ZeroMQ's I/O
     thread that puts it on the wire. Where the box refuses, the stage says so and runs on."""
-    ctx = mp.get_context("spawn")
-    state = RunState.create(cameras=1, processes=1)
-    scores = FrameRing.create(8, doorbell=Doorbell(ctx))
-    verdicts = FrameRing.create(8)
-    args = (StageContext(state.spec, 0), scores.spec, verdicts.spec, ["cam0"], 1.0, "hash", "run")
-    decide = ctx.Process(target=decide_main, args=(*args, f"tcp://127.0.0.1:{free_port()}", 100, 3))
-    try:
-        decide.start()
+    with _DecideRig(priority=3) as rig:
+        rig.process.start()
         deadline = time.monotonic() + 60
-        while not state.ready[0] and time.monotonic() < deadline:
+        while not rig.state.ready[0] and time.monotonic() < deadline:
             time.sleep(0.01)
-        assert state.ready[0] and decide.pid is not None
-        policies = _policies(decide.pid)
+        assert rig.state.ready[0] and rig.process.pid is not None
+        policies = _policies(rig.process.pid)
         assert "main" in policies and "ZMQbg/IO/0" in policies
         if _may_run_realtime(3):
             assert set(policies.values()) == {(os.SCHED_FIFO, 3)}, policies
         else:
             assert {policy for policy, _ in policies.values()} == {os.SCHED_OTHER}
             assert "cannot run at real-time priority 3" in capfd.readouterr().err
-    finally:
-        state.flags[FLAG_STOP_ALL] = 1
-        decide.join(30)
-        scores.close()
-        verdicts.close()
-        state.close()
 
 
 def test_refused_real_time_priority_says_what_to_grant(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -111,14 +113,9 @@ def test_refused_real_time_priority_says_what_to_grant(monkeypatch: pytest.Monke
 
 def _supervisor_that_hangs(pids: Any) -> None:
     """A stand-in supervisor: creates the run state, spawns a decide stage, reports its pid and waits."""
-    ctx = mp.get_context("spawn")
-    state = RunState.create(cameras=1, processes=1)
-    scores = FrameRing.create(8, doorbell=Doorbell(ctx))
-    verdicts = FrameRing.create(8)
-    args = (StageContext(state.spec, 0), scores.spec, verdicts.spec, ["cam0"], 1.0, "hash", "run")
-    decide = ctx.Process(target=decide_main, args=(*args, f"tcp://127.0.0.1:{free_port()}", 100))
-    decide.start()
-    pids.put(decide.pid)
+    rig = _DecideRig()
+    rig.process.start()
+    pids.put(rig.process.pid)
     time.sleep(600)
 
 
