@@ -198,7 +198,7 @@ class PipelineConfig:
     """A stage silent for this long is restarted like a crashed one."""
     decide_priority: int = field(default=10, metadata=_range(0, 99))
     """SCHED_FIFO priority of the decide stage, which thresholds and publishes (0: normal scheduling). A
-    verdict then goes out as soon as its score exists; at normal priority it could wait ~4 ms behind the
+    verdict then goes out as soon as its score exists; at normal priority it could wait 2-10 ms behind the
     next part's inference. Needs CAP_SYS_NICE or an rtprio limit; without either the stage logs it and runs
     at normal priority."""
 

@@ -65,7 +65,7 @@ def run_realtime(priority: int) -> str | None:
 
     Returns why not when the box refuses (no CAP_SYS_NICE and an RLIMIT_RTPRIO below `priority`), else
     None. A real-time thread preempts inference's threads the moment it wakes, instead of queueing
-    behind them for a scheduler slice (up to ~4 ms on the dev box).
+    behind them for a scheduler slice (2-10 ms on the dev box).
     """
     if not hasattr(os, "sched_setscheduler"):
         return "this OS has no SCHED_FIFO"
