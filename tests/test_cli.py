@@ -261,8 +261,6 @@ def test_paced_loop_counts_the_wait_behind_a_slow_call_and_not_a_late_wake_up() 
 
 
 def test_bench_waits_for_a_cuda_device_before_the_clock_stops(monkeypatch: pytest.MonkeyPatch) -> None:
-    import torch
-
     from pipeline.bench import completed
 
     events: list[str] = []
