@@ -7,11 +7,14 @@
 3. Pipeline paced at 80 % of that rate, like a conveyor, `--rounds` times: end-to-end latency p50 / p99,
    each run's p99 against the model's own batch-1 p99 measured before and after it. With
    `--load-of batch1`, at 80 % of the model's batch-1 rate instead (parts passing one at a time).
-   After each paced run, the same parts on the same schedule through a one-process loop (the model
+   With `--rate R`, at R parts/s in every run, so that runs of different days or settings compare.
+   Beside each paced run, the same parts on the same schedule through a one-process loop (the model
    at batch 1, no stages: what a line engineer's own loop would do), so the box's own stalls and the
-   queueing behind them can be told apart from what the pipeline adds.
+   queueing behind them can be told apart from what the pipeline adds. The two take turns going
+   first, and the rounds are also pooled: one slow spell of this VM moves a single round's p99.
 
-    python tests/bench/pipeline_bench.py --bundle B.pt --data FOLDER_OR_MVTEC [--seconds 30] [--load-of batch1]
+    python tests/bench/pipeline_bench.py --bundle B.pt --data FOLDER_OR_MVTEC [--seconds 30]
+        [--load-of batch1] [--rate R]
 
 Without --bundle it generates a small dataset and calibrates a bundle first (about a minute).
 """
@@ -21,6 +24,7 @@ from __future__ import annotations
 import argparse
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -51,7 +55,14 @@ def main() -> None:
         help="the paced runs go at 80%% of: the full-speed pipeline's rate (frames batched), or the model's "
         "batch-1 rate (parts passing one at a time)",
     )
+    parser.add_argument(
+        "--rate",
+        type=float,
+        help="parts/s for the paced runs, instead of 80%% of a rate measured first (which differs from run to run)",
+    )
     args = parser.parse_args()
+    if args.rate is not None and args.rate <= 0:
+        parser.error(f"--rate must be a positive number of parts/s, got {args.rate}")
     config = load_config(args.config)
     pc = config.pipeline
     check_backend(pc.backend, pc.device, pc.backend_fallback)  # before a bundle is calibrated or loaded
@@ -117,25 +128,34 @@ def main() -> None:
     # At batch 2 a frame costs less than alone, so 80 % of the batched rate can be ~100 % of what the
     # model does one part at a time: parts then wait for a partner. "batch1" paces below that.
     rate = 0.8 * (fps if args.load_of == "pipeline" else 1000.0 / first_p50) * 60.0
+    if args.rate is not None:
+        rate = args.rate * 60.0
 
     # As above: each paced pipeline run sits between two measurements of the model's batch-1 p99.
     reference = [first_p99]
-    p99_ratios, loop_ratios, lines, loop_lines = [], [], [], []
-    for _ in range(args.rounds):
+    p99_ratios, loop_ratios, own_ratios, lines, loop_lines = [], [], [], [], []
+    pooled: list[np.ndarray] = []
+    pooled_loop: list[np.ndarray] = []
+    for i in range(args.rounds):
+        loop_first = i % 2 == 1  # whichever runs second may meet a box that has drifted
+        if loop_first:
+            loop, backlog_s = _paced_loop(model_single, rate, args.seconds)
         paced_fps, lat, _ = pipeline_fps(config, bundle_path, data, args.seconds, rate)
-        with torch.inference_mode():
-            started = time.perf_counter()
-            loop = paced_loop_latencies_ms(model_single, 60.0 / rate, args.seconds)
-            # The loop serves every part due within `seconds`; time past that is the backlog it was left with.
-            backlog_s = time.perf_counter() - started - args.seconds
+        if not loop_first:
+            loop, backlog_s = _paced_loop(model_single, rate, args.seconds)
         reference.append(model_batch1_ms()[1])
+        pooled.append(lat)
+        pooled_loop.append(loop)
         p50, p99 = float(np.percentile(lat, 50)), float(np.percentile(lat, 99))
         loop_p99 = float(np.percentile(loop, 99))
         model_p99 = (reference[-2] + reference[-1]) / 2
         p99_ratios.append(p99 / model_p99)
         loop_ratios.append(loop_p99 / model_p99)
+        own_ratios.append(p99 / loop_p99)
         lines.append(f"{paced_fps:.1f} frames/s, end-to-end p50 {p50:.1f} / p99 {p99:.1f} ms")
         loop_lines.append(f"p50 {np.percentile(loop, 50):.1f} / p99 {loop_p99:.1f} ms")
+        if loop_first:
+            loop_lines[-1] += " (ran first)"
         if backlog_s > 0.05 * args.seconds:
             loop_lines[-1] += f" (could not keep up with this rate: {backlog_s:.1f} s of parts still queued at the end)"
     basis = (
@@ -143,11 +163,31 @@ def main() -> None:
         if args.load_of == "pipeline"
         else f"the model's batch-1 rate (p50 {first_p50:.1f} ms)"
     )
-    print(f"pipeline at 80% of {basis} ({rate / 60:.1f} parts/s): " + "; ".join(lines))
+    paced = f"at 80% of {basis} ({rate / 60:.1f} parts/s)"
+    if args.rate is not None:
+        paced = f"at {rate / 60:.1f} parts/s (--rate)"
+    print(f"pipeline {paced}: " + "; ".join(lines))
     print(f"  model's own batch-1 p99, back to back, before/between/after: {_join(reference)} ms")
     print(f"  end-to-end p99 / model p99 (neighbours): {_join(p99_ratios, 2)} -> median {np.median(p99_ratios):.2f}")
-    print("  one-process loop on the same schedule, after each run: " + "; ".join(loop_lines))
+    print("  one-process loop on the same schedule, beside each run: " + "; ".join(loop_lines))
     print(f"  loop p99 / model p99 (neighbours): {_join(loop_ratios, 2)} -> median {np.median(loop_ratios):.2f}")
+    print(f"  pipeline p99 / loop p99 (same round): {_join(own_ratios, 2)} -> median {np.median(own_ratios):.2f}")
+    model_p99 = float(np.mean(reference))
+    all_p99 = float(np.percentile(np.concatenate(pooled), 99))
+    all_loop_p99 = float(np.percentile(np.concatenate(pooled_loop), 99))
+    print(
+        f"  all rounds pooled: end-to-end p99 {all_p99:.1f} ms, loop p99 {all_loop_p99:.1f} ms, model p99 (mean) "
+        f"{model_p99:.1f} ms -> pipeline / model {all_p99 / model_p99:.2f}, loop / model {all_loop_p99 / model_p99:.2f}"
+    )
+
+
+def _paced_loop(model_single: Callable[[], object], rate_ppm: float, seconds: float) -> tuple[np.ndarray, float]:
+    """The one-process loop on the paced runs' schedule; returns its latencies and the backlog it ended with."""
+    with torch.inference_mode():
+        started = time.perf_counter()
+        loop = paced_loop_latencies_ms(model_single, 60.0 / rate_ppm, seconds)
+    # The loop serves every part due within `seconds`; time past that is the backlog it was left with.
+    return loop, time.perf_counter() - started - seconds
 
 
 if __name__ == "__main__":
