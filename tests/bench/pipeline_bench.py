@@ -127,9 +127,10 @@ def main() -> None:
     first_p50, first_p99 = model_batch1_ms()
     # At batch 2 a frame costs less than alone, so 80 % of the batched rate can be ~100 % of what the
     # model does one part at a time: parts then wait for a partner. "batch1" paces below that.
-    rate = 0.8 * (fps if args.load_of == "pipeline" else 1000.0 / first_p50) * 60.0
     if args.rate is not None:
         rate = args.rate * 60.0
+    else:
+        rate = 0.8 * (fps if args.load_of == "pipeline" else 1000.0 / first_p50) * 60.0
 
     # As above: each paced pipeline run sits between two measurements of the model's batch-1 p99.
     reference = [first_p99]
@@ -158,14 +159,15 @@ def main() -> None:
             loop_lines[-1] += " (ran first)"
         if backlog_s > 0.05 * args.seconds:
             loop_lines[-1] += f" (could not keep up with this rate: {backlog_s:.1f} s of parts still queued at the end)"
-    basis = (
-        "the full-speed pipeline"
-        if args.load_of == "pipeline"
-        else f"the model's batch-1 rate (p50 {first_p50:.1f} ms)"
-    )
-    paced = f"at 80% of {basis} ({rate / 60:.1f} parts/s)"
     if args.rate is not None:
         paced = f"at {rate / 60:.1f} parts/s (--rate)"
+    else:
+        basis = (
+            "the full-speed pipeline"
+            if args.load_of == "pipeline"
+            else f"the model's batch-1 rate (p50 {first_p50:.1f} ms)"
+        )
+        paced = f"at 80% of {basis} ({rate / 60:.1f} parts/s)"
     print(f"pipeline {paced}: " + "; ".join(lines))
     print(f"  model's own batch-1 p99, back to back, before/between/after: {_join(reference)} ms")
     print(f"  end-to-end p99 / model p99 (neighbours): {_join(p99_ratios, 2)} -> median {np.median(p99_ratios):.2f}")
