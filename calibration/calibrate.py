@@ -11,7 +11,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -22,12 +22,14 @@ from calibration.evaluate import ScoredSet, score_category
 from calibration.fit import FitResult, fit
 from calibration.metrics import auroc
 from calibration.progress import Progress
+from calibration.settings import OfflineConfig
 from calibration.synthetic import DEFECT_KINDS, add_defect
 from calibration.threshold import ThresholdChoice, choose_threshold, proportion_interval, require_enough_frames
 from edge.backends import OnDevice
+from edge.manifest import BundleManifest, ThresholdRecord
 from edge.preprocessing import Preprocessing, to_rgb8
 from edge.scoring import Scorer
-from pipeline.config import Config
+from edge.settings import to_dict
 
 EXAMPLES_PER_GROUP = 3
 
@@ -79,7 +81,7 @@ class LabelledCheck:
 class Calibration:
     fit: FitResult
     choice: ThresholdChoice
-    manifest: dict[str, Any]
+    manifest: BundleManifest
     holdout_scores: np.ndarray
     synthetic_scores: dict[str, np.ndarray]
     synthetic_recall: list[Rate]
@@ -153,7 +155,7 @@ class _Extremes:
 
 
 def calibrate(
-    config: Config,
+    config: OfflineConfig,
     samples: list[Sample],
     test_category: MVTecCategory | None = None,
     skip_bad: bool = False,
@@ -224,24 +226,27 @@ def calibrate(
 
     examples = _examples(model, pre, worst_normals, defects, t)
     result.model.cpu()  # what the bundle is saved from
-    manifest = dict(result.manifest)
-    manifest["threshold"] = {"value": t, "reject_if": "score > value", **choice.to_dict()}
+    arithmetic = None
     if result.model.backbone is not None:  # what the held-out frames were scored in (see Bundle.arithmetic_mismatch)
-        manifest["threshold"]["backbone_arithmetic"] = result.model.backbone.arithmetic(torch.device(config.fit.device))
-    manifest["normalization"] = normalization(holdout_scores, t)
-    manifest["calibration"] = {
-        "config": {k: getattr(cc, k) for k in cc.__dataclass_fields__},
-        "holdout": {"n_images": len(used_holdout), "fingerprint": fingerprint(used_holdout)},
-        "synthetic_recall": [r.to_dict() for r in synthetic_recall],
-        "labelled": None
-        if labelled is None
-        else {
-            "fpr": labelled.fpr.to_dict(),
-            "recall": labelled.recall.to_dict(),
-            "recall_by_kind": [r.to_dict() for r in labelled.recall_by_kind],
-            "image_auroc": labelled.image_auroc,
+        arithmetic = result.model.backbone.arithmetic(torch.device(config.fit.device))
+    manifest = replace(
+        result.manifest,
+        threshold=ThresholdRecord(t, backbone_arithmetic=arithmetic, choice=choice.to_dict()),
+        normalization=normalization(holdout_scores, t),
+        calibration={
+            "config": to_dict(cc),
+            "holdout": {"n_images": len(used_holdout), "fingerprint": fingerprint(used_holdout)},
+            "synthetic_recall": [r.to_dict() for r in synthetic_recall],
+            "labelled": None
+            if labelled is None
+            else {
+                "fpr": labelled.fpr.to_dict(),
+                "recall": labelled.recall.to_dict(),
+                "recall_by_kind": [r.to_dict() for r in labelled.recall_by_kind],
+                "image_auroc": labelled.image_auroc,
+            },
         },
-    }
+    )
     return Calibration(
         fit=result,
         choice=choice,

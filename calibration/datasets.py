@@ -9,19 +9,19 @@ MVTec AD layout (Bergmann et al. 2019), followed exactly:
 from __future__ import annotations
 
 import hashlib
-import sys
+import logging
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TextIO
 
-import cv2
 import numpy as np
 
-IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"})
+from edge.images import IMAGE_SUFFIXES, ImageError, list_images, read_image
+
+log = logging.getLogger(__name__)
 
 
-class DatasetError(ValueError):
+class DatasetError(ImageError):
     """A dataset problem; the message names the file or folder and what was expected."""
 
 
@@ -44,33 +44,12 @@ class SkipReport:
     def add(self, path: Path, error: str) -> None:
         self.skipped.append((path, error))
 
-    def print(self, stream: TextIO | None = None) -> None:
-        out = stream or sys.stderr
+    def log(self) -> None:
+        """One warning for the count, one per file with its error."""
         if self.skipped:
-            out.write(f"skipped {len(self.skipped)} bad file(s):\n")
+            log.warning("skipped %d bad file(s):", len(self.skipped))
             for _, error in self.skipped:
-                out.write(f"  {error}\n")
-
-
-def list_images(folder: Path, recursive: bool = False) -> list[Path]:
-    """Image files in `folder`, sorted by path (deterministic order on every OS)."""
-    pattern = "**/*" if recursive else "*"
-    return sorted(p for p in folder.glob(pattern) if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
-
-
-def read_image(path: Path) -> np.ndarray:
-    """Read an image unchanged (keeps 16-bit and grayscale), as RGB(A) order; DatasetError if unreadable."""
-    data = np.fromfile(str(path), dtype=np.uint8) if path.is_file() else None
-    if data is None:
-        raise DatasetError(f"{path}: file does not exist")
-    image = cv2.imdecode(data, cv2.IMREAD_UNCHANGED) if data.size else None
-    if image is None or image.size == 0:
-        raise DatasetError(f"{path}: cannot be decoded as an image (corrupt, truncated or not an image file)")
-    if image.ndim == 3 and image.shape[2] == 3:
-        image = cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
-    elif image.ndim == 3 and image.shape[2] == 4:
-        image = cv2.cvtColor(image, cv2.COLOR_BGRA2RGBA)
-    return image
+                log.warning("  %s", error)
 
 
 def read_mask(path: Path, expected_hw: tuple[int, int]) -> np.ndarray:
@@ -157,9 +136,9 @@ def iter_loaded(samples: list[Sample], skip_bad: bool, report: SkipReport) -> It
             mask = None
             if s.mask_path is not None:
                 mask = read_mask(s.mask_path, image.shape[:2])
-        except DatasetError as exc:
+        except ImageError as exc:
             if not skip_bad:
-                raise
+                raise DatasetError(str(exc)) from None
             report.add(s.path, str(exc))
             continue
         yield LoadedSample(s, image, mask)

@@ -30,10 +30,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from calibration.datasets import DatasetError, Sample, SkipReport, iter_loaded, list_images
+from calibration.datasets import DatasetError, Sample, SkipReport, iter_loaded
 from calibration.progress import Progress
+from calibration.settings import ModelConfig
 from edge.backbones import IMAGENET_MEAN, IMAGENET_STD, FeatureBackbone, file_sha256, get_spec, load_backbone
 from edge.backends import require_device
+from edge.images import list_images
 from edge.models.efficientad import (
     QUANTILE_A,
     QUANTILE_B,
@@ -48,7 +50,6 @@ from edge.models.efficientad import (
 from edge.precision import bfloat16_on, resolve_precision
 from edge.preprocessing import Preprocessing
 from edge.scoring import concat_feature_maps
-from pipeline.config import ModelConfig
 
 HARD_QUANTILE = 0.999  # q_hard in the paper
 LEARNING_RATE = 1e-4  # the paper's, for its 70,000 steps

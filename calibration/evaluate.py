@@ -33,6 +33,11 @@ class Evaluation:
         return asdict(self)
 
 
+def format_metric(value: float | None, width: int = 0) -> str:
+    """A metric in tables and summaries: three decimals, `n/a` where the data could not support it."""
+    return f"{'n/a':>{width}}" if value is None else f"{value:{width}.3f}"
+
+
 @dataclass(frozen=True)
 class ScoredSet:
     labels: np.ndarray  # (N,) 0 normal / 1 anomalous

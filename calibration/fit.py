@@ -18,14 +18,16 @@ from calibration.coreset import k_center_greedy
 from calibration.datasets import DatasetError, Sample, SkipReport, fingerprint, iter_loaded
 from calibration.efficientad import efficientad_preprocessing, fit_efficientad
 from calibration.progress import Progress
+from calibration.settings import OfflineConfig
 from edge.backbones import FeatureBackbone, get_spec, load_backbone
 from edge.backends import require_device
 from edge.bundle import build_manifest
+from edge.manifest import BundleManifest, DatasetRecord
 from edge.models import AnomalyModel
 from edge.models.padim import PadimModel, padim_embedding
 from edge.models.patchcore import PatchCoreModel, patchcore_embedding
 from edge.preprocessing import Preprocessing, to_rgb8
-from pipeline.config import Config, to_dict
+from edge.settings import to_dict
 
 # Added to each PaDiM covariance so it stays invertible with few frames (paper: 0.01 I).
 PADIM_COV_EPS = 0.01
@@ -35,7 +37,7 @@ PADIM_COV_EPS = 0.01
 class FitResult:
     model: AnomalyModel
     preprocessing: Preprocessing
-    manifest: dict[str, Any]
+    manifest: BundleManifest
     skipped: SkipReport
     seconds: float
 
@@ -191,7 +193,7 @@ def fit_padim(
     return PadimModel(backbone, channel_idx, mean.float(), inv_cov.float(), tuple(images.shape[-2:]), sigma=sigma)
 
 
-def fit(config: Config, samples: list[Sample], skip_bad: bool = False, progress: bool = False) -> FitResult:
+def fit(config: OfflineConfig, samples: list[Sample], skip_bad: bool = False, progress: bool = False) -> FitResult:
     """Fit the configured model on normal `samples` and build its bundle manifest."""
     start = time.perf_counter()
     mc = config.model
@@ -249,7 +251,7 @@ def _used(samples: list[Sample], report: SkipReport) -> list[Sample]:
 
 
 def _result(
-    config: Config,
+    config: OfflineConfig,
     model: AnomalyModel,
     preprocessing: Preprocessing,
     weights_sha256: str,
@@ -259,15 +261,10 @@ def _result(
     extra: dict[str, Any],
     data_fingerprint: str,
 ) -> FitResult:
-    manifest = build_manifest(
-        model,
-        preprocessing,
-        weights_sha256,
-        {
-            "dataset": {"n_images": len(used), "fingerprint": data_fingerprint},
-            "fit": {"config": to_dict(config), "seconds": round(seconds, 3), **extra},
-        },
-    )
-    if config.model.backbone_weights is not None and manifest["backbone"] is not None:
-        manifest["backbone"]["weights_path"] = config.model.backbone_weights
+    settings = {"model": to_dict(config.model), "fit": to_dict(config.fit)}
+    fit_record = {"config": settings, "seconds": round(seconds, 3), **extra}
+    dataset = DatasetRecord(len(used), data_fingerprint)
+    manifest = build_manifest(model, preprocessing, weights_sha256, dataset, fit_record)
+    if config.model.backbone_weights is not None and manifest.backbone is not None:
+        manifest = manifest.with_weights_path(config.model.backbone_weights)
     return FitResult(model.eval(), preprocessing, manifest, report, seconds)

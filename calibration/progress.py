@@ -1,49 +1,86 @@
-"""A minimal progress bar for long offline steps (feature extraction, coreset), written to stderr."""
+"""Progress of long offline steps (feature extraction, coreset, training), on stderr or in the log.
+
+On a terminal it is a tqdm bar with rate and ETA. Elsewhere (systemd, `2>log`, CI) a bar redrawn
+in place is noise, so the same tqdm line (count, rate, ETA) goes to the log as an INFO record every
+`LOG_EVERY_S` seconds, from a timer, so that even a step slower than that interval shows it is alive.
+"""
 
 from __future__ import annotations
 
+import logging
 import sys
-import time
+import threading
 from typing import TextIO
+
+from tqdm import tqdm
+
+LOG_EVERY_S = 10.0
+LOG_FORMAT = "{desc}: {n_fmt}/{total_fmt} ({percentage:.0f}%) elapsed {elapsed}, ETA {remaining}, {rate_fmt}"
+
+log = logging.getLogger(__name__)
+
+
+class _LogLines:
+    """A file-like sink for tqdm that turns each redraw into one log record."""
+
+    def __init__(self, logger: logging.Logger) -> None:
+        self.logger = logger
+
+    def write(self, text: str) -> None:
+        line = text.strip("\r\n ")
+        if line:
+            self.logger.info("%s", line)
+
+    def flush(self) -> None:
+        pass
 
 
 class Progress:
-    """`with Progress("coreset", total=n) as bar: bar.update(k)`; silent when `enabled` is False.
+    """`with Progress("coreset", total=n) as bar: bar.update(k)`; silent when `enabled` is False."""
 
-    Redraws at most every 0.2 s so the bar costs nothing inside tight loops; when the stream is not a
-    terminal (logs, CI) it writes only the final line.
-    """
+    def __init__(
+        self,
+        label: str,
+        total: int,
+        enabled: bool = True,
+        stream: TextIO | None = None,
+        log_every_s: float = LOG_EVERY_S,
+    ) -> None:
+        stream = stream or sys.stderr
+        self._live = stream.isatty()
+        self._bar = tqdm(
+            total=total,
+            desc=label,
+            disable=not enabled,
+            file=stream if self._live else _LogLines(log),
+            mininterval=0.2 if self._live else float("inf"),  # off a terminal the timer alone redraws
+            dynamic_ncols=self._live,
+            bar_format=None if self._live else LOG_FORMAT,
+            leave=True,
+        )
+        self._stop = threading.Event()
+        self._timer: threading.Thread | None = None
+        if enabled and not self._live:
+            self._timer = threading.Thread(
+                target=self._tick, args=(log_every_s,), name=f"progress:{label}", daemon=True
+            )
+            self._timer.start()
 
-    def __init__(self, label: str, total: int, enabled: bool = True, stream: TextIO | None = None) -> None:
-        self.label = label
-        self.total = max(total, 1)
-        self.enabled = enabled
-        self.stream = stream or sys.stderr
-        self.done = 0
-        self.start = time.perf_counter()
-        self._last_draw = 0.0
-        self._live = enabled and self.stream.isatty()
+    def _tick(self, every_s: float) -> None:
+        while not self._stop.wait(every_s):
+            self._bar.refresh()
 
     def __enter__(self) -> Progress:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        if self.enabled:
-            self._draw(final=True)
+        self.close()
 
     def update(self, n: int = 1) -> None:
-        self.done += n
-        now = time.perf_counter()
-        if self._live and now - self._last_draw >= 0.2:
-            self._last_draw = now
-            self._draw(final=False)
+        self._bar.update(n)
 
-    def _draw(self, final: bool) -> None:
-        frac = min(self.done / self.total, 1.0)
-        width = 28
-        bar = "#" * int(frac * width) + "-" * (width - int(frac * width))
-        elapsed = time.perf_counter() - self.start
-        end = "\n" if final else ""
-        start = "\r" if self._live else ""
-        self.stream.write(f"{start}{self.label:<20} [{bar}] {self.done}/{self.total} {elapsed:6.1f}s{end}")
-        self.stream.flush()
+    def close(self) -> None:
+        self._stop.set()
+        if self._timer is not None:
+            self._timer.join()
+        self._bar.close()  # the final line: count, elapsed time and rate

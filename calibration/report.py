@@ -16,7 +16,6 @@ from calibration.calibrate import Calibration, Rate
 from calibration.metrics import roc_curve
 from calibration.plots import curve_figure, histogram_figure, overlay, save_png, tile_grid
 from calibration.threshold import fpr_upper_bound
-from edge.bundle import feature_extractor_name
 
 FIGURES = {
     "histogram": "report_scores.png",
@@ -126,7 +125,7 @@ def write_report(out_dir: Path, cal: Calibration, bundle_path: Path, bundle_hash
 def _html(cal: Calibration, bundle_path: Path, bundle_hash: str, figures: set[str]) -> str:
     c = cal.choice
     m = cal.manifest
-    fit_n = m["dataset"]["n_images"]
+    fit_n = m.dataset.n_images
     if c.meets_target:
         verdict = (
             f"<p class=ok>With {c.confidence:.0%} confidence, this threshold rejects <b>at most "
@@ -151,8 +150,8 @@ def _html(cal: Calibration, bundle_path: Path, bundle_hash: str, figures: set[st
         "</style></head><body>",
         "<h1>Calibration report</h1>",
         f"<p>Bundle <code>{html.escape(str(bundle_path))}</code> (hash <code>{bundle_hash[:16]}</code>), "
-        f"model <b>{html.escape(m['model'])}</b> on backbone <b>{html.escape(feature_extractor_name(m))}</b>, "
-        f"created {html.escape(m['created'])}.</p>",
+        f"model <b>{html.escape(m.model)}</b> on backbone <b>{html.escape(m.feature_extractor)}</b>, "
+        f"created {html.escape(m.created)}.</p>",
         "<h2>The answer</h2>",
         verdict,
         f"<p>A part is <b>rejected when its anomaly score is above {c.threshold:.4g}</b>. "

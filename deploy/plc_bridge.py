@@ -21,7 +21,7 @@ from pathlib import Path
 
 import zmq
 
-from pipeline.publisher import GapTracker, decode
+from pipeline.wire import GapTracker, decode
 
 
 class Bridge:

@@ -3,6 +3,7 @@
 File layout (a `torch.save` of plain containers, read back with `weights_only=True`, never a pickle of
 code objects):
     {"format": "linewatch-bundle", "manifest": <JSON text>, "hash": <sha256 hex>, "tensors": {name: Tensor}}
+The manifest is a `BundleManifest` (edge.manifest) written as JSON.
 The hash covers the manifest text and every tensor's name, dtype, shape and bytes, so any edit to the
 file, or a bundle assembled from mismatched parts, is refused on load.
 The backbone's weights are not copied in; the manifest records their SHA-256 and loading checks it,
@@ -14,7 +15,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import platform
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -25,11 +25,11 @@ from typing import Any
 import torch
 
 from edge.backbones import load_backbone
+from edge.manifest import BackboneRecord, BundleManifest, DatasetRecord, ManifestError
 from edge.models import AnomalyModel, get_model_class
 from edge.preprocessing import Preprocessing
 
 FORMAT = "linewatch-bundle"
-FORMAT_VERSION = 1
 
 
 class BundleError(ValueError):
@@ -40,21 +40,21 @@ class BundleError(ValueError):
 class Bundle:
     model: AnomalyModel
     preprocessing: Preprocessing
-    manifest: dict[str, Any]
+    manifest: BundleManifest
     hash: str
     path: Path | None = None
 
     @property
     def threshold(self) -> float | None:
         """Reject when score > threshold; None for a bundle written by `fit` (not calibrated)."""
-        t = self.manifest.get("threshold")
-        return None if t is None else float(t["value"])
+        t = self.manifest.threshold
+        return None if t is None else t.value
 
     def arithmetic_mismatch(self, device: str) -> str | None:
         """A one-line warning when the backbone runs in another arithmetic on `device` than the one the
         threshold was calibrated in (bf16 moves image scores by up to ~3 %), else None."""
-        t = self.manifest.get("threshold")
-        calibrated = t.get("backbone_arithmetic") if isinstance(t, dict) else None
+        t = self.manifest.threshold
+        calibrated = None if t is None else t.backbone_arithmetic
         backbone = self.model.backbone
         if calibrated is None or backbone is None:
             return None
@@ -96,40 +96,33 @@ def build_manifest(
     model: AnomalyModel,
     preprocessing: Preprocessing,
     weights_sha256: str,
-    extra: dict[str, Any],
-) -> dict[str, Any]:
-    manifest: dict[str, Any] = {
-        "format": FORMAT,
-        "format_version": FORMAT_VERSION,
-        "model": model.name,
-        "model_params": model.params(),
-        # None for a model that carries all its weights (EfficientAD): nothing outside the bundle to check.
-        "backbone": None
-        if model.backbone is None
-        else {
-            "name": model.backbone.name,
-            "layers": list(model.backbone.layers),
-            "border_pad": model.backbone.border_pad,
-            "border_mode": model.backbone.border_mode,
-            "precision": model.backbone.precision,
-            "weights_sha256": weights_sha256,
-        },
-        "preprocessing": preprocessing.to_dict(),
-        "input_size": list(preprocessing.input_size),
-        "threshold": None,
-        "normalization": None,
-        "versions": versions(),
-        "created": datetime.now(UTC).isoformat(timespec="seconds"),
-    }
-    manifest.update(extra)
-    return manifest
+    dataset: DatasetRecord,
+    fit: dict[str, Any],
+) -> BundleManifest:
+    """The manifest of a freshly fitted model (no threshold yet)."""
+    bb = model.backbone
+    backbone = None
+    if bb is not None:  # None for a model that carries all its weights (EfficientAD): nothing outside to check
+        backbone = BackboneRecord(
+            bb.name, tuple(bb.layers), bb.border_pad, bb.border_mode, bb.precision, weights_sha256
+        )
+    return BundleManifest(
+        model=model.name,
+        model_params=model.params(),
+        backbone=backbone,
+        preprocessing=preprocessing,
+        dataset=dataset,
+        fit=fit,
+        versions=versions(),
+        created=datetime.now(UTC).isoformat(timespec="seconds"),
+    )
 
 
-def save_bundle(path: str | Path, model: AnomalyModel, manifest: dict[str, Any]) -> str:
+def save_bundle(path: str | Path, model: AnomalyModel, manifest: BundleManifest) -> str:
     """Write the bundle atomically (temp file + rename) and return its content hash."""
     path = Path(path)
     tensors = {k: v.detach().cpu().contiguous() for k, v in model.tensors().items()}
-    text = json.dumps(manifest, sort_keys=True)
+    text = json.dumps(manifest.to_dict(), sort_keys=True)
     digest = content_hash(text, tensors)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
@@ -138,15 +131,15 @@ def save_bundle(path: str | Path, model: AnomalyModel, manifest: dict[str, Any])
     return digest
 
 
-def read_bundle_file(path: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tensor], str]:
+def read_bundle_file(path: str | Path) -> tuple[BundleManifest, dict[str, torch.Tensor], str]:
     """Read and verify a bundle file: (manifest, tensors, hash). Raises BundleError with the reason."""
     path = Path(path)
     if not path.is_file():
         raise BundleError(f"{path}: bundle file does not exist")
     try:
         raw = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # unpickling errors come in many types
-        raise BundleError(f"{path}: not a linewatch bundle (cannot be read without pickle: {exc})") from exc
+    except Exception as exc:  # unpickling errors come in many types, some with a page of advice
+        raise BundleError(f"{path}: not a linewatch bundle (a torch file of plain tensors was expected)") from exc
     if not isinstance(raw, dict) or raw.get("format") != FORMAT:
         raise BundleError(f"{path}: not a linewatch bundle (no '{FORMAT}' header)")
     text, recorded, tensors = raw.get("manifest"), raw.get("hash"), raw.get("tensors")
@@ -158,56 +151,32 @@ def read_bundle_file(path: str | Path) -> tuple[dict[str, Any], dict[str, torch.
             f"{path}: content hash mismatch (recorded {recorded[:12]}, actual {actual[:12]}): "
             "the file is corrupt or was modified"
         )
-    manifest = json.loads(text)
-    version = manifest.get("format_version")
-    if not isinstance(version, int) or version > FORMAT_VERSION:
-        raise BundleError(
-            f"{path}: bundle format_version {version!r} is not supported by this linewatch "
-            f"(supports <= {FORMAT_VERSION}); upgrade linewatch"
-        )
+    try:
+        manifest = BundleManifest.from_dict(json.loads(text))
+    except (ManifestError, ValueError) as exc:
+        raise BundleError(f"{path}: {exc}") from None
     return manifest, tensors, recorded
 
 
 def load_bundle(path: str | Path, backbone_weights: str | Path | None = None) -> Bundle:
     """Load a bundle, rebuild its model on the CPU in eval mode, and check the backbone weights match."""
     manifest, tensors, digest = read_bundle_file(path)
-    bb = manifest["backbone"]
+    bb = manifest.backbone
     module = None
     if bb is not None:
         backbone = load_backbone(
-            bb["name"],
-            tuple(bb["layers"]),
-            backbone_weights or bb.get("weights_path"),
-            int(bb.get("border_pad", 0)),
-            str(bb.get("border_mode", "reflect")),  # bundles written before the mode was recorded mirrored
-            str(bb.get("precision", "float32")),  # bundles before it existed ran float32
+            bb.name, bb.layers, backbone_weights or bb.weights_path, bb.border_pad, bb.border_mode, bb.precision
         )
-        if backbone.weights_sha256 != bb["weights_sha256"]:
+        if backbone.weights_sha256 != bb.weights_sha256:
             raise BundleError(
                 f"{path}: backbone weights {backbone.weights_path} (sha256 {backbone.weights_sha256[:12]}) differ "
-                f"from those the model was fitted with (sha256 {bb['weights_sha256'][:12]})"
+                f"from those the model was fitted with (sha256 {bb.weights_sha256[:12]})"
             )
         module = backbone.module
-    _check_threshold(path, manifest.get("threshold"))
-    preprocessing = Preprocessing.from_dict(manifest["preprocessing"])
+    preprocessing = manifest.preprocessing
     try:
-        cls = get_model_class(manifest["model"])
-        model = cls.from_tensors(module, preprocessing.input_size, manifest["model_params"], tensors)  # type: ignore[arg-type]
+        cls = get_model_class(manifest.model)
+        model = cls.from_tensors(module, preprocessing.input_size, manifest.model_params, tensors)  # type: ignore[arg-type]
     except (KeyError, ValueError) as exc:
-        raise BundleError(f"{path}: bundle tensors do not fit model {manifest['model']}: {exc}") from exc
+        raise BundleError(f"{path}: bundle tensors do not fit model {manifest.model}: {exc}") from exc
     return Bundle(model=model.eval(), preprocessing=preprocessing, manifest=manifest, hash=digest, path=Path(path))
-
-
-def feature_extractor_name(manifest: dict[str, Any]) -> str:
-    """What computes the features, for labels and reports: the backbone, or EfficientAD's PDN size."""
-    if manifest.get("backbone") is not None:
-        return str(manifest["backbone"]["name"])
-    return f"pdn_{manifest.get('model_params', {}).get('size', 'unknown')}"
-
-
-def _check_threshold(path: str | Path, threshold: Any) -> None:
-    if threshold is None:
-        return
-    value = threshold.get("value") if isinstance(threshold, dict) else None
-    if not isinstance(value, int | float) or isinstance(value, bool) or not math.isfinite(value):
-        raise BundleError(f"{path}: manifest threshold.value = {value!r}: expected a finite number")

@@ -12,8 +12,8 @@ from typing import Any
 import numpy as np
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, start_http_server
 
-from pipeline.ring import VERDICT_NAMES
 from pipeline.state import DROP_REASONS, RunState
+from pipeline.wire import VERDICT_NAMES
 
 LATENCY_BUCKETS = tuple(ms / 1000.0 for ms in (0.5, 1, 2, 3, 5, 7.5, 10, 15, 20, 30, 50, 75, 100, 150, 250, 500, 1000))
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64)

@@ -14,9 +14,10 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from calibration.datasets import IMAGE_SUFFIXES, DatasetError, MVTecCategory, list_images, read_image
+from calibration.datasets import DatasetError, MVTecCategory
+from edge.images import IMAGE_SUFFIXES, ImageError, list_images, read_image
 from edge.preprocessing import to_rgb8
-from pipeline.config import SOURCE_KINDS, SourceConfig
+from pipeline.settings import SOURCE_KINDS, SourceConfig
 
 
 class SourceError(ValueError):
@@ -109,7 +110,7 @@ class FolderSource:
         if image is None:
             try:
                 image = to_rgb8(read_image(self.paths[i]))
-            except (DatasetError, ValueError) as exc:
+            except (ImageError, ValueError) as exc:
                 raise FrameUnreadable(index, str(exc)) from None
             if image.nbytes <= self.cache_room:
                 image.flags.writeable = False

@@ -8,6 +8,8 @@ through the stop flags, so a Ctrl-C drains the pipeline instead of killing it mi
 from __future__ import annotations
 
 import gc
+import logging
+import multiprocessing
 import os
 import signal
 import sys
@@ -20,18 +22,19 @@ from typing import Any
 import cv2
 import numpy as np
 
-from pipeline.config import SourceConfig
+from pipeline.logs import LogSettings, configure_logging
 from pipeline.ring import (
     NO_TRIGGER,
     RECORD,
     VERDICT_ERROR,
-    VERDICT_NAMES,
     VERDICT_PASS,
     VERDICT_REJECT,
     FrameRing,
     RingSpec,
 )
+from pipeline.settings import SourceConfig
 from pipeline.state import RunState, StateSpec
+from pipeline.wire import VERDICT_NAMES
 
 # A frame in hand when its stage died is retried once; if the retry dies too it becomes an `error` verdict.
 MAX_ATTEMPTS = 2
@@ -41,6 +44,8 @@ READ_LEAD_NS = 1_000_000
 # Longest an idle reader sleeps on its doorbell before it heartbeats and looks at the stop flags again.
 WAIT_S = 0.05
 
+log = logging.getLogger(__name__)
+
 
 @dataclass(frozen=True)
 class StageContext:
@@ -48,9 +53,56 @@ class StageContext:
 
     state: StateSpec
     process_index: int
+    log: LogSettings = LogSettings()
+
+
+@dataclass(frozen=True)
+class CaptureArgs:
+    camera: int  # index into the run's cameras
+    source: SourceConfig
+    policy: str  # block | drop_oldest
+    ring: RingSpec  # this camera's frame ring
+
+
+@dataclass(frozen=True)
+class PreprocessArgs:
+    inputs: tuple[RingSpec, ...]  # one frame ring per camera
+    policies: tuple[str, ...]  # each camera's backpressure policy
+    output: RingSpec  # the tensor ring (uint8 at model size)
+    preprocessing: dict[
+        str, Any
+    ]  # the bundle's `Preprocessing.to_dict()` (rebuilt in the stage: torch stays out of here)
+
+
+@dataclass(frozen=True)
+class InferArgs:
+    input: RingSpec
+    output: RingSpec
+    bundle_path: str
+    backbone_weights: str | None
+    device: str
+    max_batch: int
+    max_wait_ms: float
+    backend: str
+    backend_fallback: bool
+    engine_cache: str
+
+
+@dataclass(frozen=True)
+class DecideArgs:
+    input: RingSpec
+    output: RingSpec
+    cameras: tuple[str, ...]
+    threshold: float
+    bundle_hash: str
+    run_id: str
+    address: str
+    send_hwm: int
+    priority: int = 0  # SCHED_FIFO priority; 0 = normal scheduling
 
 
 def _enter(ctx: StageContext) -> RunState:
+    configure_logging(ctx.log, multiprocessing.current_process().name)
     # One OpenCV thread per light stage: the cores belong to inference; oversubscribing them costs throughput.
     cv2.setNumThreads(1)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -89,10 +141,6 @@ def freeze_startup_heap() -> None:
     """
     gc.collect()
     gc.freeze()
-
-
-def _log(stage: str, message: str) -> None:
-    print(f"linewatch[{stage}]: {message}", file=sys.stderr, flush=True)
 
 
 class ConveyorPace:
@@ -145,13 +193,13 @@ def fit_into(image: np.ndarray, max_h: int, max_w: int) -> np.ndarray:
 
 
 def capture_main(
-    ctx: StageContext, camera: int, config: SourceConfig, policy: str, ring_spec: RingSpec
+    ctx: StageContext, args: CaptureArgs
 ) -> None:  # pragma: no cover - runs in a child process; covered by the pipeline tests
     from pipeline.sources import FrameUnreadable, SourceDisconnected, SourceUnavailable, open_source
 
     state = _enter(ctx)
-    ring = FrameRing.attach(ring_spec)
-    name = config.id or f"cam{camera}"
+    ring = FrameRing.attach(args.ring)
+    camera, config, policy = args.camera, args.source, args.policy
     max_h, max_w = ring.payloads.shape[1:3]
     pace = None
     if config.rate_ppm > 0:
@@ -173,24 +221,24 @@ def capture_main(
             except SourceUnavailable as exc:
                 state.connected[camera] = 0
                 if config.spec.startswith("camera:"):
-                    _log(name, f"{exc}; retrying in {backoff:.2f}s")
+                    log.warning("%s; retrying in %.2fs", exc, backoff)
                     _sleep_unless_stopped(state, backoff)
                     backoff = min(backoff * 2, config.reconnect_max_s)
                     continue
-                _log(name, str(exc))
+                log.error("%s", exc)
                 state.done[camera] = 1
                 break
         read_started_ns = pace.before_read() if pace is not None else 0
         try:
             frame = source.read()
         except FrameUnreadable as exc:
-            _log(name, f"{exc} (counted as an unreadable drop)")
+            log.warning("%s (counted as an unreadable drop)", exc)
             state.captured[camera] += 1
             state.drop(camera, "unreadable")
             state.position[camera] = exc.index + 1
             continue
         except SourceDisconnected as exc:
-            _log(name, f"{exc}; reconnecting")
+            log.warning("%s; reconnecting", exc)
             state.connected[camera] = 0
             source.close()
             source = None
@@ -236,15 +284,14 @@ def _sleep_unless_stopped(state: RunState, seconds: float) -> None:
         time.sleep(min(0.05, max(0.0, end - time.monotonic())))
 
 
-def preprocess_main(
-    ctx: StageContext, ring_specs: list[RingSpec], policies: list[str], out_spec: RingSpec, pre: dict[str, Any]
-) -> None:  # pragma: no cover - child process
+def preprocess_main(ctx: StageContext, args: PreprocessArgs) -> None:  # pragma: no cover - child process
     from edge.preprocessing import Preprocessing
 
     state = _enter(ctx)
-    rings = [FrameRing.attach(s) for s in ring_specs]
-    out = FrameRing.attach(out_spec)
-    preprocessing = Preprocessing.from_dict(pre)
+    rings = [FrameRing.attach(s) for s in args.inputs]
+    policies = args.policies
+    out = FrameRing.attach(args.output)
+    preprocessing = Preprocessing.from_dict(args.preprocessing)
     freeze_startup_heap()
     state.ready[ctx.process_index] = 1
     while not state.stopping():
@@ -274,7 +321,7 @@ def preprocess_main(
                     image = ring.payloads[slot, : rec["h"], : rec["w"]]
                     out.payloads[target] = preprocessing.geometry(image)  # normalised per batch in infer
                 except Exception as exc:  # a frame the model cannot take must not stop the line
-                    _log("preprocess", f"frame {int(rec['frame_id'])} of camera {camera}: {exc}")
+                    log.error("frame %d of camera %d: %s", int(rec["frame_id"]), camera, exc)
                     rec["verdict"] = VERDICT_ERROR
             rec["m_pre_ns"] = time.monotonic_ns()
             out.commit(target, rec)
@@ -283,40 +330,35 @@ def preprocess_main(
             rings[0].wait_for_commit(WAIT_S)  # the cameras' rings share one doorbell
 
 
-def infer_main(
-    ctx: StageContext,
-    in_spec: RingSpec,
-    out_spec: RingSpec,
-    bundle_path: str,
-    backbone_weights: str | None,
-    device: str,
-    max_batch: int,
-    max_wait_ms: float,
-    backend: str,
-    backend_fallback: bool,
-    engine_cache: str,
-) -> None:  # pragma: no cover - child process
+def infer_main(ctx: StageContext, args: InferArgs) -> None:  # pragma: no cover - child process
     import torch
 
     from edge.backends import BackendError, prepare_backend
     from edge.bundle import load_bundle
 
     state = _enter(ctx)
-    tensors = FrameRing.attach(in_spec)
-    out = FrameRing.attach(out_spec)
-    bundle = load_bundle(bundle_path, backbone_weights)
+    tensors = FrameRing.attach(args.input)
+    out = FrameRing.attach(args.output)
+    bundle = load_bundle(args.bundle_path, args.backbone_weights)
+    device, max_batch = args.device, args.max_batch
     preprocessing = bundle.preprocessing
     h, w = preprocessing.input_size
     example = torch.zeros(max_batch, 3, h, w).contiguous(memory_format=torch.channels_last)
     try:
         model = prepare_backend(
-            bundle.model, backend, device, example, Path(engine_cache), bundle.hash, allow_fallback=backend_fallback
+            bundle.model,
+            args.backend,
+            device,
+            example,
+            Path(args.engine_cache),
+            bundle.hash,
+            allow_fallback=args.backend_fallback,
         )
     except BackendError as exc:
-        _log("infer", str(exc))
+        log.error("%s", exc)
         sys.exit(2)
     if (mismatch := bundle.arithmetic_mismatch(device)) is not None:
-        _log("infer", f"warning: {mismatch}")
+        log.warning("%s", mismatch)
     model.warm_up(example.to(device))  # before `ready`: the line's first part gets the steady-state latency
     freeze_startup_heap()
     state.ready[ctx.process_index] = 1
@@ -326,7 +368,7 @@ def infer_main(
         if not slots.size:
             tensors.wait_for_commit(WAIT_S)
             continue
-        deadline = time.monotonic() + max_wait_ms / 1000.0
+        deadline = time.monotonic() + args.max_wait_ms / 1000.0
         while slots.size < max_batch and (left := deadline - time.monotonic()) > 0:
             tensors.wait_for_commit(left)
             slots = tensors.written()
@@ -364,27 +406,17 @@ def infer_main(
         tensors.notify_writer()
 
 
-def decide_main(
-    ctx: StageContext,
-    in_spec: RingSpec,
-    out_spec: RingSpec,
-    cameras: list[str],
-    threshold: float,
-    bundle_hash: str,
-    run_id: str,
-    address: str,
-    send_hwm: int,
-    priority: int = 0,
-) -> None:  # pragma: no cover - child process
+def decide_main(ctx: StageContext, args: DecideArgs) -> None:  # pragma: no cover - child process
     from pipeline.publisher import RejectPublisher, Verdict
 
     state = _enter(ctx)
     # Before the publisher: ZeroMQ's I/O thread, which puts the reject on the wire, inherits the policy.
-    if priority and (refused := run_realtime(priority)) is not None:
-        _log("decide", f"{refused}; publishing at normal priority")
-    scores = FrameRing.attach(in_spec)
-    out = FrameRing.attach(out_spec)
-    publisher = RejectPublisher(address, send_hwm, run_id, bundle_hash, state.publisher)
+    if args.priority and (refused := run_realtime(args.priority)) is not None:
+        log.warning("%s; publishing at normal priority", refused)
+    scores = FrameRing.attach(args.input)
+    out = FrameRing.attach(args.output)
+    publisher = RejectPublisher(args.address, args.send_hwm, args.run_id, args.bundle_hash, state.publisher)
+    threshold, cameras = args.threshold, args.cameras
     if state.restarts[ctx.process_index]:
         # Subscribers of the crashed publisher reconnect within ZeroMQ's reconnect interval (100 ms);
         # publishing the backlog before they are back would lose it for them.

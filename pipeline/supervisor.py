@@ -5,19 +5,22 @@ heartbeats, counts restarts, and on exhaustion of the finite sources, `--duratio
 stops the capture first, lets every frame in flight reach a verdict, then stops the other stages,
 unlinks all shared memory and returns a `RunSummary` whose counts reconcile exactly:
 captured = verdicts + drops, per camera.
+
+A run is five steps, one method each: build the rings, start the stages, supervise, drain, summarise.
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import multiprocessing as mp
 import signal
-import sys
 import time
 import uuid
 from collections import deque
-from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field, fields
+from multiprocessing.context import SpawnContext
 from multiprocessing.process import BaseProcess
 from pathlib import Path
 from typing import Any
@@ -25,12 +28,17 @@ from typing import Any
 import numpy as np
 
 from edge.backends import check_backend, engine_cache_dir
-from edge.bundle import BundleError, feature_extractor_name, read_bundle_file
-from pipeline.config import Config, SourceConfig
+from edge.bundle import BundleError, read_bundle_file
+from pipeline.logs import LogSettings
 from pipeline.metrics import PipelineMetrics
-from pipeline.ring import VERDICT_NAMES, Doorbell, FrameRing
+from pipeline.ring import Doorbell, FrameRing
+from pipeline.settings import RuntimeConfig, SourceConfig
 from pipeline.sources import default_policy, parse_spec
 from pipeline.stages import (
+    CaptureArgs,
+    DecideArgs,
+    InferArgs,
+    PreprocessArgs,
     StageContext,
     capture_main,
     decide_main,
@@ -39,12 +47,21 @@ from pipeline.stages import (
     preprocess_main,
 )
 from pipeline.state import DROP_REASONS, FLAG_STOP_ALL, FLAG_STOP_SOURCES, PipelineError, RunState
+from pipeline.wire import VERDICT_NAMES
 
 DRAIN_TIMEOUT_S = 30.0
 JOIN_TIMEOUT_S = 5.0
 # Longest the supervisor sleeps on the verdict ring between its checks (restarts, metrics, stop requests).
 SUPERVISOR_WAIT_S = 0.05
+SYNC_EVERY_S = 0.25  # restarts checked and gauges synced this often
 LATENCY_WINDOW = 100_000  # frames behind the summary's latency percentiles (Prometheus has the full history)
+
+log = logging.getLogger(__name__)
+
+
+def _detail() -> Any:
+    """A summary field left out of the one-line JSON headline (`linewatch run --json`)."""
+    return field(default_factory=dict, metadata={"detail": True})
 
 
 @dataclass
@@ -58,13 +75,17 @@ class RunSummary:
     latency_ms_p50: float | None  # p50/p99 over the last LATENCY_WINDOW verdicts
     latency_ms_p99: float | None
     fps: float
-    cameras: dict[str, dict[str, int]] = field(default_factory=dict)
-    drops_by_reason: dict[str, int] = field(default_factory=dict)
-    restarts_by_stage: dict[str, int] = field(default_factory=dict)
-    metrics_port: int | None = None
+    cameras: dict[str, dict[str, int]] = _detail()
+    drops_by_reason: dict[str, int] = _detail()
+    restarts_by_stage: dict[str, int] = _detail()
+    metrics_port: int | None = field(default=None, metadata={"detail": True})
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    def headline(self) -> dict[str, Any]:
+        """The run's totals without the per-camera, per-reason and per-stage breakdowns."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if not f.metadata.get("detail")}
 
 
 @dataclass
@@ -72,26 +93,67 @@ class StageProcess:
     name: str
     kind: str  # capture | preprocess | infer | decide
     target: Callable[..., None]
-    args: tuple
+    args: CaptureArgs | PreprocessArgs | InferArgs | DecideArgs
     camera: int | None = None
     process: BaseProcess | None = None
 
 
-def bundle_threshold(path: Path) -> tuple[dict[str, Any], str, float]:
+@dataclass(frozen=True)
+class Rings:
+    frames: tuple[FrameRing, ...]  # one per camera, sharing one commit doorbell
+    tensor: FrameRing  # preprocessed frames, uint8 at model size (infer normalises)
+    score: FrameRing
+    verdict: FrameRing  # the supervisor drains it
+
+    def occupancy(self, cameras: list[str]) -> dict[str, int]:
+        named = {"tensor": self.tensor, "score": self.score, "verdict": self.verdict}
+        named.update({f"frames_{cam}": r for cam, r in zip(cameras, self.frames, strict=True)})
+        return {k: r.occupancy() for k, r in named.items()}
+
+
+class VerdictTally:
+    """Verdicts counted per camera, with the latencies and times the summary reports."""
+
+    def __init__(self, cameras: int) -> None:
+        self.counts = np.zeros((cameras, len(VERDICT_NAMES)), dtype=np.int64)
+        # The summary's percentiles cover the most recent frames: a run lasting days must not grow a list forever.
+        self.latencies_ns: deque[int] = deque(maxlen=LATENCY_WINDOW)
+        self.t_first: float | None = None
+        self.t_last: float | None = None
+        # Newest frame id counted per camera: decide killed between forwarding a verdict and recording it in
+        # `state.last_decided` forwards it again; the repeat must not be counted twice (same rule as decide's).
+        self.last_counted = np.full(cameras, -1, dtype=np.int64)
+
+    def add(self, rec: np.void) -> bool:
+        """Count one verdict record; False for a repeat of one already counted."""
+        camera = int(rec["camera"])
+        if rec["frame_id"] <= self.last_counted[camera]:
+            return False
+        self.last_counted[camera] = rec["frame_id"]
+        self.counts[camera, int(rec["verdict"])] += 1
+        self.latencies_ns.append(int(rec["m_decide_ns"]) - int(rec["m_capture_ns"]))
+        now = time.monotonic()
+        self.t_first = now if self.t_first is None else self.t_first
+        self.t_last = now
+        return True
+
+
+def bundle_threshold(path: Path) -> tuple[Any, str, float]:
     manifest, _, digest = read_bundle_file(path)
-    threshold = manifest.get("threshold")
-    if not threshold:
+    if manifest.threshold is None:
         raise BundleError(f"{path}: bundle has no threshold; make one with `linewatch calibrate`")
-    return manifest, digest, float(threshold["value"])
+    return manifest, digest, manifest.threshold.value
 
 
 class Pipeline:
     def __init__(
         self,
-        config: Config,
+        config: RuntimeConfig,
         bundle_path: Path,
         sources: tuple[SourceConfig, ...],
         on_verdict: Callable[[np.void], None] | None = None,
+        backbone_weights: str | None = None,
+        log_settings: LogSettings | None = None,
     ) -> None:
         if not sources:
             raise ValueError(
@@ -110,6 +172,8 @@ class Pipeline:
         pc = config.pipeline
         check_backend(pc.backend, pc.device, pc.backend_fallback)  # refuse now, not after spawning every stage
         self.on_verdict = on_verdict
+        self.backbone_weights = backbone_weights
+        self.log_settings = log_settings or LogSettings()
         self.run_id = uuid.uuid4().hex[:12]
         self._stop_requested = False
         self.stages: list[StageProcess] = []
@@ -121,266 +185,165 @@ class Pipeline:
     def run(self, duration_s: float | None = None, install_signals: bool = True) -> RunSummary:
         """Run until the finite sources are through, `duration_s` passes or a stop is requested."""
         with contextlib.ExitStack() as cleanup:  # shared memory is unlinked however the run ends
-            return self._run(cleanup, duration_s, install_signals)
+            ctx = mp.get_context("spawn")  # CUDA-safe: no forked copies of an initialised CUDA context
+            rings = self._build_rings(ctx, cleanup)
+            self.stages = self._plan_stages(rings)
+            state = RunState.create(len(self.sources), len(self.stages))
+            cleanup.callback(state.close)
+            metrics = self._start_metrics(cleanup)
+            live = _LiveRun(self, ctx, state, rings, metrics)
+            cleanup.callback(live.kill_all)  # before the rings and state go, however the run ends
+            if install_signals:
+                cleanup.enter_context(self._stop_on_signals())
+            self._start_stages(live)
+            self._supervise(live, duration_s)
+            self._drain(live)
+            return self._summarise(live)
 
-    def _run(self, cleanup: contextlib.ExitStack, duration_s: float | None, install_signals: bool) -> RunSummary:
+    @contextlib.contextmanager
+    def _stop_on_signals(self) -> Iterator[None]:
+        previous = {sig: signal.signal(sig, self.request_stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+    def _build_rings(self, ctx: SpawnContext, cleanup: contextlib.ExitStack) -> Rings:
         pc = self.config.pipeline
-        n_cam = len(self.sources)
-        input_h, input_w = self.manifest["input_size"]
 
-        ctx = mp.get_context("spawn")  # CUDA-safe: no forked copies of an initialised CUDA context
-
-        def make(
-            slots: int, shape: tuple[int, ...] = (), dtype: str = "uint8", doorbell: Doorbell | None = None
-        ) -> FrameRing:
+        def make(slots: int, shape: tuple[int, ...] = (), doorbell: Doorbell | None = None) -> FrameRing:
             # Every writer that waits for room sleeps on its ring's `room` bell; one post wakes it.
-            ring = FrameRing.create(slots, shape, dtype, doorbell or Doorbell(ctx, most=slots), Doorbell(ctx, most=1))
+            ring = FrameRing.create(slots, shape, "uint8", doorbell or Doorbell(ctx, most=slots), Doorbell(ctx, most=1))
             cleanup.callback(ring.close)
             return ring
 
         # One commit bell for all cameras: preprocess waits on any of them.
-        frames_bell = Doorbell(ctx, most=pc.ring_slots * n_cam)
+        frames_bell = Doorbell(ctx, most=pc.ring_slots * len(self.sources))
         frame_shape = (pc.max_frame_height, pc.max_frame_width, 3)
-        frame_rings = [make(pc.ring_slots, frame_shape, doorbell=frames_bell) for _ in range(n_cam)]
-        # uint8 at model size; infer normalises
-        tensor_ring = make(pc.tensor_slots, (input_h, input_w, 3))
-        score_ring = make(max(pc.tensor_slots, 2 * pc.max_batch))
-        verdict_ring = make(256)  # the supervisor waits on it between its other duties
-        rings = {"tensor": tensor_ring, "score": score_ring, "verdict": verdict_ring}
-        rings.update({f"frames_{cam}": r for cam, r in zip(self.cameras, frame_rings, strict=True)})
-        stages: list[StageProcess] = []
-        for i, src in enumerate(self.sources):
-            stages.append(
-                StageProcess(
-                    f"capture:{self.cameras[i]}",
-                    "capture",
-                    capture_main,
-                    (i, src, self.policies[i], frame_rings[i].spec),
-                    i,
-                )
-            )
-        stages.append(
-            StageProcess(
-                "preprocess",
-                "preprocess",
-                preprocess_main,
-                ([r.spec for r in frame_rings], self.policies, tensor_ring.spec, self.manifest["preprocessing"]),
-            )
+        input_h, input_w = self.manifest.input_size
+        return Rings(
+            frames=tuple(make(pc.ring_slots, frame_shape, frames_bell) for _ in self.sources),
+            tensor=make(pc.tensor_slots, (input_h, input_w, 3)),
+            score=make(max(pc.tensor_slots, 2 * pc.max_batch)),
+            verdict=make(256),  # the supervisor waits on it between its other duties
         )
-        stages.append(
-            StageProcess(
-                "infer",
-                "infer",
-                infer_main,
-                (
-                    tensor_ring.spec,
-                    score_ring.spec,
-                    str(self.bundle_path),
-                    self.config.model.backbone_weights,
-                    pc.device,
-                    pc.max_batch,
-                    pc.max_wait_ms,
-                    pc.backend,
-                    pc.backend_fallback,
-                    str(engine_cache_dir(pc.engine_cache, self.bundle_path)),
-                ),
+
+    def _plan_stages(self, rings: Rings) -> list[StageProcess]:
+        pc, pub = self.config.pipeline, self.config.publisher
+        stages = [
+            StageProcess(f"capture:{cam}", "capture", capture_main, CaptureArgs(i, src, policy, ring.spec), camera=i)
+            for i, (cam, src, policy, ring) in enumerate(
+                zip(self.cameras, self.sources, self.policies, rings.frames, strict=True)
             )
+        ]
+        pre = PreprocessArgs(
+            tuple(r.spec for r in rings.frames),
+            tuple(self.policies),
+            rings.tensor.spec,
+            self.manifest.preprocessing.to_dict(),
         )
-        pub = self.config.publisher
-        stages.append(
-            StageProcess(
-                "decide",
-                "decide",
-                decide_main,
-                (
-                    score_ring.spec,
-                    verdict_ring.spec,
-                    self.cameras,
-                    self.threshold,
-                    self.bundle_hash,
-                    self.run_id,
-                    pub.address,
-                    pub.send_hwm,
-                    pc.decide_priority,
-                ),
-            )
+        infer = InferArgs(
+            rings.tensor.spec,
+            rings.score.spec,
+            str(self.bundle_path),
+            self.backbone_weights,
+            pc.device,
+            pc.max_batch,
+            pc.max_wait_ms,
+            pc.backend,
+            pc.backend_fallback,
+            str(engine_cache_dir(pc.engine_cache, self.bundle_path)),
         )
-        self.stages = stages
-        state = RunState.create(n_cam, len(stages))
-        cleanup.callback(state.close)
-        metrics = PipelineMetrics(self.cameras, sorted({s.kind for s in stages}), _score_buckets(self.threshold))
+        decide = DecideArgs(
+            rings.score.spec,
+            rings.verdict.spec,
+            tuple(self.cameras),
+            self.threshold,
+            self.bundle_hash,
+            self.run_id,
+            pub.address,
+            pub.send_hwm,
+            pc.decide_priority,
+        )
+        stages.append(StageProcess("preprocess", "preprocess", preprocess_main, pre))
+        stages.append(StageProcess("infer", "infer", infer_main, infer))
+        stages.append(StageProcess("decide", "decide", decide_main, decide))
+        return stages
+
+    def _start_metrics(self, cleanup: contextlib.ExitStack) -> PipelineMetrics:
+        metrics = PipelineMetrics(self.cameras, sorted({s.kind for s in self.stages}), _score_buckets(self.threshold))
         metrics.threshold.set(self.threshold)
         metrics.bundle.info(
-            {
-                "hash": self.bundle_hash[:16],
-                "model": self.manifest["model"],
-                "backbone": feature_extractor_name(self.manifest),
-            }
+            {"hash": self.bundle_hash[:16], "model": self.manifest.model, "backbone": self.manifest.feature_extractor}
         )
-        port = (
-            metrics.serve(self.config.metrics.host, self.config.metrics.port) if self.config.metrics.enabled else None
-        )
+        m = self.config.metrics
+        self.metrics_port = metrics.serve(m.host, m.port) if m.enabled else None
         cleanup.callback(metrics.close)
-        self.metrics_port = port
-        previous = {}
-        if install_signals:
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                previous[sig] = signal.signal(sig, self.request_stop)
-        verdict_counts = np.zeros((n_cam, len(VERDICT_NAMES)), dtype=np.int64)
-        # The summary's percentiles cover the most recent frames: a run lasting days must not grow a list forever.
-        latencies: deque[int] = deque(maxlen=LATENCY_WINDOW)
-        t_start = time.monotonic()
-        t_first: float | None = None
-        t_last: float | None = None
-        # Newest frame id counted per camera: decide killed between forwarding a verdict and recording it in
-        # `state.last_decided` forwards it again; the repeat must not be counted twice (same rule as decide's).
-        last_counted = np.full(n_cam, -1, dtype=np.int64)
+        return metrics
 
-        def start(index: int) -> None:
-            st = stages[index]
-            st.process = ctx.Process(
-                target=st.target, args=(StageContext(state.spec, index), *st.args), name=st.name, daemon=True
-            )
-            st.process.start()
-
-        def sync_metrics() -> None:
-            metrics.sync(state, {k: r.occupancy() for k, r in rings.items()}, self._restarts(stages, state))
-
-        def drain() -> int:
-            nonlocal t_first, t_last
-            slots = verdict_ring.written()
-            if slots.size and t_first is None:
-                # The last periodic sync may predate the cameras opening: the first verdicts bring the
-                # gauges (camera connected, ring occupancy) up to date at once, not up to 0.25 s later.
-                sync_metrics()
-            for s in slots:
-                rec = verdict_ring.headers[int(s)].copy()
-                verdict_ring.release(int(s))
-                camera = int(rec["camera"])
-                if rec["frame_id"] <= last_counted[camera]:
-                    continue
-                last_counted[camera] = rec["frame_id"]
-                verdict_counts[camera, int(rec["verdict"])] += 1
-                latencies.append(int(rec["m_decide_ns"]) - int(rec["m_capture_ns"]))
-                now = time.monotonic()
-                t_first = now if t_first is None else t_first
-                t_last = now
-                metrics.observe(rec)
-                if self.on_verdict is not None:
-                    self.on_verdict(rec)
-            return int(slots.size)
-
-        def accounted() -> np.ndarray:
-            return verdict_counts.sum(axis=1) + state.drops.sum(axis=1)
-
-        def supervise() -> None:
-            """Restart stages that died or went silent (capture stages only while capturing)."""
-            now_ns = time.monotonic_ns()
-            for i, st in enumerate(stages):
+    def _start_stages(self, live: _LiveRun) -> None:
+        """Model-side stages first; sources once the model is loaded, so the first frames' latency is the
+        line's, not start-up's."""
+        for i, st in enumerate(self.stages):
+            if st.kind != "capture":
+                live.start(i)
+        while not all(live.state.ready[i] for i, st in enumerate(self.stages) if st.kind != "capture"):
+            for st in self.stages:
                 p = st.process
-                assert p is not None
-                if st.kind == "capture" and (state.done[st.camera] or state.stopping_sources()):
-                    continue  # finished (or told to): a capture process that ended is not restarted
-                silent = state.ready[i] and now_ns - int(state.heartbeat_ns[i]) > pc.heartbeat_timeout_s * 1e9
-                if p.is_alive() and not silent:
-                    continue
-                if p.is_alive():
-                    _log(f"{st.name} sent no heartbeat for {pc.heartbeat_timeout_s:.0f}s; restarting it")
-                    p.kill()
-                    p.join(JOIN_TIMEOUT_S)
-                else:
-                    _log(f"{st.name} exited with code {p.exitcode}; restarting it")
-                state.restarts[i] += 1
-                state.ready[i] = 0
-                start(i)
+                if p is not None and not p.is_alive():
+                    raise PipelineError(f"stage {st.name} failed to start (exit code {p.exitcode}); see its log above")
+            if self._stop_requested:
+                break
+            time.sleep(0.01)
+        freeze_startup_heap()  # this process drains every verdict: no collector stalls here either
+        for i, st in enumerate(self.stages):
+            if st.kind == "capture":
+                live.start(i)
 
-        try:
-            for i, st in enumerate(stages):
-                if st.kind != "capture":
-                    start(i)
-            # Sources start once the model is loaded: the first frames' latency is then the line's, not start-up's.
-            while not all(state.ready[i] for i, st in enumerate(stages) if st.kind != "capture"):
-                for st in stages:
-                    p = st.process
-                    if p is not None and not p.is_alive():
-                        raise PipelineError(
-                            f"stage {st.name} failed to start (exit code {p.exitcode}); see its log above"
-                        )
-                if self._stop_requested:
-                    break
-                time.sleep(0.01)
-            freeze_startup_heap()  # this process drains every verdict: no collector stalls here either
-            for i, st in enumerate(stages):
-                if st.kind == "capture":
-                    start(i)
-            last_sync = 0.0
-            while True:
-                busy = drain()
-                now = time.monotonic()
-                if now - last_sync > 0.25:
-                    supervise()
-                    sync_metrics()
-                    last_sync = now
-                finite_done = all(state.done[c] for c in range(n_cam))
-                if finite_done and np.array_equal(accounted(), state.captured):
-                    break
-                if self._stop_requested or (duration_s is not None and now - t_start >= duration_s):
-                    break
-                if not busy:  # accounting only (latency is stamped by the stages): woken by decide's commits
-                    verdict_ring.wait_for_commit(SUPERVISOR_WAIT_S)
-            # Shutdown: stop capture, let frames in flight reach a verdict, then stop the rest.
-            state.flags[FLAG_STOP_SOURCES] = 1
-            for st in stages:
-                if st.kind == "capture" and st.process is not None:
-                    st.process.join(JOIN_TIMEOUT_S)
-            deadline = time.monotonic() + DRAIN_TIMEOUT_S
-            while not np.array_equal(accounted(), state.captured) and time.monotonic() < deadline:
-                if not drain():
-                    supervise()
-                    time.sleep(0.002)
-            state.flags[FLAG_STOP_ALL] = 1
-            for st in stages:
-                if st.process is not None:
-                    st.process.join(JOIN_TIMEOUT_S)
-                    if st.process.is_alive():
-                        st.process.kill()
-                        st.process.join(JOIN_TIMEOUT_S)
-            drain()
-            missing = state.captured - accounted()
-            for c in range(n_cam):
-                if missing[c] > 0:  # in flight when a forced stop (timeout) ended the run
-                    state.drop(c, "shutdown", int(missing[c]))
-            sync_metrics()
-            return self._summary(state, stages, verdict_counts, latencies, t_first, t_last, port)
-        finally:
-            state.flags[FLAG_STOP_ALL] = 1
-            for st in stages:
-                if st.process is not None and st.process.is_alive():
-                    st.process.kill()
-                    st.process.join(JOIN_TIMEOUT_S)
-            for sig, handler in previous.items():
-                signal.signal(sig, handler)
+    def _supervise(self, live: _LiveRun, duration_s: float | None) -> None:
+        """Count verdicts, restart failed stages and sync metrics until the sources are through or a stop."""
+        t_start = time.monotonic()
+        last_sync = 0.0
+        while True:
+            busy = live.drain_verdicts()
+            now = time.monotonic()
+            if now - last_sync > SYNC_EVERY_S:
+                live.restart_failed()
+                live.sync_metrics()
+                last_sync = now
+            if live.sources_done() and live.all_accounted():
+                return
+            if self._stop_requested or (duration_s is not None and now - t_start >= duration_s):
+                return
+            if not busy:  # accounting only (latency is stamped by the stages): woken by decide's commits
+                live.rings.verdict.wait_for_commit(SUPERVISOR_WAIT_S)
 
-    @staticmethod
-    def _restarts(stages: list[StageProcess], state: RunState) -> dict[str, int]:
-        out: dict[str, int] = {}
-        for i, st in enumerate(stages):
-            out[st.kind] = out.get(st.kind, 0) + int(state.restarts[i])
-        return out
+    def _drain(self, live: _LiveRun) -> None:
+        """Stop capture, let frames in flight reach a verdict, then stop the rest; count what never did."""
+        state = live.state
+        state.flags[FLAG_STOP_SOURCES] = 1
+        live.join(kind="capture")
+        deadline = time.monotonic() + DRAIN_TIMEOUT_S
+        while not live.all_accounted() and time.monotonic() < deadline:
+            if not live.drain_verdicts():
+                live.restart_failed()
+                time.sleep(0.002)
+        state.flags[FLAG_STOP_ALL] = 1
+        live.join()
+        live.drain_verdicts()
+        missing = state.captured - live.accounted()
+        for c in range(len(self.cameras)):
+            if missing[c] > 0:  # in flight when a forced stop (timeout) ended the run
+                state.drop(c, "shutdown", int(missing[c]))
+        live.sync_metrics()
 
-    def _summary(
-        self,
-        state: RunState,
-        stages: list[StageProcess],
-        verdicts: np.ndarray,
-        latencies: deque[int],
-        t_first: float | None,
-        t_last: float | None,
-        port: int | None,
-    ) -> RunSummary:
-        lat = np.asarray(latencies, dtype=np.float64) / 1e6
+    def _summarise(self, live: _LiveRun) -> RunSummary:
+        state, tally = live.state, live.tally
+        lat = np.asarray(tally.latencies_ns, dtype=np.float64) / 1e6
+        verdicts = tally.counts
         n_verdicts = int(verdicts.sum())
-        span = (t_last - t_first) if t_first is not None and t_last is not None else 0.0
+        span = (tally.t_last - tally.t_first) if tally.t_first is not None and tally.t_last is not None else 0.0
         cameras = {}
         for c, cam in enumerate(self.cameras):
             cameras[cam] = {
@@ -389,12 +352,12 @@ class Pipeline:
                 "drops": int(state.drops[c].sum()),
                 "reconnects": int(state.reconnects[c]),
             }
-        restarts = self._restarts(stages, state)
+        restarts = live.restarts()
         return RunSummary(
             frames=int(state.captured.sum()),
             verdicts=n_verdicts,
-            rejects=int(verdicts[:, 1].sum()),
-            errors=int(verdicts[:, 2].sum()),
+            rejects=int(verdicts[:, VERDICT_NAMES.index("reject")].sum()),
+            errors=int(verdicts[:, VERDICT_NAMES.index("error")].sum()),
             drops=int(state.drops.sum()),
             restarts=sum(restarts.values()),
             latency_ms_p50=float(np.percentile(lat, 50)) if lat.size else None,
@@ -403,8 +366,100 @@ class Pipeline:
             cameras=cameras,
             drops_by_reason={r: int(state.drops[:, j].sum()) for j, r in enumerate(DROP_REASONS)},
             restarts_by_stage=restarts,
-            metrics_port=port,
+            metrics_port=self.metrics_port,
         )
+
+
+class _LiveRun:
+    """The processes, shared state, rings and counts of one run in progress, and the duties on them."""
+
+    def __init__(
+        self, pipeline: Pipeline, ctx: SpawnContext, state: RunState, rings: Rings, metrics: PipelineMetrics
+    ) -> None:
+        self.pipeline, self.ctx, self.state, self.rings, self.metrics = pipeline, ctx, state, rings, metrics
+        self.stages = pipeline.stages
+        self.tally = VerdictTally(len(pipeline.cameras))
+
+    def start(self, index: int) -> None:
+        st = self.stages[index]
+        context = StageContext(self.state.spec, index, self.pipeline.log_settings)
+        st.process = self.ctx.Process(target=st.target, args=(context, st.args), name=st.name, daemon=True)
+        st.process.start()
+
+    def restart_failed(self) -> None:
+        """Restart stages that died or went silent (capture stages only while capturing)."""
+        state, timeout_s = self.state, self.pipeline.config.pipeline.heartbeat_timeout_s
+        now_ns = time.monotonic_ns()
+        for i, st in enumerate(self.stages):
+            p = st.process
+            assert p is not None
+            if st.kind == "capture" and (state.done[st.camera] or state.stopping_sources()):
+                continue  # finished (or told to): a capture process that ended is not restarted
+            silent = state.ready[i] and now_ns - int(state.heartbeat_ns[i]) > timeout_s * 1e9
+            if p.is_alive() and not silent:
+                continue
+            if p.is_alive():
+                log.warning("%s sent no heartbeat for %.0fs; restarting it", st.name, timeout_s)
+                p.kill()
+                p.join(JOIN_TIMEOUT_S)
+            else:
+                log.warning("%s exited with code %s; restarting it", st.name, p.exitcode)
+            state.restarts[i] += 1
+            state.ready[i] = 0
+            self.start(i)
+
+    def drain_verdicts(self) -> int:
+        """Count and forward the verdicts waiting in the verdict ring; returns how many slots were read."""
+        ring, tally = self.rings.verdict, self.tally
+        slots = ring.written()
+        if slots.size and tally.t_first is None:
+            # The last periodic sync may predate the cameras opening: the first verdicts bring the
+            # gauges (camera connected, ring occupancy) up to date at once, not up to 0.25 s later.
+            self.sync_metrics()
+        for s in slots:
+            rec = ring.headers[int(s)].copy()
+            ring.release(int(s))
+            if not tally.add(rec):
+                continue
+            self.metrics.observe(rec)
+            if self.pipeline.on_verdict is not None:
+                self.pipeline.on_verdict(rec)
+        return int(slots.size)
+
+    def accounted(self) -> np.ndarray:
+        return self.tally.counts.sum(axis=1) + self.state.drops.sum(axis=1)
+
+    def all_accounted(self) -> bool:
+        return bool(np.array_equal(self.accounted(), self.state.captured))
+
+    def sources_done(self) -> bool:
+        return all(self.state.done[c] for c in range(len(self.pipeline.cameras)))
+
+    def sync_metrics(self) -> None:
+        self.metrics.sync(self.state, self.rings.occupancy(self.pipeline.cameras), self.restarts())
+
+    def restarts(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for i, st in enumerate(self.stages):
+            out[st.kind] = out.get(st.kind, 0) + int(self.state.restarts[i])
+        return out
+
+    def join(self, kind: str | None = None) -> None:
+        """Wait for the stages (of one kind) to exit; one that does not in time is killed."""
+        for st in self.stages:
+            if st.process is None or (kind is not None and st.kind != kind):
+                continue
+            st.process.join(JOIN_TIMEOUT_S)
+            if kind is None and st.process.is_alive():
+                st.process.kill()
+                st.process.join(JOIN_TIMEOUT_S)
+
+    def kill_all(self) -> None:
+        self.state.flags[FLAG_STOP_ALL] = 1
+        for st in self.stages:
+            if st.process is not None and st.process.is_alive():
+                st.process.kill()
+                st.process.join(JOIN_TIMEOUT_S)
 
 
 def _score_buckets(threshold: float) -> tuple[float, ...]:
@@ -412,7 +467,3 @@ def _score_buckets(threshold: float) -> tuple[float, ...]:
     return tuple(
         round(threshold * f, 6) for f in (0.25, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 1.0, 1.05, 1.1, 1.25, 1.5, 2, 3, 5)
     )
-
-
-def _log(message: str) -> None:
-    print(f"linewatch[supervisor]: {message}", file=sys.stderr, flush=True)

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import yaml
 
-from pipeline.config import MetricsConfig, PipelineConfig
 from pipeline.metrics import PipelineMetrics
-from pipeline.publisher import Verdict, encode
+from pipeline.settings import MetricsConfig, PipelineConfig
+from pipeline.wire import Verdict, encode
 
 DEPLOY = Path(__file__).resolve().parents[1] / "deploy"
 sys.path.insert(0, str(DEPLOY))

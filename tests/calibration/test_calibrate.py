@@ -13,8 +13,8 @@ from calibration.synthetic import DEFECT_KINDS
 from calibration.threshold import InsufficientCalibrationData, fpr_upper_bound
 from edge.bundle import BundleError, content_hash, load_bundle, save_bundle
 from edge.preprocessing import to_rgb8
-from pipeline.cli import main
-from pipeline.config import config_from_dict
+from pipeline.app.cli import main
+from pipeline.app.config import config_from_dict
 
 # 16 normal frames, 8 held out: a 20 % target at 80 % confidence needs ceil(ln 0.2 / ln 0.8) = 8 frames.
 LOOSE = {"target_fpr": 0.2, "confidence": 0.8, "synthetic_per_kind": 3}
@@ -49,11 +49,11 @@ def test_threshold_is_the_bounded_order_statistic(calibrated: Calibration) -> No
     assert c.n == 8 and c.k == 8 and c.meets_target  # only k = n passes with 8 frames
     assert c.threshold == float(np.sort(calibrated.holdout_scores)[c.k - 1])
     assert c.exceed_probability == pytest.approx(0.8**8)
-    t = calibrated.manifest["threshold"]
-    assert t["value"] == c.threshold and t["reject_if"] == "score > value"
-    assert (t["target_fpr"], t["confidence"], t["n"]) == (0.2, 0.8, 8)
-    assert calibrated.manifest["dataset"]["n_images"] == 8  # fitted on the other half only
-    norm = calibrated.manifest["normalization"]
+    t = calibrated.manifest.threshold
+    assert t is not None and t.value == c.threshold and t.reject_if == "score > value"
+    assert (t.choice["target_fpr"], t.choice["confidence"], t.choice["n"]) == (0.2, 0.8, 8)
+    assert calibrated.manifest.dataset.n_images == 8  # fitted on the other half only
+    norm = calibrated.manifest.normalization
     assert (c.threshold - norm["center"]) / norm["scale"] == pytest.approx(1.0)
 
 
@@ -68,7 +68,7 @@ def test_recall_estimates_per_kind_and_labelled_results_kept_apart(calibrated: C
     assert lab.fpr.n == 4 and lab.recall.n == 10  # 4 good, 5 kinds x 2 defects in the test set
     assert sum(r.n for r in lab.recall_by_kind) == 10
     assert lab.recall.hits == int((lab.scored.scores[lab.scored.labels == 1] > t).sum())
-    stored = calibrated.manifest["calibration"]
+    stored = calibrated.manifest.calibration
     assert stored["labelled"]["recall"]["n"] == 10 and len(stored["synthetic_recall"]) == len(DEFECT_KINDS)
 
 

@@ -11,8 +11,8 @@ from calibration.datasets import (
     SkipReport,
     iter_loaded,
     normal_frames,
-    read_image,
 )
+from edge.images import read_image
 
 
 @pytest.fixture()

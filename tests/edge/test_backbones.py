@@ -138,8 +138,9 @@ def test_zeros_border_with_padding_fills_zeros() -> None:
 def test_zeros_border_keeps_normal_frames_edges_from_scoring_highest(small_category: Path) -> None:
     """Normal frames' highest-scoring patch lands on the frame's edge ring (a quarter of the cells) about
     as often as chance with the zeros border; pooled over the inside cells only, it always did."""
-    from calibration.datasets import MVTecCategory, SkipReport, normal_frames, read_image
+    from calibration.datasets import MVTecCategory, SkipReport, normal_frames
     from calibration.fit import fit_patchcore, preprocess_samples
+    from edge.images import read_image
     from edge.models.patchcore import PatchCoreModel, patchcore_embedding
     from edge.preprocessing import to_rgb8
     from edge.scoring import nearest_neighbor

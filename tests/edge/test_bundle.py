@@ -1,5 +1,7 @@
 import json
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -7,7 +9,7 @@ import torch
 from calibration.datasets import SkipReport, normal_frames
 from calibration.fit import fit, preprocess_samples
 from edge.bundle import BundleError, load_bundle, read_bundle_file, save_bundle
-from pipeline.config import config_from_dict
+from pipeline.app.config import config_from_dict
 
 
 @pytest.mark.parametrize(
@@ -34,13 +36,13 @@ def test_fit_save_load_gives_identical_scores(
     digest = save_bundle(path, result.model, result.manifest)
     bundle = load_bundle(path)
     assert bundle.hash == digest
-    assert bundle.manifest["model"] == model_name
-    assert bundle.manifest["backbone"]["name"] == "efficientnet_lite0"
-    assert bundle.model.backbone.border_mode == bundle.manifest["backbone"]["border_mode"] == border_mode
-    assert bundle.model.backbone.border_pad == bundle.manifest["backbone"]["border_pad"] == border_pad
-    assert bundle.model.backbone.precision == bundle.manifest["backbone"]["precision"] == precision
-    assert bundle.manifest["versions"]["torch"] == torch.__version__
-    assert bundle.manifest["dataset"]["n_images"] == 8
+    assert bundle.manifest.model == model_name
+    assert bundle.manifest.backbone.name == "efficientnet_lite0"
+    assert bundle.model.backbone.border_mode == bundle.manifest.backbone.border_mode == border_mode
+    assert bundle.model.backbone.border_pad == bundle.manifest.backbone.border_pad == border_pad
+    assert bundle.model.backbone.precision == bundle.manifest.backbone.precision == precision
+    assert bundle.manifest.versions["torch"] == torch.__version__
+    assert bundle.manifest.dataset.n_images == 8
     x = torch.from_numpy(
         preprocess_samples(normal_frames(small_category)[8:10], bundle.preprocessing, False, SkipReport()).numpy()
     )
@@ -101,25 +103,56 @@ def test_not_a_bundle(tmp_path: Path) -> None:
 
 
 def test_newer_format_is_refused(saved: Path) -> None:
-    import json
 
-    from edge.bundle import content_hash
-
-    raw = torch.load(saved, weights_only=True)
-    manifest = json.loads(raw["manifest"])
-    manifest["format_version"] = 99
-    raw["manifest"] = json.dumps(manifest, sort_keys=True)
-    raw["hash"] = content_hash(raw["manifest"], raw["tensors"])
-    torch.save(raw, saved)
+    _rewrite_manifest(saved, lambda m: m.update(format_version=99))
     with pytest.raises(BundleError, match="format_version 99 is not supported"):
         load_bundle(saved)
 
 
-def test_bundle_without_a_recorded_precision_runs_its_backbone_in_float32(saved: Path) -> None:
-    raw = torch.load(saved, weights_only=True)
+def _rewrite_manifest(path: Path, edit: Callable[[dict[str, Any]], None]) -> None:
+    """Edit the stored manifest JSON in place, with a hash that matches again (as an older linewatch wrote it)."""
+    from edge.bundle import content_hash
+
+    raw = torch.load(path, weights_only=True)
     manifest = json.loads(raw["manifest"])
-    del manifest["backbone"]["precision"]  # as bundles written before the setting existed
-    save_bundle(saved, load_bundle(saved).model, manifest)
+    edit(manifest)
+    raw["manifest"] = json.dumps(manifest, sort_keys=True)
+    raw["hash"] = content_hash(raw["manifest"], raw["tensors"])
+    torch.save(raw, path)
+
+
+def _as_version_1(manifest: dict[str, Any]) -> None:
+    """The layout of the first bundles: flat threshold record, the whole config, input_size beside the rest."""
+    manifest.update(format="linewatch-bundle", format_version=1, input_size=manifest["preprocessing"]["crop"])
+    threshold = manifest["threshold"]
+    if threshold is not None:
+        manifest["threshold"] = {k: v for k, v in threshold.items() if k != "choice"} | threshold["choice"]
+    manifest["fit"]["config"] |= {"publisher": {"address": "tcp://127.0.0.1:5556"}, "metrics": {"port": 9108}}
+
+
+def test_a_version_1_bundle_loads_and_scores_alike(saved: Path, small_category: Path) -> None:
+    bundle = load_bundle(saved)
+    _rewrite_manifest(saved, _as_version_1)
+    old = load_bundle(saved)
+    assert old.manifest.format_version == 2 and old.manifest.fit["config"].keys() == {"model", "fit"}
+    assert old.manifest.backbone == bundle.manifest.backbone and old.manifest.input_size == bundle.manifest.input_size
+    x = preprocess_samples(normal_frames(small_category)[4:6], old.preprocessing, False, SkipReport())
+    with torch.inference_mode():
+        assert torch.equal(old.model(x).scores, bundle.model(x).scores)
+
+
+def test_a_malformed_manifest_is_refused_in_one_line(saved: Path) -> None:
+    _rewrite_manifest(saved, lambda m: m.update(dataset="many"))
+    with pytest.raises(BundleError, match=r"m.pt: manifest dataset = 'many': expected a dict$"):
+        load_bundle(saved)
+
+
+def test_bundle_without_a_recorded_precision_runs_its_backbone_in_float32(saved: Path) -> None:
+    def before_precision(manifest: dict[str, Any]) -> None:  # as version-1 bundles written before the setting
+        _as_version_1(manifest)
+        del manifest["backbone"]["precision"]
+
+    _rewrite_manifest(saved, before_precision)
     backbone = load_bundle(saved).model.backbone
     assert backbone.precision == "float32" and backbone.net_bfloat16 is None
 
@@ -150,11 +183,8 @@ def test_bundle_records_its_map_upsampling_and_older_bundles_keep_bilinear_maps(
     saved: Path, small_category: Path
 ) -> None:
     bundle = load_bundle(saved)
-    assert bundle.manifest["model_params"]["map_upsampling"] == "cubic"  # what a fit now gives PatchCore
-    raw = torch.load(saved, weights_only=True)
-    manifest = json.loads(raw["manifest"])
-    del manifest["model_params"]["map_upsampling"]  # as bundles written before it existed
-    save_bundle(saved, bundle.model, manifest)
+    assert bundle.manifest.model_params["map_upsampling"] == "cubic"  # what a fit now gives PatchCore
+    _rewrite_manifest(saved, lambda m: m["model_params"].pop("map_upsampling"))  # as bundles before it existed
     older = load_bundle(saved)
     assert older.model.smoother.upsampling_mode == "linear"
     x = preprocess_samples(normal_frames(small_category)[4:6], older.preprocessing, False, SkipReport())
@@ -162,8 +192,7 @@ def test_bundle_records_its_map_upsampling_and_older_bundles_keep_bilinear_maps(
         new, old = bundle.model(x), older.model(x)
     assert torch.equal(new.scores, old.scores)  # image scores (and so the threshold) do not depend on it
     assert not torch.allclose(new.maps, old.maps)
-    manifest["model_params"]["map_upsampling"] = "bilinear"
-    save_bundle(saved, bundle.model, manifest)
+    _rewrite_manifest(saved, lambda m: m["model_params"].update(map_upsampling="bilinear"))
     with pytest.raises(BundleError, match="map upsampling 'bilinear': expected one of linear, cubic"):
         load_bundle(saved)
 
@@ -177,11 +206,11 @@ def test_a_neighbour_table_of_the_wrong_shape_is_refused(saved: Path) -> None:
 
 
 def test_a_threshold_calibrated_in_another_arithmetic_is_flagged(saved: Path) -> None:
-    raw = torch.load(saved, weights_only=True)
-    manifest = json.loads(raw["manifest"])
-    manifest["backbone"]["precision"] = "auto"
-    manifest["threshold"] = {"value": 1.0, "reject_if": "score > value", "backbone_arithmetic": "bfloat16"}
-    save_bundle(saved, load_bundle(saved).model, manifest)
+    def bf16_calibrated(manifest: dict[str, Any]) -> None:
+        manifest["backbone"]["precision"] = "auto"
+        manifest["threshold"] = {"value": 1.0, "reject_if": "score > value", "backbone_arithmetic": "bfloat16"}
+
+    _rewrite_manifest(saved, bf16_calibrated)
     bundle = load_bundle(saved)
     cpu = bundle.model.backbone.arithmetic(torch.device("cpu"))
     # "auto" runs float32 on a GPU, so a bf16-calibrated threshold is flagged there on every machine ...

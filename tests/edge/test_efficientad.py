@@ -24,6 +24,7 @@ from calibration.efficientad import (
 )
 from calibration.fit import preprocess_samples
 from edge.bundle import build_manifest, load_bundle, save_bundle
+from edge.manifest import DatasetRecord
 from edge.models.efficientad import (
     PDN_SIZES,
     RECEPTIVE_FIELD,
@@ -32,7 +33,7 @@ from edge.models.efficientad import (
     build_networks,
     load_pdn_weights,
 )
-from pipeline.config import Config, with_overrides
+from pipeline.app.config import Config, with_overrides
 
 SIZE = 64  # smallest input the autoencoder takes: keeps CPU training in tests to seconds
 
@@ -156,8 +157,8 @@ def test_normalisation_uses_only_frames_kept_out_of_training(images: torch.Tenso
 
 def test_bundle_round_trip_gives_identical_maps(images: torch.Tensor, fitted: EfficientADModel, tmp_path: Path) -> None:
     pre = efficientad_preprocessing(SIZE)
-    manifest = build_manifest(fitted, pre, "", {})
-    assert manifest["backbone"] is None and manifest["model_params"]["size"] == "small"
+    manifest = build_manifest(fitted, pre, "", DatasetRecord(1, "f"), {})
+    assert manifest.backbone is None and manifest.model_params["size"] == "small"
     save_bundle(tmp_path / "ead.pt", fitted, manifest)
     loaded = load_bundle(tmp_path / "ead.pt")
     with torch.inference_mode():

@@ -2,7 +2,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.config import Config, ConfigError, config_from_dict, load_config, with_overrides
+from pipeline.app.config import Config, ConfigError, config_from_dict, load_config, with_overrides
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -6,7 +6,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -21,20 +20,18 @@ import torch
 import zmq
 
 from calibration.calibrate import calibrate
-from calibration.datasets import MVTecCategory, normal_frames, read_image
+from calibration.datasets import MVTecCategory, normal_frames
 from edge.bundle import load_bundle, save_bundle
-from pipeline.config import Config, SourceConfig, config_from_dict
-from pipeline.publisher import GapTracker, RejectPublisher, Verdict, decode
-from pipeline.ring import VERDICT_NAMES, FrameRing
+from edge.images import read_image
+from pipeline.app.config import Config, config_from_dict
+from pipeline.app.ports import free_port
+from pipeline.publisher import RejectPublisher
+from pipeline.ring import FrameRing
+from pipeline.settings import SourceConfig
 from pipeline.supervisor import Pipeline
+from pipeline.wire import VERDICT_NAMES, GapTracker, Verdict, decode
 
 LOOSE = {"target_fpr": 0.2, "confidence": 0.8, "synthetic_per_kind": 0}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @pytest.fixture(scope="module")
@@ -211,7 +208,17 @@ def test_sigterm_exits_cleanly_without_leaks(bundle_path: Path, small_category: 
         f"      loop: true\n      rate_ppm: 1200\npublisher:\n  address: tcp://127.0.0.1:{free_port()}\n"
         "metrics:\n  port: 0\n"
     )
-    cmd = [sys.executable, "-m", "pipeline.cli", "run", "--bundle", str(bundle_path), "--config", str(config), "--json"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pipeline.app.cli",
+        "run",
+        "--bundle",
+        str(bundle_path),
+        "--config",
+        str(config),
+        "--json",
+    ]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     time.sleep(12)
     children = [p for p in os.listdir("/proc") if p.isdigit() and _ppid(p) == proc.pid]
@@ -336,7 +343,7 @@ def test_video_source_replays_every_frame(bundle_path: Path, small_category: Pat
 
 
 def test_run_refuses_bad_input_with_one_line(bundle_path: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    from pipeline.cli import main
+    from pipeline.app.cli import main
 
     assert main(["run", "--bundle", str(bundle_path), "--source", "usb:0"]) == 2
     assert capsys.readouterr().err.strip() == (

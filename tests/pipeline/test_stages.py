@@ -14,9 +14,9 @@ from typing import Any
 import numpy as np
 import pytest
 
-from pipeline.bench import free_port
+from pipeline.app.ports import free_port
 from pipeline.ring import RECORD, VERDICT_PASS, Doorbell, FrameRing
-from pipeline.stages import ConveyorPace, StageContext, decide_main, run_realtime
+from pipeline.stages import ConveyorPace, DecideArgs, StageContext, decide_main, run_realtime
 from pipeline.state import FLAG_STOP_ALL, RunState
 
 
@@ -28,9 +28,9 @@ class _DecideRig:
         self.state = RunState.create(cameras=1, processes=1)
         self.scores = FrameRing.create(8, doorbell=Doorbell(ctx))
         self.verdicts = FrameRing.create(8)
-        args = (StageContext(self.state.spec, 0), self.scores.spec, self.verdicts.spec, ["cam0"], 1.0, "hash", "run")
         address = f"tcp://127.0.0.1:{free_port()}"
-        self.process = ctx.Process(target=decide_main, args=(*args, address, 100, priority))
+        args = DecideArgs(self.scores.spec, self.verdicts.spec, ("cam0",), 1.0, "hash", "run", address, 100, priority)
+        self.process = ctx.Process(target=decide_main, args=(StageContext(self.state.spec, 0), args))
 
     def __enter__(self) -> _DecideRig:
         return self

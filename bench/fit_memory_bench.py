@@ -39,7 +39,7 @@ def write_frames(folder: Path, n: int, seed: int = 0) -> Path:
 
 def fit_once(folder: Path, config: Path, out: Path) -> tuple[float, float]:
     """(wall seconds, peak RSS in MB) of one `linewatch fit` child."""
-    cmd = [sys.executable, "-m", "pipeline.cli", "fit", "--data", str(folder), "--out", str(out)]
+    cmd = [sys.executable, "-m", "pipeline.app.cli", "fit", "--data", str(folder), "--out", str(out)]
     cmd += ["--config", str(config), "--quiet"]
     start = time.perf_counter()
     # A fresh `time`-like wrapper per size: RUSAGE_CHILDREN keeps the largest child's peak so far.

@@ -31,10 +31,10 @@ from calibration.datasets import MVTecCategory, SkipReport
 from calibration.evaluate import ScoredSet, metrics_of, score_category
 from edge.backbones import FeatureBackbone
 from edge.backends import OnDevice
-from edge.bundle import Bundle, feature_extractor_name, load_bundle
+from edge.bundle import Bundle, load_bundle
 from edge.models.patchcore import PatchCoreModel
 from edge.scoring import Scorer
-from pipeline.bench import interleaved_batch1_ms
+from pipeline.app.bench import interleaved_batch1_ms
 
 
 def half_features(backbone: FeatureBackbone, device_type: str) -> None:
@@ -85,7 +85,7 @@ def compared(reference: ScoredSet, other: ScoredSet, threshold: float | None) ->
 
 def bench_bundle(path: Path, data: Path, device: str, compile_too: bool, rounds: int) -> list[dict[str, object]]:
     bundle = load_bundle(path)
-    name = f"{bundle.manifest['model']} ({feature_extractor_name(bundle.manifest)})"
+    name = f"{bundle.manifest.model} ({bundle.manifest.feature_extractor})"
     category = MVTecCategory(data)
     runs: dict[str, Scorer] = {}
     rows: list[dict[str, object]] = []

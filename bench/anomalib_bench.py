@@ -30,8 +30,8 @@ from calibration.fit import fit
 from edge.backbones import get_spec, resolve_weights
 from edge.backends import prepare_backend
 from edge.efficientnet_lite import EfficientNetLite, SameConv2d
-from pipeline.bench import interleaved_batch1_ms
-from pipeline.config import load_config, with_overrides
+from pipeline.app.bench import interleaved_batch1_ms
+from pipeline.app.config import load_config, with_overrides
 
 LITE0_LAYERS = ("stride8", "stride16")
 

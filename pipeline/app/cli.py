@@ -1,52 +1,58 @@
-"""The `linewatch` command line: fit, calibrate, evaluate, demo.
+"""The `linewatch` command line: fit, calibrate, evaluate, run, bench, demo.
 
 Every expected failure (bad config, unreadable data, missing weights, tampered bundle) ends with one
-line `linewatch: error: ...` on stderr and exit status 2; stdout carries only results.
+line `linewatch: error: ...` on stderr and exit status 2; stdout carries only results. Diagnostics go
+through `logging`, configured here once (`--log-level`, `--log-format`). The heavy layers (torch and
+the models) are imported by the command that needs them, so `--help` and `--version` answer at once.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 from collections.abc import Sequence
+from importlib import metadata
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
+from pipeline.logs import LOG_FORMATS, LOG_LEVELS, LogSettings, configure_logging
 
-from calibration.datasets import DatasetError, MVTecCategory, normal_frames
-from calibration.evaluate import evaluate
-from calibration.fit import fit
-from edge.backbones import BACKBONES, WeightsNotFound
-from edge.backends import BACKENDS, BackendError
-from edge.bundle import BundleError, feature_extractor_name, load_bundle, save_bundle
-from edge.models import MODELS
-from pipeline.config import Config, ConfigError, load_config, with_overrides
-from pipeline.state import PipelineError
+if TYPE_CHECKING:
+    from pipeline.app.config import Config
 
 EXIT_ERROR = 2
+log = logging.getLogger(__name__)
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", type=Path, help="config file (default: built-in defaults)")
+    p.add_argument("--config", type=Path, help="config file (default: built-in defaults, as in config.yaml)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument("--skip-bad", action="store_true", help="skip unreadable or mismatched files and report them")
 
 
 def _add_model_options(p: argparse.ArgumentParser) -> None:
     """Options of the commands that fit a model (fit, calibrate)."""
-    p.add_argument("--model", dest="model_name", choices=sorted(MODELS))
-    p.add_argument("--backbone", choices=sorted(BACKBONES))
-    p.add_argument("--backbone-weights", help="path to the backbone's .pth weights")
-    p.add_argument("--seed", type=int)
+    p.add_argument("--model", dest="model_name", metavar="NAME", help="patchcore, padim or efficientad (model.name)")
+    p.add_argument("--backbone", metavar="NAME", help="feature extractor, see README Backbones (model.backbone)")
+    p.add_argument("--backbone-weights", help="path to the backbone's .pth weights (model.backbone_weights)")
+    p.add_argument("--seed", type=int, help="seed of the fit and of the calibration split (fit.seed)")
     p.add_argument("--teacher", help="EfficientAD teacher PDN weights (.pth); default: distil one here")
     p.add_argument("--distill-images", help="EfficientAD: folder of generic images for distillation and the penalty")
     p.add_argument("--steps", type=int, help="EfficientAD training steps (default: model.efficientad.steps)")
     p.add_argument("--checkpoint", help="EfficientAD training checkpoint: resumed when it exists")
 
 
+def _add_bundle(p: argparse.ArgumentParser, help_text: str, required: bool = True, alias: bool = False) -> None:
+    flags = ("--bundle", "--model") if alias else ("--bundle",)  # evaluate's --model: the name before --bundle
+    p.add_argument(*flags, dest="bundle", required=required, type=Path, help=help_text)
+
+
 def _config(args: argparse.Namespace) -> Config:
-    config = load_config(args.config)
+    from pipeline.app.config import load_config, with_overrides
+
+    config = load_config(getattr(args, "config", None))
     overrides = {
         "model.name": getattr(args, "model_name", None),
         "model.backbone": getattr(args, "backbone", None),
@@ -66,34 +72,45 @@ def _config(args: argparse.Namespace) -> Config:
     }
     config = with_overrides(config, overrides)
     if config.fit.threads:
+        import torch
+
         torch.set_num_threads(config.fit.threads)
     return config
 
 
 def cmd_fit(args: argparse.Namespace) -> int:
+    from calibration.datasets import normal_frames
+    from calibration.fit import fit
+    from edge.bundle import save_bundle
+
     config = _config(args)
     samples = normal_frames(args.data)
     result = fit(config, samples, skip_bad=args.skip_bad, progress=not args.quiet)
-    result.skipped.print()
+    result.skipped.log()
     digest = save_bundle(args.out, result.model, result.manifest)
-    print(
-        f"fitted {config.model.name} ({feature_extractor_name(result.manifest)}) on "
-        f"{result.manifest['dataset']['n_images']} images "
-        f"in {result.seconds:.1f}s -> {args.out} (hash {digest[:12]})",
-        file=sys.stderr,
+    log.info(
+        "fitted %s (%s) on %d images in %.1fs -> %s (hash %s)",
+        config.model.name,
+        result.manifest.feature_extractor,
+        result.manifest.dataset.n_images,
+        result.seconds,
+        args.out,
+        digest[:12],
     )
     return 0
 
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
     from calibration.calibrate import calibrate
+    from calibration.datasets import MVTecCategory, normal_frames
     from calibration.report import write_report
+    from edge.bundle import save_bundle
 
     config = _config(args)
     samples = normal_frames(args.data)
     test = MVTecCategory(args.data) if (Path(args.data) / "train" / "good").is_dir() else None
     cal = calibrate(config, samples, test, skip_bad=args.skip_bad, progress=not args.quiet)
-    cal.skipped.print()
+    cal.skipped.log()
     digest = save_bundle(args.out, cal.fit.model, cal.manifest)
     report_dir = args.report_dir or Path(args.out).parent
     write_report(report_dir, cal, Path(args.out), digest)
@@ -120,34 +137,35 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _format_metric(value: float | None) -> str:
-    return "   n/a" if value is None else f"{value:6.3f}"
-
-
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    bundle = load_bundle(args.model, args.backbone_weights)
+    from calibration.datasets import MVTecCategory
+    from calibration.evaluate import evaluate, format_metric
+    from edge.bundle import load_bundle
+
+    bundle = load_bundle(args.bundle, args.backbone_weights)
     category = MVTecCategory(args.data)
     result, report = evaluate(bundle, category, skip_bad=args.skip_bad, progress=not (args.quiet or args.json))
-    report.print()
+    report.log()
     if args.json:
         print(json.dumps(result.to_dict()))
-    else:
-        r = result
+        return 0
+    r = result
+    print(
+        f"{category.name}: image AUROC {format_metric(r.image_auroc, 6)}  pixel AUROC {format_metric(r.pixel_auroc, 6)}"
+        f"  PRO {format_metric(r.pro, 6)}  F1 {format_metric(r.f1, 6)}  images {r.n_images}  "
+        f"{r.ms_per_image:.1f} ms/image"
+    )
+    if r.fpr_at_threshold is not None or r.tpr_at_threshold is not None:
         print(
-            f"{category.name}: image AUROC {_format_metric(r.image_auroc)}  pixel AUROC {_format_metric(r.pixel_auroc)}"
-            f"  PRO {_format_metric(r.pro)}  F1 {_format_metric(r.f1)}  images {r.n_images}  "
-            f"{r.ms_per_image:.1f} ms/image"
+            f"  at threshold {bundle.threshold:.4g}: false-reject rate {format_metric(r.fpr_at_threshold, 6)}"
+            f"  defects detected {format_metric(r.tpr_at_threshold, 6)}"
         )
-        if r.fpr_at_threshold is not None or r.tpr_at_threshold is not None:
-            print(
-                f"  at threshold {bundle.threshold:.4g}: false-reject rate {_format_metric(r.fpr_at_threshold)}"
-                f"  defects detected {_format_metric(r.tpr_at_threshold)}"
-            )
     return 0
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from pipeline.config import SourceConfig
+    from pipeline.app.config import ConfigError
+    from pipeline.settings import SourceConfig
     from pipeline.supervisor import Pipeline
 
     config = _config(args)
@@ -155,38 +173,29 @@ def cmd_run(args: argparse.Namespace) -> int:
     if bundle is None:
         raise ConfigError("pipeline.bundle: no bundle given (pass --bundle or set it in the config)")
     sources = tuple(SourceConfig(spec=s) for s in args.source) if args.source else config.pipeline.sources
-    pipeline = Pipeline(config, Path(bundle), sources)
+    pipeline = Pipeline(
+        config, Path(bundle), sources, backbone_weights=config.model.backbone_weights, log_settings=args.log_settings
+    )
     summary = pipeline.run(duration_s=args.duration)
     if args.json:
-        keys = (
-            "frames",
-            "verdicts",
-            "rejects",
-            "errors",
-            "drops",
-            "restarts",
-            "latency_ms_p50",
-            "latency_ms_p99",
-            "fps",
-        )
-        print(json.dumps({k: getattr(summary, k) for k in keys}))
-    else:
-        p50, p99 = summary.latency_ms_p50, summary.latency_ms_p99
-        lat = "n/a" if p50 is None or p99 is None else f"p50 {p50:.1f} ms, p99 {p99:.1f} ms"
-        print(
-            f"frames {summary.frames}: {summary.verdicts} verdicts ({summary.rejects} rejects, "
-            f"{summary.errors} errors), {summary.drops} dropped, {summary.restarts} restarts; "
-            f"latency {lat}; {summary.fps:.1f} frames/s"
-        )
-        for cam, counts in summary.cameras.items():
-            print(f"  {cam}: {counts}")
-        if summary.drops:
-            print(f"  drops by reason: {summary.drops_by_reason}")
+        print(json.dumps(summary.headline()))
+        return 0
+    p50, p99 = summary.latency_ms_p50, summary.latency_ms_p99
+    lat = "n/a" if p50 is None or p99 is None else f"p50 {p50:.1f} ms, p99 {p99:.1f} ms"
+    print(
+        f"frames {summary.frames}: {summary.verdicts} verdicts ({summary.rejects} rejects, "
+        f"{summary.errors} errors), {summary.drops} dropped, {summary.restarts} restarts; "
+        f"latency {lat}; {summary.fps:.1f} frames/s"
+    )
+    for cam, counts in summary.cameras.items():
+        print(f"  {cam}: {counts}")
+    if summary.drops:
+        print(f"  drops by reason: {summary.drops_by_reason}")
     return 0
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from pipeline.bench import run_bench
+    from pipeline.app.bench import run_bench
 
     config = _config(args)
     r = run_bench(Path(args.bundle), config, config.pipeline.max_batch, args.seconds, args.data)
@@ -208,14 +217,26 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from pipeline.demo import run_demo
+    from pipeline.app.demo import run_demo
 
     return run_demo(args.workdir, quiet=args.quiet, n_train=args.n_train)
 
 
+def _version() -> str:
+    try:
+        return metadata.version("linewatch")
+    except metadata.PackageNotFoundError:
+        return "unknown (not installed)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="linewatch", description="Real-time camera inspection for factory lines.")
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser.add_argument("--version", action="version", version=f"linewatch {_version()}")
+    parser.add_argument("--log-level", choices=LOG_LEVELS, default="info", help="least severe log lines shown")
+    parser.add_argument(
+        "--log-format", choices=LOG_FORMATS, default="text", help="text lines, or one JSON object a line"
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("fit", help="fit a model on normal frames and write a bundle")
     p.add_argument("--data", required=True, type=Path, help="MVTec AD category or folder of normal images")
@@ -237,7 +258,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_calibrate)
 
     p = sub.add_parser("evaluate", help="score an MVTec AD category's test set")
-    p.add_argument("--model", required=True, type=Path, help="bundle written by fit")
+    _add_bundle(p, "bundle written by fit or calibrate (--model: deprecated spelling)", alias=True)
     p.add_argument("--data", required=True, type=Path, help="MVTec AD category folder")
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     p.add_argument("--backbone-weights", help="path to the backbone's .pth weights")
@@ -245,29 +266,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("run", help="run the streaming pipeline: sources -> model -> rejects over ZeroMQ")
-    p.add_argument("--config", type=Path, help="config file (default: built-in defaults)")
-    p.add_argument("--bundle", help="calibrated bundle (overrides pipeline.bundle)")
+    p.add_argument("--config", type=Path, help="config file (default: built-in defaults, as in config.yaml)")
+    _add_bundle(p, "calibrated bundle (overrides pipeline.bundle)", required=False)
     p.add_argument(
         "--source",
         action="append",
         help="folder:PATH, video:PATH or camera:INDEX_OR_URL; repeat for several cameras (replaces the config's)",
     )
     p.add_argument("--duration", type=float, help="stop after this many seconds")
-    p.add_argument("--backend", dest="backend_name", choices=BACKENDS, help="overrides pipeline.backend")
+    p.add_argument(
+        "--backend", dest="backend_name", metavar="NAME", help="torch, compile or tensorrt (pipeline.backend)"
+    )
     p.add_argument("--json", action="store_true", help="print one JSON summary object on stdout")
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("bench", help="measure backbone, model and pipeline speed of a bundle on this box")
-    p.add_argument("--bundle", required=True, type=Path, help="bundle to measure (calibrated, for the pipeline)")
+    _add_bundle(p, "bundle to measure (calibrated, for the pipeline)")
     p.add_argument("--data", type=Path, help="folder to replay (default: generated noise frames)")
     p.add_argument("--batch", type=int, help="batch size for throughput (default: pipeline.max_batch)")
-    p.add_argument("--backend", dest="backend_name", choices=BACKENDS, help="overrides pipeline.backend")
+    p.add_argument(
+        "--backend", dest="backend_name", metavar="NAME", help="torch, compile or tensorrt (pipeline.backend)"
+    )
     p.add_argument("--seconds", type=float, default=20.0, help="measuring time per figure (default 20)")
     p.add_argument("--config", type=Path, help="config file (pipeline settings)")
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     p.set_defaults(func=cmd_bench)
 
-    p = sub.add_parser("demo", help="generate a demo dataset, fit, evaluate, print results")
+    p = sub.add_parser("demo", help="generate a demo dataset, fit, evaluate, calibrate and replay it as a line")
     p.add_argument("--workdir", type=Path, default=Path("linewatch-demo"), help="where data and bundles go")
     p.add_argument("--n-train", type=int, default=100, help="normal training images per category")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -275,25 +300,29 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _expected_errors() -> tuple[type[BaseException], ...]:
+    """Failures that are the user's to fix: a one-line message, not a traceback (all are ValueError, OSError
+    or RuntimeError subclasses; the runtime ones are named so an unexpected RuntimeError still shows its trace)."""
+    from edge.backends import BackendError
+    from pipeline.state import PipelineError
+
+    return (ValueError, OSError, PipelineError, BackendError)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    args.log_settings = LogSettings(args.log_level, args.log_format)
+    configure_logging(args.log_settings, args.command)
     try:
         return int(args.func(args))
-    except (
-        ConfigError,
-        DatasetError,
-        BundleError,
-        WeightsNotFound,
-        ValueError,
-        OSError,
-        PipelineError,
-        BackendError,
-    ) as exc:
-        print(f"linewatch: error: {exc}", file=sys.stderr)
-        return EXIT_ERROR
     except KeyboardInterrupt:
         print("linewatch: interrupted", file=sys.stderr)
         return 130
+    except Exception as exc:
+        if not isinstance(exc, _expected_errors()):
+            raise
+        print(f"linewatch: error: {' '.join(str(exc).split())}", file=sys.stderr)
+        return EXIT_ERROR
 
 
 if __name__ == "__main__":

@@ -15,8 +15,8 @@ from pathlib import Path
 import torch
 
 from edge.backends import prepare_backend
-from edge.bundle import feature_extractor_name, load_bundle
-from pipeline.bench import interleaved_batch1_ms
+from edge.bundle import load_bundle
+from pipeline.app.bench import interleaved_batch1_ms
 
 
 def main() -> None:
@@ -39,7 +39,7 @@ def main() -> None:
         ms = interleaved_batch1_ms(models, size, args.rounds)
     first = ms[str(args.bundles[0])]
     for p, b in zip(args.bundles, bundles, strict=True):
-        name = f"{b.manifest['model']} ({feature_extractor_name(b.manifest)})"
+        name = f"{b.manifest.model} ({b.manifest.feature_extractor})"
         print(f"{name:<36} {size[0]}x{size[1]}  batch-1 p50 {ms[str(p)]:7.1f} ms  = {ms[str(p)] / first:.2f} x first")
 
 

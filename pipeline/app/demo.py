@@ -10,8 +10,7 @@
 
 from __future__ import annotations
 
-import socket
-import sys
+import logging
 import threading
 import time
 from pathlib import Path
@@ -20,29 +19,29 @@ import zmq
 
 from calibration.calibrate import calibrate
 from calibration.datasets import MVTecCategory, normal_frames
-from calibration.evaluate import Evaluation, evaluate
+from calibration.evaluate import Evaluation, evaluate, format_metric
 from calibration.fit import fit
 from calibration.report import write_report
 from calibration.synthetic import TEXTURES, generate_mvtec_dataset
 from edge.bundle import load_bundle, save_bundle
-from pipeline.config import Config, SourceConfig, with_overrides
-from pipeline.publisher import decode
+from pipeline.app.config import Config, with_overrides
+from pipeline.app.ports import free_port
+from pipeline.settings import SourceConfig
 from pipeline.supervisor import Pipeline
+from pipeline.wire import decode
 
 LINE_CATEGORY = "grass"  # the hardest of the three textures
 LINE_NORMAL_FRAMES = 400  # 300 held out: enough for 1 % at 95 % (299 needed)
 CONVEYOR_PPM = 300  # 5 parts/s: below what the 2-core dev box scores, so latency is not queueing
 
+log = logging.getLogger(__name__)
+
 COLUMNS = ("category", "model", "fit s", "img AUROC", "px AUROC", "PRO", "F1", "ms/img")
-
-
-def _cell(value: float | None) -> str:
-    return "n/a" if value is None else f"{value:.3f}"
 
 
 def _row(category: str, model: str, fit_s: float, ev: Evaluation) -> tuple[str, ...]:
     metrics = (ev.image_auroc, ev.pixel_auroc, ev.pro, ev.f1)
-    return (category, model, f"{fit_s:.1f}", *map(_cell, metrics), f"{ev.ms_per_image:.1f}")
+    return (category, model, f"{fit_s:.1f}", *map(format_metric, metrics), f"{ev.ms_per_image:.1f}")
 
 
 def print_table(rows: list[tuple[str, ...]]) -> None:
@@ -64,7 +63,7 @@ def run_demo(
 ) -> int:
     progress = not quiet
     data_root = workdir / "data"
-    print(f"[1/3] fit and evaluate: generating demo dataset in {data_root} ...", file=sys.stderr)
+    log.info("[1/3] fit and evaluate: generating demo dataset in %s ...", data_root)
     categories = generate_mvtec_dataset(data_root, TEXTURES, n_train=n_train)
     rows = []
     for folder in categories:
@@ -88,10 +87,7 @@ def run_demo(
 
 def calibrate_line(workdir: Path, n_frames: int, progress: bool) -> Path:
     """Calibrate PatchCore on a fresh category with enough normal frames for the 1 % / 95 % bound."""
-    print(
-        f"[2/3] calibrate: {n_frames} good frames of {LINE_CATEGORY}, threshold for <= 1 % false rejects",
-        file=sys.stderr,
-    )
+    log.info("[2/3] calibrate: %d good frames of %s, threshold for <= 1 %% false rejects", n_frames, LINE_CATEGORY)
     folder = generate_mvtec_dataset(workdir / "line", (LINE_CATEGORY,), n_train=n_frames, seed=7)[0]
     config = with_overrides(Config(), {"calibration.holdout_fraction": 0.75})
     cal = calibrate(config, normal_frames(folder), MVTecCategory(folder), progress=progress)
@@ -108,28 +104,20 @@ def calibrate_line(workdir: Path, n_frames: int, progress: bool) -> Path:
     return folder
 
 
-def _port(preferred: int) -> int:
-    """`preferred` when it is free on 127.0.0.1, else any free port (a demo must not fail on a busy port)."""
-    with socket.socket() as s:
-        try:
-            s.bind(("127.0.0.1", preferred))
-        except OSError:
-            s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def replay(workdir: Path, folder: Path) -> None:
     """Replay the line category's test set as a conveyor; print rejects as a PLC bridge would see them."""
-    pub_port, metrics_port = _port(5556), _port(9108)
+    pub_port, metrics_port = free_port(5556), free_port(9108)
     address = f"tcp://127.0.0.1:{pub_port}"
     config = with_overrides(
         Config(), {"publisher.address": address, "metrics.port": metrics_port, "pipeline.max_frame_height": 512}
     )
     truth = [s.defect_type for s in sorted(MVTecCategory(folder).test, key=lambda s: str(s.path))]
-    print(
-        f"[3/3] run: replaying {len(truth)} parts at {CONVEYOR_PPM} parts/min; rejects over ZeroMQ at {address}, "
-        f"metrics at http://127.0.0.1:{metrics_port}/metrics",
-        file=sys.stderr,
+    log.info(
+        "[3/3] run: replaying %d parts at %d parts/min; rejects over ZeroMQ at %s, metrics at http://127.0.0.1:%d/metrics",
+        len(truth),
+        CONVEYOR_PPM,
+        address,
+        metrics_port,
     )
     listener = RejectPrinter(address, truth)
     listener.start()

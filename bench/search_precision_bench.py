@@ -21,8 +21,8 @@ from calibration.evaluate import metrics_of, score_category
 from calibration.fit import preprocess_samples
 from edge.backbones import get_spec, load_backbone
 from edge.models.patchcore import PatchCoreModel
-from pipeline.bench import interleaved_batch1_ms
-from pipeline.config import load_config
+from pipeline.app.bench import interleaved_batch1_ms
+from pipeline.app.config import load_config
 
 
 def main() -> None:

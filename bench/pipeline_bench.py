@@ -33,8 +33,8 @@ import torch
 from calibration.datasets import normal_frames
 from edge.backends import check_backend, engine_cache_dir, prepare_backend
 from edge.bundle import load_bundle
-from pipeline.bench import completed, latencies_ms, paced_loop_latencies_ms, pipeline_fps, throughput
-from pipeline.config import load_config, with_overrides
+from pipeline.app.bench import completed, latencies_ms, paced_loop_latencies_ms, pipeline_fps, throughput
+from pipeline.app.config import load_config, with_overrides
 
 
 def _join(values: list[float], digits: int = 1) -> str:

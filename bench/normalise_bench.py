@@ -14,7 +14,7 @@ import torch
 
 from edge.backbones import get_spec
 from edge.preprocessing import Preprocessing
-from pipeline.bench import interleaved_call_seconds
+from pipeline.app.bench import interleaved_call_seconds
 
 
 def broadcast_per_channel(pre: Preprocessing, rgb8: torch.Tensor) -> torch.Tensor:

@@ -22,7 +22,7 @@ from conftest import SMALL  # noqa: E402  (the CUDA calibrate test's data)
 from calibration.calibrate import calibrate  # noqa: E402
 from calibration.datasets import MVTecCategory, normal_frames  # noqa: E402
 from calibration.synthetic import generate_mvtec_dataset  # noqa: E402
-from pipeline.config import config_from_dict  # noqa: E402
+from pipeline.app.config import config_from_dict  # noqa: E402
 
 LOOSE = {"target_fpr": 0.2, "confidence": 0.8, "synthetic_per_kind": 3}
 

@@ -11,12 +11,11 @@ from __future__ import annotations
 import functools
 import os
 import resource
-import socket
 import tempfile
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import cv2
@@ -27,20 +26,10 @@ from torch import nn
 from edge.backbones import FeatureBackbone
 from edge.backends import check_backend, engine_cache_dir, prepare_backend
 from edge.bundle import load_bundle
-from pipeline.config import Config, SourceConfig, with_overrides
+from pipeline.app.config import Config, with_overrides
+from pipeline.app.ports import free_port
+from pipeline.settings import SourceConfig
 from pipeline.supervisor import Pipeline
-
-JSON_KEYS = (
-    "backbone_fps",
-    "model_fps",
-    "pipeline_fps",
-    "pipeline_efficiency",
-    "model_ms_p50",
-    "model_ms_p99",
-    "backbone_ms_p50",
-    "bank_mb",
-    "rss_mb",
-)
 
 
 @dataclass
@@ -54,11 +43,12 @@ class BenchResult:
     backbone_ms_p50: float
     bank_mb: float
     rss_mb: float
-    batch: int
-    pipeline_cpu: dict[str, float]
+    batch: int = field(metadata={"detail": True})
+    pipeline_cpu: dict[str, float] = field(metadata={"detail": True})  # CPU cores used, per process
 
     def to_json(self) -> dict[str, float]:
-        return {k: asdict(self)[k] for k in JSON_KEYS}
+        """The figures `linewatch bench --json` prints (the detail fields are for the text output)."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if not f.metadata.get("detail")}
 
 
 class BackboneOnly(nn.Module):
@@ -87,12 +77,6 @@ def completed(fn: Callable[[], object], device: str) -> Callable[[], object]:
         return out
 
     return call
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def throughput(fn: Callable[[], object], items: int, seconds: float) -> float:
