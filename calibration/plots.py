@@ -1,129 +1,87 @@
-"""Small PNG charts drawn with OpenCV (already a dependency), so reports need no plotting library.
+"""The report's figures: charts drawn with matplotlib (Agg, no display), image montages with OpenCV.
 
-Each function draws one figure into an RGB uint8 array; `save_png` writes it. Axes are linear with
-"nice" tick steps; series are lines or step histograms; colours come from one fixed palette.
+Charts are built on a bare `matplotlib.figure.Figure` with its own Agg canvas, never through pyplot,
+so nothing here touches matplotlib's global figure manager or needs a display, and it is safe to call
+from any thread or a headless server. `save_figure` writes a chart; `save_png` writes an RGB image.
 """
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass
 from pathlib import Path
 
 import cv2
 import numpy as np
+from matplotlib.axes import Axes
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from matplotlib.ticker import PercentFormatter
 
-WIDTH, HEIGHT = 760, 420
-MARGIN = {"left": 70, "right": 20, "top": 40, "bottom": 55}
-FONT = cv2.FONT_HERSHEY_SIMPLEX
-BLACK, GREY, LIGHT = (30, 30, 30), (120, 120, 120), (225, 225, 225)
-PALETTE = [(31, 119, 180), (214, 39, 40), (255, 127, 14), (44, 160, 44), (148, 103, 189), (140, 86, 75)]
-THRESHOLD_COLOUR = (0, 0, 0)
-
-
-@dataclass(frozen=True)
-class Axes:
-    """Maps data coordinates to pixels inside the plot area."""
-
-    x0: float
-    x1: float
-    y0: float
-    y1: float
-
-    def px(self, x: np.ndarray | float, y: np.ndarray | float) -> tuple[np.ndarray, np.ndarray]:
-        left, top = MARGIN["left"], MARGIN["top"]
-        w = WIDTH - MARGIN["left"] - MARGIN["right"]
-        h = HEIGHT - MARGIN["top"] - MARGIN["bottom"]
-        xs = left + (np.asarray(x, dtype=np.float64) - self.x0) / (self.x1 - self.x0 or 1.0) * w
-        ys = top + h - (np.asarray(y, dtype=np.float64) - self.y0) / (self.y1 - self.y0 or 1.0) * h
-        return xs, ys
+FIGSIZE = (8.0, 4.5)  # inches; at DPI this is 800 x 450 pixels
+DPI = 100
+# Series colours in order: the report's text calls the first series "blue".
+PALETTE = ["tab:blue", "tab:red", "tab:orange", "tab:green", "tab:purple", "tab:brown"]
+THRESHOLD_COLOUR = "black"
+REFERENCE_COLOUR = "tab:orange"  # horizontal reference line (the FPR target)
+BAND_COLOUR = "#c6dbef"
+FONT = cv2.FONT_HERSHEY_SIMPLEX  # captions of the example montage
+BLACK = (30, 30, 30)
 
 
-def nice_ticks(lo: float, hi: float, target: int = 6) -> list[float]:
-    if hi <= lo:
-        hi = lo + 1.0
-    raw = (hi - lo) / target
-    mag = 10 ** math.floor(math.log10(raw))
-    step = next(m * mag for m in (1, 2, 2.5, 5, 10) if m * mag >= raw)
-    start = math.ceil(lo / step) * step
-    return [round(start + i * step, 10) for i in range(int((hi - start) / step + 1e-9) + 1)]
+def new_figure(title: str, xlabel: str, ylabel: str) -> tuple[Figure, Axes]:
+    """A white figure with one titled, labelled and gridded axes, attached to an Agg canvas."""
+    fig = Figure(figsize=FIGSIZE, dpi=DPI, layout="constrained")
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    ax.set_title(title, fontsize=13)
+    ax.set_xlabel(xlabel, fontsize=11)
+    ax.set_ylabel(ylabel, fontsize=11)
+    ax.grid(True, color="0.9", linewidth=0.8)
+    ax.set_axisbelow(True)
+    return fig, ax
 
 
-def _label(v: float) -> str:
-    return f"{v:.3g}" if abs(v) < 1e4 else f"{v:.2e}"
+def _span(lo: float, hi: float) -> tuple[float, float]:
+    """(lo, hi) widened when empty, so an axis never has zero length."""
+    if hi > lo:
+        return lo, hi
+    pad = abs(lo) * 0.05 or 0.5
+    return lo - pad, hi + pad
 
 
-def new_figure(title: str, axes: Axes, xlabel: str, ylabel: str) -> np.ndarray:
-    img = np.full((HEIGHT, WIDTH, 3), 255, np.uint8)
-    left, top = MARGIN["left"], MARGIN["top"]
-    right, bottom = WIDTH - MARGIN["right"], HEIGHT - MARGIN["bottom"]
-    for t in nice_ticks(axes.x0, axes.x1):
-        x = int(axes.px(t, axes.y0)[0])
-        cv2.line(img, (x, top), (x, bottom), LIGHT, 1)
-        cv2.putText(img, _label(t), (x - 14, bottom + 18), FONT, 0.42, GREY, 1, cv2.LINE_AA)
-    for t in nice_ticks(axes.y0, axes.y1):
-        y = int(axes.px(axes.x0, t)[1])
-        cv2.line(img, (left, y), (right, y), LIGHT, 1)
-        cv2.putText(img, _label(t), (6, y + 4), FONT, 0.42, GREY, 1, cv2.LINE_AA)
-    cv2.rectangle(img, (left, top), (right, bottom), GREY, 1)
-    cv2.putText(img, title, (left, 26), FONT, 0.6, BLACK, 1, cv2.LINE_AA)
-    cv2.putText(
-        img, xlabel, (left + (right - left) // 2 - 4 * len(xlabel), HEIGHT - 14), FONT, 0.48, BLACK, 1, cv2.LINE_AA
-    )
-    cv2.putText(img, ylabel, (left + 6, top + 16), FONT, 0.45, GREY, 1, cv2.LINE_AA)
-    return img
-
-
-def draw_polyline(img: np.ndarray, axes: Axes, x: np.ndarray, y: np.ndarray, colour: tuple, thickness: int = 2) -> None:
-    xs, ys = axes.px(x, y)
-    pts = np.stack([xs, ys], axis=1).round().astype(np.int32)
-    cv2.polylines(img, [pts], False, colour, thickness, cv2.LINE_AA)
-
-
-def draw_vline(img: np.ndarray, axes: Axes, x: float, colour: tuple, label: str) -> None:
-    px = int(axes.px(x, axes.y0)[0])
-    y_top, y_bottom = MARGIN["top"], HEIGHT - MARGIN["bottom"]
-    for y in range(y_top, y_bottom, 12):  # dashed
-        cv2.line(img, (px, y), (px, min(y + 7, y_bottom)), colour, 2)
-    width = cv2.getTextSize(label, FONT, 0.45, 1)[0][0]
-    x = px + 5 if px + 5 + width < WIDTH - MARGIN["right"] else px - 5 - width  # keep it inside the figure
-    cv2.putText(img, label, (x, HEIGHT - MARGIN["bottom"] - 10), FONT, 0.45, colour, 1, cv2.LINE_AA)
-
-
-def draw_legend(img: np.ndarray, entries: list[tuple[str, tuple]]) -> None:
-    x, y = WIDTH - MARGIN["right"] - 260, MARGIN["top"] + 14
-    for i, (name, colour) in enumerate(entries):
-        yy = y + 18 * i
-        cv2.line(img, (x, yy - 4), (x + 22, yy - 4), colour, 3)
-        cv2.putText(img, name, (x + 28, yy), FONT, 0.45, BLACK, 1, cv2.LINE_AA)
+def _clear_of(lo: float, hi: float, x: float | None, margin: float = 0.02) -> tuple[float, float]:
+    """(lo, hi) widened by `margin` of the span on a side where a marker at x would sit on the frame, unseen."""
+    if x is None:
+        return lo, hi
+    pad = (hi - lo) * margin
+    return (lo - pad if x - lo < pad else lo), (hi + pad if hi - x < pad else hi)
 
 
 def histogram_figure(
     title: str, groups: dict[str, np.ndarray], threshold: float | None, xlabel: str = "anomaly score"
-) -> np.ndarray:
+) -> Figure:
     """Step histograms (share of each group per bin) on shared bins, with the threshold as a dashed line."""
-    values = [v for v in groups.values() if v.size]
-    allv = np.concatenate(values) if values else np.zeros(1)
+    values = [np.asarray(v, dtype=np.float64).ravel() for v in groups.values()]
+    present = [v for v in values if v.size]
+    allv = np.concatenate(present) if present else np.zeros(1)
     lo, hi = float(allv.min()), float(allv.max())
     if threshold is not None:
         lo, hi = min(lo, threshold), max(hi, threshold)
-    hi = hi if hi > lo else lo + 1.0
+    lo, hi = _span(lo, hi)
     edges = np.linspace(lo, hi, 41)
-    shares = {k: np.histogram(v, edges)[0] / max(v.size, 1) for k, v in groups.items()}
-    ymax = max((float(s.max()) for s in shares.values() if s.size), default=1.0) * 1.1 or 1.0
-    axes = Axes(lo, hi, 0.0, ymax)
-    img = new_figure(title, axes, xlabel, "share of frames")
-    legend = []
-    for i, (name, share) in enumerate(shares.items()):
-        colour = PALETTE[i % len(PALETTE)]
-        xs = np.repeat(edges, 2)[1:-1]
-        ys = np.repeat(share, 2)
-        draw_polyline(img, axes, xs, ys, colour)
-        legend.append((f"{name} (n={groups[name].size})", colour))
+    x0, x1 = _clear_of(lo, hi, threshold)
+    fig, ax = new_figure(title, xlabel, "share of frames")
+    top = 0.0
+    for i, (name, v) in enumerate(zip(groups, values, strict=True)):
+        share = np.histogram(v, edges)[0] / max(v.size, 1)
+        top = max(top, float(share.max()))
+        ax.stairs(share, edges, color=PALETTE[i % len(PALETTE)], linewidth=2, label=f"{name} (n={v.size})")
     if threshold is not None:
-        draw_vline(img, axes, threshold, THRESHOLD_COLOUR, f"threshold {threshold:.3g}")
-    draw_legend(img, legend)
-    return img
+        ax.axvline(threshold, color=THRESHOLD_COLOUR, linestyle="--", linewidth=1.5, label=f"threshold {threshold:.3g}")
+    ax.set_xlim(x0, x1)
+    ax.set_ylim(0.0, top * 1.1 or 1.0)
+    ax.yaxis.set_major_formatter(PercentFormatter(xmax=1.0))
+    ax.legend(loc="best", fontsize=9, framealpha=0.9)
+    return fig
 
 
 def curve_figure(
@@ -135,35 +93,52 @@ def curve_figure(
     vline: tuple[float, str] | None = None,
     hline: tuple[float, str] | None = None,
     limits: tuple[float, float, float, float] | None = None,
-) -> np.ndarray:
-    """Line series; optional shaded band (x, low, high), vertical marker and horizontal reference."""
+    band_label: str | None = None,
+    x_percent: bool = False,
+    y_percent: bool = False,
+    diagonal: str | None = None,
+) -> Figure:
+    """Line series; optional shaded band (x, low, high), vertical marker and horizontal reference.
+
+    `x_percent` / `y_percent` label an axis holding rates (0..1) in percent; `diagonal`, when given, is
+    the legend label of a dotted y = x reference (chance level on a ROC).
+    """
     if limits is None:
-        xs = np.concatenate([x for x, _ in series.values()])
-        ys = np.concatenate([y for _, y in series.values()] + ([band[2]] if band is not None else []))
+        xs = np.concatenate([np.asarray(x, dtype=np.float64) for x, _ in series.values()])
+        ys = np.concatenate(
+            [np.asarray(y, dtype=np.float64) for _, y in series.values()] + ([band[2]] if band is not None else [])
+        )
         limits = (float(xs.min()), float(xs.max()), 0.0, float(ys.max()) * 1.05 or 1.0)
-    axes = Axes(*limits)
-    img = new_figure(title, axes, xlabel, ylabel)
+    x0, x1 = _clear_of(*_span(*limits[:2]), None if vline is None else vline[0])
+    y0, y1 = _span(*limits[2:])
+    fig, ax = new_figure(title, xlabel, ylabel)
     if band is not None:
         bx, low, high = band
-        top = np.stack(axes.px(bx, high), axis=1)
-        bottom = np.stack(axes.px(bx[::-1], low[::-1]), axis=1)
-        poly = np.concatenate([top, bottom]).round().astype(np.int32)
-        shade = img.copy()
-        cv2.fillPoly(shade, [poly], (198, 219, 239))
-        cv2.addWeighted(shade, 0.7, img, 0.3, 0, dst=img)
-    legend = []
+        ax.fill_between(bx, low, high, color=BAND_COLOUR, alpha=0.8, linewidth=0, label=band_label)
+    if diagonal is not None:
+        ax.plot([0.0, 1.0], [0.0, 1.0], color="0.6", linestyle=":", linewidth=1.2, label=diagonal)
     for i, (name, (x, y)) in enumerate(series.items()):
-        colour = PALETTE[i % len(PALETTE)]
-        draw_polyline(img, axes, x, y, colour)
-        legend.append((name, colour))
+        ax.plot(x, y, color=PALETTE[i % len(PALETTE)], linewidth=2, label=name)
     if hline is not None:
-        y = int(axes.px(axes.x0, hline[0])[1])
-        cv2.line(img, (MARGIN["left"], y), (WIDTH - MARGIN["right"], y), PALETTE[2], 1, cv2.LINE_AA)
-        legend.append((hline[1], PALETTE[2]))
+        ax.axhline(hline[0], color=REFERENCE_COLOUR, linewidth=1.2, label=hline[1])
     if vline is not None:
-        draw_vline(img, axes, vline[0], THRESHOLD_COLOUR, vline[1])
-    draw_legend(img, legend)
-    return img
+        ax.axvline(vline[0], color=THRESHOLD_COLOUR, linestyle="--", linewidth=1.5, label=vline[1])
+    ax.set_xlim(x0, x1)
+    ax.set_ylim(y0, y1)
+    if x_percent:
+        ax.xaxis.set_major_formatter(PercentFormatter(xmax=1.0))
+    if y_percent:
+        ax.yaxis.set_major_formatter(PercentFormatter(xmax=1.0))
+    ax.legend(loc="best", fontsize=9, framealpha=0.9)
+    return fig
+
+
+def save_figure(path: Path, fig: Figure) -> Path:
+    """Write a chart as PNG (Agg) at the figure's size."""
+    canvas = fig.canvas if isinstance(fig.canvas, FigureCanvasAgg) else FigureCanvasAgg(fig)
+    with open(path, "wb") as f:
+        canvas.print_png(f)
+    return path
 
 
 def overlay(image: np.ndarray, anomaly_map: np.ndarray, vmin: float, vmax: float) -> np.ndarray:
@@ -174,7 +149,10 @@ def overlay(image: np.ndarray, anomaly_map: np.ndarray, vmin: float, vmax: float
 
 
 def tile_grid(rows: list[tuple[str, list[tuple[np.ndarray, str]]]], tile: int = 200) -> np.ndarray:
-    """Rows of captioned tiles, each row with a heading: [(heading, [(rgb, caption), ...]), ...]."""
+    """Rows of captioned tiles, each row with a heading: [(heading, [(rgb, caption), ...]), ...].
+
+    A montage of frames at (near) their own resolution, not a chart, so it stays plain image processing.
+    """
     cols = max((len(items) for _, items in rows), default=1)
     head, cap = 26, 22
     out = np.full((len(rows) * (head + tile + cap), max(cols, 1) * (tile + 6), 3), 255, np.uint8)
@@ -189,6 +167,7 @@ def tile_grid(rows: list[tuple[str, list[tuple[np.ndarray, str]]]], tile: int = 
 
 
 def save_png(path: Path, rgb: np.ndarray) -> Path:
+    """Write an RGB uint8 image as PNG."""
     if not cv2.imwrite(str(path), cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR)):
         raise OSError(f"could not write {path}")
     return path

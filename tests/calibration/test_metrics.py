@@ -1,5 +1,6 @@
 import numpy as np
 import pytest
+from sklearn import metrics as sklearn_metrics
 
 from calibration.metrics import auroc, best_f1, pixel_auroc, pro_score, roc_curve
 
@@ -69,3 +70,89 @@ def test_pro_perfect_and_errors() -> None:
         pro_score(np.zeros((1, 4, 4), bool), np.zeros((1, 4, 4)))
     with pytest.raises(ValueError, match="NaN"):
         auroc([0, 1], [0.0, float("nan")])
+
+
+# Cross-checks against scikit-learn (a dev-only dependency) on random data. Each case draws labels and scores;
+# "ties" and "heavy_ties" round the scores so that many positives and negatives share a score, "imbalanced"
+# has ~1 % positives and "rare_negatives" ~1 % negatives (each case keeps at least one of each class).
+CASES = ["continuous", "ties", "heavy_ties", "imbalanced", "rare_negatives", "one_positive"]
+SEEDS = [0, 1, 2, 3, 4]
+
+
+def random_case(case: str, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng([seed, CASES.index(case)])
+    n = 2000 if case in ("imbalanced", "rare_negatives") else 400
+    p = {"imbalanced": 0.01, "rare_negatives": 0.99}.get(case, 0.4)
+    labels = (rng.random(n) < p).astype(np.int64)
+    if case == "one_positive":
+        labels[:] = 0
+    labels[0], labels[1] = 1, 0  # both classes present
+    scores = rng.normal(labels * 0.8, 1.0)
+    if case == "ties":
+        scores = np.round(scores, 1)
+    elif case == "heavy_ties":
+        scores = np.clip(np.round(scores), -1, 2)  # four distinct values
+    return labels, scores
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+@pytest.mark.parametrize("case", CASES)
+def test_auroc_matches_sklearn(case: str, seed: int) -> None:
+    labels, scores = random_case(case, seed)
+    assert auroc(labels, scores) == pytest.approx(sklearn_metrics.roc_auc_score(labels, scores), abs=1e-12)
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+@pytest.mark.parametrize("case", CASES)
+def test_roc_curve_matches_sklearn(case: str, seed: int) -> None:
+    labels, scores = random_case(case, seed)
+    fpr, tpr, thr = roc_curve(labels, scores)
+    ref_fpr, ref_tpr, ref_thr = sklearn_metrics.roc_curve(labels, scores, drop_intermediate=False)
+    np.testing.assert_allclose(fpr, ref_fpr, rtol=0, atol=1e-12)
+    np.testing.assert_allclose(tpr, ref_tpr, rtol=0, atol=1e-12)
+    np.testing.assert_array_equal(thr[1:], ref_thr[1:])  # sklearn's first threshold is a sentinel above the max
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+@pytest.mark.parametrize("case", CASES)
+def test_best_f1_matches_sklearn(case: str, seed: int) -> None:
+    labels, scores = random_case(case, seed)
+    f1, t = best_f1(labels, scores)
+    precision, recall, _ = sklearn_metrics.precision_recall_curve(labels, scores)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        ref = np.where(precision + recall > 0, 2 * precision * recall / (precision + recall), 0.0)
+    assert f1 == pytest.approx(ref.max(), abs=1e-12)
+    # the returned threshold achieves it, with "positive means score >= t"
+    assert sklearn_metrics.f1_score(labels, scores >= t) == pytest.approx(f1, abs=1e-12)
+
+
+def random_maps(seed: int, ties: bool) -> tuple[np.ndarray, np.ndarray]:
+    """(masks, maps) (N, H, W): a few rectangular defects (~2 % of pixels, one image clean), noisy maps."""
+    rng = np.random.default_rng([seed, 100 + ties])
+    masks = np.zeros((5, 48, 48), bool)
+    for i in range(4):  # image 4 stays defect-free
+        for _ in range(rng.integers(1, 3)):
+            y, x = rng.integers(0, 40, 2)
+            h, w = rng.integers(2, 7, 2)
+            masks[i, y : y + h, x : x + w] = True
+    maps = rng.normal(masks * 1.2, 1.0).astype(np.float32)
+    if ties:
+        maps = np.round(maps * 4) / 4  # ~30 distinct values over 11,520 pixels
+    return masks, maps
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+@pytest.mark.parametrize("ties", [False, True])
+def test_pixel_auroc_matches_sklearn(seed: int, ties: bool) -> None:
+    masks, maps = random_maps(seed, ties)
+    assert 0.005 < masks.mean() < 0.05  # imbalanced: few anomalous pixels
+    expected = sklearn_metrics.roc_auc_score(masks.ravel(), maps.ravel())
+    assert pixel_auroc(masks, maps) == pytest.approx(expected, abs=1e-12)
+
+
+def test_all_scores_tied_match_sklearn() -> None:
+    labels = np.r_[np.ones(3, int), np.zeros(97, int)]
+    scores = np.full(100, 0.25)
+    assert auroc(labels, scores) == sklearn_metrics.roc_auc_score(labels, scores) == 0.5
+    f1, t = best_f1(labels, scores)
+    assert t == 0.25 and f1 == pytest.approx(sklearn_metrics.f1_score(labels, scores >= t), abs=1e-12)
