@@ -1,6 +1,6 @@
 """Benchmark: linewatch's PatchCore against anomalib's, side by side on the same images, same backbone.
 
-    python tests/bench/anomalib_bench.py [--data ROOT] [--categories grass] [--n-train 100]
+    python bench/anomalib_bench.py [--data ROOT] [--categories grass] [--n-train 100]
 
 Needs anomalib (optional, never a linewatch dependency; e.g. a separate venv with
 `pip install -c <(printf 'torch==2.14.1\\ntorchvision==0.29.1\\n') -e '.[demo]' anomalib==2.7.0`).
@@ -112,7 +112,7 @@ def run_anomalib(folder: Path, work: Path) -> tuple[dict[str, float], nn.Module]
 
 def batch1_p50_ms(ours: nn.Module, theirs: nn.Module, work: Path) -> dict[str, dict[str, float]]:
     """Batch-1 p50 (score + map) of linewatch eager, linewatch's `compile` backend, and anomalib's model,
-    calls interleaved round by round so this VM's drift hits all three alike. Timing does not depend
+    calls interleaved round by round so a noisy box's drift hits all three alike. Timing does not depend
     on pixel values, so all get the same random frame.
 
     Two ways: "alternating" (one call each per round: every call starts on the caches another model

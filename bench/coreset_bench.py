@@ -1,6 +1,6 @@
 """Benchmark: linewatch's k-center coreset vs the plain float32 greedy loop, same features, same run.
 
-    python tests/bench/coreset_bench.py [--images 40] [--ratio 0.1]
+    python bench/coreset_bench.py [--images 40] [--ratio 0.1]
 
 Features are real Lite0 patch embeddings of generated brick tiles (needs the demo extra). Prints both
 times, their ratio and both coverage radii (the quantity k-center minimises; lower is better).

@@ -7,8 +7,8 @@ exceeds the target in at most (1 - confidence) of splits; the plain empirical qu
 alongside as the baseline. Backbone features are computed once for the whole pool (the backbone is
 fixed), so each split costs a coreset and a nearest-neighbour search, not a forward pass per frame.
 
-    python tests/bench/coverage_bench.py                  # 200 splits, two settings, ~10 min on 2 cores
-    python tests/bench/coverage_bench.py --splits 20      # quick look
+    python bench/coverage_bench.py                  # 200 splits, two settings, ~10 min on 2 cores
+    python bench/coverage_bench.py --splits 20      # quick look
 """
 
 from __future__ import annotations

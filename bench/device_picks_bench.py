@@ -4,7 +4,7 @@ TF32 convolutions move features by ~1e-3; farthest-first selection is discontinu
 change and a held-out frame's score can move by percent, while with the whole bank (no coreset) the scores
 agree to TF32's error. Run on a GPU box from the repository root:
 
-    python tests/bench/device_picks_bench.py
+    python bench/device_picks_bench.py
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from conftest import SMALL  # noqa: E402  (the CUDA calibrate test's data)
 
 from calibration.calibrate import calibrate  # noqa: E402

@@ -1,6 +1,6 @@
 """Benchmark: peak memory and time of `linewatch fit` (PatchCore) as the number of training patches grows.
 
-    python tests/bench/fit_memory_bench.py [--images 100 500 1000] [--max-bank 10240]
+    python bench/fit_memory_bench.py [--images 100 500 1000] [--max-bank 10240]
 
 Each size is a folder of generated normal frames (256 px, so 1,024 Lite0 patches per frame; needs the
 demo extra) fitted by `linewatch fit` in its own process, so each peak RSS is that fit's alone. Prints

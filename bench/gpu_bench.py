@@ -1,6 +1,6 @@
 """Benchmark: bundles on a CUDA GPU, each arithmetic against the CPU's float32 on the same test set.
 
-    python tests/bench/gpu_bench.py --data CATEGORY BUNDLE [BUNDLE ...] [--device cuda] [--compile] [--rounds 100]
+    python bench/gpu_bench.py --data CATEGORY BUNDLE [BUNDLE ...] [--device cuda] [--compile] [--rounds 100]
 
 For each bundle it scores the MVTec-layout category's test set at batch 1 with
 - `cpu`: the reference, the arithmetic calibration chose the threshold in;

@@ -1,6 +1,6 @@
 """Benchmark: batch-1 latency of several bundles on this box, interleaved in one run.
 
-    python tests/bench/model_latency_bench.py BUNDLE [BUNDLE ...] [--rounds 40] [--backend torch]
+    python bench/model_latency_bench.py BUNDLE [BUNDLE ...] [--rounds 40] [--backend torch]
 
 Prints each bundle's model, input size and batch-1 p50, and its ratio to the first bundle's. Used to
 report EfficientAD's CPU latency against PatchCore's in the same run (docs/efficientad.md).

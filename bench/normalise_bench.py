@@ -1,7 +1,7 @@
-"""Batched normalisation (uint8 NHWC -> float32 NCHW channels-last) as the infer stage runs it, against the
-per-channel broadcast it replaced, timed interleaved at the pipeline's batch sizes; values compared bit for bit.
+"""Benchmark: batched normalisation (uint8 NHWC -> float32 NCHW channels-last) as the infer stage runs it,
+against a plain per-channel broadcast, timed interleaved at the pipeline's batch sizes; values compared bit for bit.
 
-    python tests/bench/normalise_bench.py [--rounds 400] [--size 256]
+    python bench/normalise_bench.py [--rounds 400] [--size 256]
 """
 
 from __future__ import annotations

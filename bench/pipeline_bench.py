@@ -1,7 +1,7 @@
 """Pipeline benchmark: streaming throughput against the model's own, and latency at 80 % load.
 
 1. Model alone: the bundle's model on batches of `pipeline.max_batch`, before, between and after the
-   runs of step 2 (this machine's speed drifts; each run is compared with the mean of its neighbours).
+   runs of step 2 (a box's speed drifts; each run is compared with the mean of its neighbours).
 2. Pipeline at full speed, `--rounds` times: a looping folder replay with `block` backpressure;
    ratio = pipeline / model, plus the CPU each process used (drift-free evidence of where the time goes).
 3. Pipeline paced at 80 % of that rate, like a conveyor, `--rounds` times: end-to-end latency p50 / p99,
@@ -11,9 +11,9 @@
    Beside each paced run, the same parts on the same schedule through a one-process loop (the model
    at batch 1, no stages: what a line engineer's own loop would do), so the box's own stalls and the
    queueing behind them can be told apart from what the pipeline adds. The two take turns going
-   first, and the rounds are also pooled: one slow spell of this VM moves a single round's p99.
+   first, and the rounds are also pooled: one slow spell of a noisy box moves a single round's p99.
 
-    python tests/bench/pipeline_bench.py --bundle B.pt --data FOLDER_OR_MVTEC [--seconds 30]
+    python bench/pipeline_bench.py --bundle B.pt --data FOLDER_OR_MVTEC [--seconds 30]
         [--load-of batch1] [--rate R]
 
 Without --bundle it generates a small dataset and calibrates a bundle first (about a minute).
@@ -96,7 +96,7 @@ def main() -> None:
         with torch.inference_mode():
             return throughput(model_batched, batch, min(args.seconds / 2, 10.0))
 
-    # Model and pipeline alternate, each pipeline run between two model runs: this VM's speed drifts by
+    # Model and pipeline alternate, each pipeline run between two model runs: a box's speed drifts by
     # 10-20 % within a minute, so a ratio is only taken between neighbours; the median ratio is reported.
     alone = [model_alone()]
     ratios, fps_runs = [], []

@@ -1,6 +1,6 @@
 """Benchmark: PatchCore's float32 search against the bf16 search, same bank, same images, same run.
 
-    python tests/bench/search_precision_bench.py [--data ROOT] [--categories grass brick gravel] [--n-train 100]
+    python bench/search_precision_bench.py [--data ROOT] [--categories grass brick gravel] [--n-train 100]
 
 For each MVTec-layout category (generated from the skimage textures when --data is not given) it fits
 PatchCore once, builds the float32 and the bfloat16 model on that one memory bank, and prints image
