@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -35,7 +36,7 @@ def bundle(small_category: Path, small_config_file: Path, tmp_path_factory: pyte
 
 def test_fit_then_evaluate_json(bundle: Path, small_category: Path, capsys: pytest.CaptureFixture[str]) -> None:
     capsys.readouterr()
-    assert main(["evaluate", "--model", str(bundle), "--data", str(small_category), "--json"]) == 0
+    assert main(["evaluate", "--bundle", str(bundle), "--data", str(small_category), "--json"]) == 0
     out = capsys.readouterr().out
     result = json.loads(out)  # exactly one JSON object on stdout
     assert set(result) == EVAL_KEYS
@@ -282,3 +283,82 @@ def test_bench_waits_for_a_cuda_device_before_the_clock_stops(monkeypatch: pytes
     assert completed(infer, "cpu") is infer  # the CPU computes before returning: nothing to wait for
     assert completed(infer, "cuda:1")() == "out"
     assert events == ["call", "sync cuda:1"]
+
+
+def test_version_and_help_answer_without_importing_torch() -> None:
+    script = (
+        "import sys\n"
+        "from pipeline.app.cli import main\n"
+        "for argv in (['--version'], ['--help'], ['calibrate', '--help'], ['run', '--help']):\n"
+        "    try:\n        main(argv)\n    except SystemExit as exc:\n        assert exc.code == 0, argv\n"
+        "print('torch imported' if 'torch' in sys.modules else 'no torch')\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("linewatch 0.1.0\n") and "--log-format" in proc.stdout
+    assert proc.stdout.strip().endswith("no torch")
+
+
+def test_every_option_has_help() -> None:
+    import argparse
+
+    from pipeline.app.cli import build_parser
+
+    parser = build_parser()
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    missing = [
+        f"{name} {'/'.join(action.option_strings)}"
+        for name, sub in [("linewatch", parser), *commands.choices.items()]
+        for action in sub._actions
+        if action.option_strings and not action.help
+    ]
+    assert missing == []
+
+
+def test_a_file_that_is_not_a_bundle_is_refused_in_one_line(
+    tmp_path: Path, small_category: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    module = tmp_path / "module.pt"
+    torch.save(torch.nn.Linear(2, 2), module)  # a real torch file that needs pickle: torch's page-long refusal
+    expected = f"linewatch: error: {module}: not a linewatch bundle (a torch file of plain tensors was expected)"
+    for argv in (
+        ["run", "--bundle", str(module), "--source", f"folder:{small_category}"],
+        ["evaluate", "--bundle", str(module), "--data", str(small_category)],
+    ):
+        capsys.readouterr()
+        assert main(argv) == 2
+        assert capsys.readouterr().err.strip() == expected
+
+
+def test_calibrate_off_a_terminal_logs_progress_with_rate_and_eta(
+    small_category: Path, small_config_file: Path, tmp_path: Path
+) -> None:
+    """Under systemd or `2>log`: timestamped INFO lines naming the command, with count, rate and ETA."""
+    log = tmp_path / "log"
+    argv = ["calibrate", "--data", str(small_category), "--out", str(tmp_path / "c.pt"), "--config"]
+    argv += [str(small_config_file), "--target-fpr", "0.2", "--confidence", "0.8"]
+    with log.open("w") as stderr:
+        proc = subprocess.run([sys.executable, "-m", "pipeline.app.cli", *argv], stderr=stderr, timeout=600)
+    text = log.read_text()
+    assert proc.returncode == 0, text
+    line = re.compile(
+        r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} INFO +\[calibrate\] (?P<label>[a-z -]+): (?P<n>\d+)/(?P<total>\d+) "
+        r"\(\d+%\) elapsed [\d:]+, ETA [\d:?]+, +[\d.?]+ ?(it/s|s/it)$"
+    )
+    progress = [m for m in map(line.match, text.splitlines()) if m]
+    assert {"features", "held-out"} <= {m["label"] for m in progress}, text
+    assert any(m["n"] == m["total"] for m in progress if m["label"] == "held-out")  # the closing line
+    assert "\r" not in text and "#" not in text  # no bar redrawn in place
+
+
+def test_log_format_json_gives_one_object_a_line(
+    bundle: Path, small_category: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    capsys.readouterr()
+    argv = ["--log-format", "json", "evaluate", "--bundle", str(bundle), "--data", str(small_category)]
+    assert main(argv) == 0
+    err = capsys.readouterr().err.strip().splitlines()
+    records = [json.loads(line) for line in err]
+    assert records and {"time", "level", "stage", "logger", "message"} <= set(records[0])
+    assert {r["stage"] for r in records} == {"evaluate"} and all(r["level"] == "info" for r in records)
+    assert records[-1]["message"].startswith("evaluate: 14/14 (100%)")

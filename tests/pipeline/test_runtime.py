@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -177,7 +178,7 @@ def test_killed_inference_is_restarted_and_every_frame_still_ends(bundle_path: P
 
 
 def test_bad_files_are_counted_and_a_missing_camera_does_not_stop_the_line(
-    bundle_path: Path, small_category: Path, tmp_path: Path
+    bundle_path: Path, small_category: Path, tmp_path: Path, capfd: pytest.CaptureFixture[str]
 ) -> None:
     folder = tmp_path / "frames"
     folder.mkdir()
@@ -198,6 +199,11 @@ def test_bad_files_are_counted_and_a_missing_camera_does_not_stop_the_line(
     assert line["frames"] == 6 and line["pass"] + line["reject"] == 4 and line["error"] == 0
     assert summary.drops_by_reason["unreadable"] == 2 and line["drops"] == 2
     assert missing["frames"] == 0 and missing["reconnects"] >= 2
+    # Each stage process logs with its own name: time, level, stage, message.
+    err = capfd.readouterr().err.splitlines()
+    stamp = r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} WARNING "
+    assert any(re.match(stamp + r"\[capture:missing\] .*camera.*retrying in", line) for line in err), err
+    assert any(re.match(stamp + r"\[capture:line\] .*b_corrupt.png.*unreadable drop", line) for line in err), err
 
 
 def test_sigterm_exits_cleanly_without_leaks(bundle_path: Path, small_category: Path, tmp_path: Path) -> None:
