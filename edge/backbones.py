@@ -34,9 +34,9 @@ class WeightsNotFound(FileNotFoundError):
 
 # How the frame's surroundings are filled (see FeatureBackbone): zeros, or a torch.nn.functional.pad mode.
 BORDER_MODES = ("zeros", "circular", "reflect", "replicate")
-# Each model's border where the config leaves it open, as measured on generated textures (docs/speed.md,
-# "Frame border"): PatchCore scored better with zeros; PaDiM, whose per-position Gaussians see the
-# pooled-free edge cells, better with 16 px wrapped (demo grass image AUROC 0.967 against 0.943).
+# Each model's border where the config leaves it open, as measured on generated textures: PatchCore scored
+# better with zeros; PaDiM, whose per-position Gaussians see the pooled-free edge cells, better with 16 px
+# wrapped (docs/speed.md, "Trade-offs and knobs").
 DEFAULT_BORDER_MODES = {"patchcore": "zeros", "padim": "circular"}
 PADDED_BORDER_PX = 16  # border_pad of a padding mode left open: one stride-16 cell
 
@@ -195,9 +195,8 @@ class FeatureBackbone(nn.Module):
     the opposite edge around, "reflect" mirrors, "replicate" repeats the edge) and crop the matching
     feature cells off again, so edge patches are computed like interior ones. Models that
     post-process features spatially (PatchCore's pooling) do so on `padded(x)` and `crop` afterwards.
-    For PatchCore on generated textures, zeros without padding beat 16 px wrapped: 9 of 9 sets at
-    image AUROC 1.0 (against 7), pixel AUROC +1.6e-4 and PRO +7.6e-4 on average, with a fifth less
-    of the network to run (docs/speed.md, "Frame border").
+    For PatchCore on generated textures, zeros without padding scored at least as well as 16 px wrapped,
+    with a fifth less of the network to run (docs/speed.md, "Trade-offs and knobs").
 
     `precision` ("float32", "bfloat16" or "auto": bf16 on CPUs that convolve it natively) is the
     arithmetic of the network. A bf16 run keeps a bf16 copy of the network beside the float32 one, so
@@ -235,7 +234,7 @@ class FeatureBackbone(nn.Module):
         self.is_lite = isinstance(net, EfficientNetLite)
         self.precision = precision
         self.resolved_precision = resolve_precision(precision, "backbone_precision")
-        # With AMX the padded Lite0 forward took 7.4 instead of 9.8 ms at batch 1 (docs/speed.md).
+        # A second copy in bf16: on AMX / AVX512-BF16 CPUs it runs the forward pass about a quarter faster.
         self.net_bfloat16 = copy.deepcopy(net).to(torch.bfloat16) if self.resolved_precision == "bfloat16" else None
 
     def arithmetic(self, device: torch.device) -> str:

@@ -131,8 +131,7 @@ def compile_options(device_type: str) -> dict[str, object]:
     # (`edge.scoring.bfloat16_bank_operand`) needs that rounding to be real, or its norms' low halves are zero.
     options: dict[str, object] = {"emulate_precision_casts": True}
     if device_type == "cuda":
-        # At batch 1 the GPU waits on kernel launches: replayed as one CUDA graph, Lite0 PatchCore took 1.2 ms
-        # per frame on an H100 against 3.5 ms compiled without and 4.8 ms eager (docs/speed.md).
+        # At batch 1 the GPU waits on kernel launches: replayed as one CUDA graph, the whole model is one launch.
         options["triton.cudagraphs"] = True
     return options
 

@@ -71,7 +71,7 @@ class Preprocessing:
         n, h, w, c = rgb8.shape
         x = rgb8.to(torch.float32, memory_format=torch.contiguous_format, copy=True)  # changed in place below
         # The channel constants tiled along a whole row: broadcast per channel, the innermost loop runs over
-        # 3 values and does not vectorise (2-3x slower on the dev CPU: tests/bench/normalise_bench.py). The
+        # 3 values and does not vectorise (2-3x slower on the dev CPU: bench/normalise_bench.py). The
         # operations, and so every value, are those of `normalize`.
         mean = torch.tensor(self.mean, dtype=torch.float32, device=x.device).repeat(w)
         std = torch.tensor(self.std, dtype=torch.float32, device=x.device).repeat(w)

@@ -69,8 +69,8 @@ def squared_norms(x: torch.Tensor) -> torch.Tensor:
 def bank_columns(bank: torch.Tensor) -> torch.Tensor:
     """The bank (M, C) as contiguous columns (C, M), the layout the float32 searches take.
 
-    With the bank's rows as a transposed view, MKL's sgemm took 0.58 ms to re-search 16 patches over
-    10,240 rows on the dev CPU; on contiguous columns 0.43 ms (docs/speed.md, "Scoring after the search").
+    sgemm reads contiguous columns faster than the bank's rows through a transposed view (about a quarter
+    less time to re-search 16 patches over 10,240 rows on a CPU).
     """
     return bank.t().contiguous()
 
@@ -141,9 +141,8 @@ def k_nearest(
     return best_i
 
 
-# Bank rows per block of the bf16 search. On the dev CPU (AMX, 2 MB of L2 per core) 512 rows were the
-# fastest for 1,024 and 2,048 queries: 2.3 ms per 10,240-row search at batch 1, against 2.8-3.5 ms for
-# blocks of 768-4,096 rows, which fall out of L2 before `amin` reads them back (docs/speed.md).
+# Bank rows per block of the bf16 search: small enough that a block's distances stay in L2 (2 MB a core on
+# AMX CPUs) until `amin` reads them back; larger blocks were up to half again slower.
 BFLOAT16_SEARCH_ROWS = 512
 
 
@@ -229,7 +228,6 @@ def blur_operator(n: int, kernel: torch.Tensor) -> torch.Tensor:
 # How a score grid is brought to the frame's size before the blur. "linear": bilinear, as in the PatchCore,
 # PaDiM and EfficientAD papers; at 8 px per cell it adds a spread of its own (sigma 4 becomes 5.2 px in
 # all). "cubic": bicubic (Keys, a = -0.75, as torch's), whose negative lobes add none (3.4 px in all).
-# See docs/speed.md, "Map upsampling".
 UPSAMPLINGS = ("linear", "cubic")
 
 

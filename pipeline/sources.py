@@ -59,8 +59,8 @@ def default_policy(config: SourceConfig) -> str:
     return "drop_oldest" if parse_spec(config.spec)[0] == "camera" else "block"
 
 
-# Decoded frames a looping folder replay keeps for its later passes. On an H100 box one capture process
-# decoding PNGs held a replay to 550-900 frames/s while the model ran 2,000-5,000 (docs/speed.md).
+# Decoded frames a looping folder replay keeps for its later passes: decoding PNGs in one capture process
+# is slower than a GPU scores them, so a replay would measure the decoder, not the line.
 REPLAY_CACHE_BYTES = 1 << 30
 
 

@@ -99,9 +99,8 @@ class PatchCoreModel(nn.Module):
             centre = self.memory_bank.mean(dim=0)
             self.register_buffer("bank_centre", centre, persistent=False)
             self.register_buffer("bank_op", bfloat16_bank_operand(self.memory_bank, centre), persistent=False)
-        # Bicubic: less smoothing in all than bilinear, which raised pixel AUROC and PRO on 9 of 9 generated
-        # sets (docs/speed.md, "Map upsampling"). Image scores do not depend on it; bundles record it, and
-        # older ones stay bilinear.
+        # Bicubic: bilinear adds a spread of its own before the blur, which costs pixel AUROC and PRO. Image
+        # scores do not depend on it; bundles record it, and older ones stay bilinear.
         self.smoother = AnomalyMapSmoother(
             input_size, sigma, grid_size=backbone.grid_size(input_size), upsampling=map_upsampling
         )

@@ -133,7 +133,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
             f" defects detected {lab.recall.hits}/{lab.recall.n}"
         )
     lines.append(f"bundle {args.out} (hash {digest[:12]}), report {report_dir / 'report.html'}")
-    print("\n".join(lines), file=sys.stderr)
+    print("\n".join(lines))
     return 0
 
 

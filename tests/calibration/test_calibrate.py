@@ -159,10 +159,10 @@ def test_calibrate_cli_writes_bundle_and_report_and_evaluate_uses_threshold(
     assert main([*args, "--quiet"]) == 2
     assert "at least 299 are needed" in capsys.readouterr().err
     assert main([*args, "--quiet", "--target-fpr", "0.2", "--confidence", "0.8"]) == 0
-    err = capsys.readouterr().err
-    assert "threshold" in err and "synthetic crack" in err and "real test set" in err
+    out = capsys.readouterr().out  # the result, on stdout
+    assert "threshold" in out and "synthetic crack" in out and "real test set" in out
     assert (out.parent / "report.html").is_file() and out.is_file()
-    assert main(["evaluate", "--model", str(out), "--data", str(small_category), "--json"]) == 0
+    assert main(["evaluate", "--bundle", str(out), "--data", str(small_category), "--json"]) == 0
     result = json.loads(capsys.readouterr().out)
     bundle = load_bundle(out)
     assert bundle.threshold is not None
