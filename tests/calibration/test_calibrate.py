@@ -159,8 +159,8 @@ def test_calibrate_cli_writes_bundle_and_report_and_evaluate_uses_threshold(
     assert main([*args, "--quiet"]) == 2
     assert "at least 299 are needed" in capsys.readouterr().err
     assert main([*args, "--quiet", "--target-fpr", "0.2", "--confidence", "0.8"]) == 0
-    out = capsys.readouterr().out  # the result, on stdout
-    assert "threshold" in out and "synthetic crack" in out and "real test set" in out
+    printed = capsys.readouterr().out  # the result, on stdout
+    assert "threshold" in printed and "synthetic crack" in printed and "real test set" in printed
     assert (out.parent / "report.html").is_file() and out.is_file()
     assert main(["evaluate", "--bundle", str(out), "--data", str(small_category), "--json"]) == 0
     result = json.loads(capsys.readouterr().out)
@@ -192,7 +192,7 @@ def test_calibrate_on_cuda_gives_a_cpu_bundle_with_the_cpu_threshold(
         # search in bf16, which moved these scores by up to 7 %; this test is about the device, not the arithmetic.
         # The whole bank, no coreset: farthest-first picks jump when TF32 moves a feature slightly. On the H100,
         # 15 of the 205 rows picked from these 2,048 patches differed from the CPU's, which moved one held-out
-        # score by 3 %; with the whole bank all 8 stayed within 0.1 % (tests/bench/device_picks_bench.py).
+        # score by 3 %; with the whole bank all 8 stayed within 0.1 % (bench/device_picks_bench.py).
         patchcore = {"search_precision": "float32", "coreset_ratio": 1.0}
         model = {"name": name, "input_size": 128, "backbone_precision": "float32", "patchcore": patchcore}
         config = config_from_dict({"model": model, "fit": {"device": device}, "calibration": LOOSE})
