@@ -18,7 +18,7 @@ from pipeline.app.bench import interleaved_call_seconds
 
 
 def broadcast_per_channel(pre: Preprocessing, rgb8: torch.Tensor) -> torch.Tensor:
-    """The earlier form: constants of shape (1, 3, 1, 1), so the innermost loop runs over 3 channels."""
+    """The plain form: constants of shape (1, 3, 1, 1), so the innermost loop runs over 3 channels."""
     x = rgb8.to(torch.float32).permute(0, 3, 1, 2)
     mean = torch.tensor(pre.mean, dtype=torch.float32).view(1, 3, 1, 1)
     std = torch.tensor(pre.std, dtype=torch.float32).view(1, 3, 1, 1)

@@ -69,9 +69,8 @@ class PreprocessArgs:
     inputs: tuple[RingSpec, ...]  # one frame ring per camera
     policies: tuple[str, ...]  # each camera's backpressure policy
     output: RingSpec  # the tensor ring (uint8 at model size)
-    preprocessing: dict[
-        str, Any
-    ]  # the bundle's `Preprocessing.to_dict()` (rebuilt in the stage: torch stays out of here)
+    # The bundle's `Preprocessing.to_dict()`, rebuilt in the stage so that the other stages never import torch.
+    preprocessing: dict[str, Any]
 
 
 @dataclass(frozen=True)
