@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from edge.preprocessing import Preprocessing
+from edge.settings import SettingsError, record_from_dict
 
 MANIFEST_VERSION = 2
 
@@ -90,52 +91,28 @@ class BundleManifest:
         return out
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> BundleManifest:
+    def from_dict(cls, data: Any) -> BundleManifest:
         """Parse a stored manifest (version 1 or 2); ManifestError names what is missing or malformed."""
+        if not isinstance(data, dict):
+            raise ManifestError(f"manifest: expected a JSON object, got {type(data).__name__}")
         version = data.get("format_version")
-        if not isinstance(version, int) or isinstance(version, bool) or version > MANIFEST_VERSION:
+        if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+            raise ManifestError(f"manifest format_version = {version!r}: expected a whole number from 1")
+        if version > MANIFEST_VERSION:
             raise ManifestError(
                 f"format_version {version!r} is not supported by this linewatch (supports <= {MANIFEST_VERSION}); "
                 "upgrade linewatch"
             )
         if version == 1:
             data = _from_version_1(data)
+        threshold = data.get("threshold")
+        value = threshold.get("value") if isinstance(threshold, dict) else 0.0
+        if not isinstance(value, int | float) or isinstance(value, bool) or not math.isfinite(value):
+            raise ManifestError(f"manifest threshold.value = {value!r}: expected a finite number")
         try:
-            return cls(
-                model=_typed(data, "model", str),
-                model_params=_typed(data, "model_params", dict),
-                backbone=None if data.get("backbone") is None else _backbone(data["backbone"]),
-                preprocessing=Preprocessing.from_dict(_typed(data, "preprocessing", dict)),
-                dataset=DatasetRecord(**_typed(data, "dataset", dict)),
-                fit=_typed(data, "fit", dict),
-                versions=_typed(data, "versions", dict),
-                created=_typed(data, "created", str),
-                threshold=None if data.get("threshold") is None else _threshold(data["threshold"]),
-                normalization=data.get("normalization"),
-                calibration=data.get("calibration"),
-            )
-        except (KeyError, TypeError) as exc:
-            raise ManifestError(f"manifest is malformed ({type(exc).__name__}: {exc})") from None
-
-
-def _typed(data: dict[str, Any], key: str, kind: type) -> Any:
-    value = data.get(key)
-    if not isinstance(value, kind):
-        raise ManifestError(f"manifest {key} = {value!r}: expected a {kind.__name__}")
-    return value
-
-
-def _backbone(data: Any) -> BackboneRecord:
-    if not isinstance(data, dict):
-        raise ManifestError(f"manifest backbone = {data!r}: expected a mapping or null")
-    return BackboneRecord(**{**data, "layers": tuple(data["layers"])})
-
-
-def _threshold(data: Any) -> ThresholdRecord:
-    value = data.get("value") if isinstance(data, dict) else None
-    if not isinstance(value, int | float) or isinstance(value, bool) or not math.isfinite(value):
-        raise ManifestError(f"manifest threshold.value = {value!r}: expected a finite number")
-    return ThresholdRecord(**{**data, "value": float(value)})
+            return record_from_dict(cls, data)
+        except SettingsError as exc:
+            raise ManifestError(f"manifest {exc}") from None
 
 
 def _from_version_1(data: dict[str, Any]) -> dict[str, Any]:

@@ -2,7 +2,7 @@
 
 The shell configures its own process from `--log-level` / `--log-format`; the supervisor hands the same
 record to each stage it spawns, which configures itself on entry. Every line carries the time, the
-level and the stage (`supervisor`, `infer`, `capture:cam0`, or the command name) so interleaved
+level and the stage (the command, e.g. `run`, or the stage process: `infer`, `capture:cam0`) so interleaved
 output of several processes stays readable; `json` gives one object a line for log shippers.
 """
 

@@ -69,7 +69,7 @@ class PreprocessArgs:
     inputs: tuple[RingSpec, ...]  # one frame ring per camera
     policies: tuple[str, ...]  # each camera's backpressure policy
     output: RingSpec  # the tensor ring (uint8 at model size)
-    # The bundle's `Preprocessing.to_dict()`, rebuilt in the stage so that the other stages never import torch.
+    # The bundle's `Preprocessing.to_dict()`: a plain record to pickle, rebuilt inside the stage.
     preprocessing: dict[str, Any]
 
 

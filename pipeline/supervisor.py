@@ -6,7 +6,8 @@ stops the capture first, lets every frame in flight reach a verdict, then stops 
 unlinks all shared memory and returns a `RunSummary` whose counts reconcile exactly:
 captured = verdicts + drops, per camera.
 
-A run is five steps, one method each: build the rings, start the stages, supervise, drain, summarise.
+A run is a sequence of steps, one method each: build the rings, plan the stages, start the metrics
+server, start the stages, supervise, drain, summarise.
 """
 
 from __future__ import annotations
@@ -59,9 +60,14 @@ LATENCY_WINDOW = 100_000  # frames behind the summary's latency percentiles (Pro
 log = logging.getLogger(__name__)
 
 
-def _detail() -> Any:
-    """A summary field left out of the one-line JSON headline (`linewatch run --json`)."""
-    return field(default_factory=dict, metadata={"detail": True})
+def detail(**kwargs: Any) -> Any:
+    """A result field left out of the record's headline (the one-line JSON of `run --json`, `bench --json`)."""
+    return field(metadata={"detail": True}, **kwargs)
+
+
+def headline(record: Any) -> dict[str, Any]:
+    """A result dataclass's fields, without those marked `detail`."""
+    return {f.name: getattr(record, f.name) for f in fields(record) if not f.metadata.get("detail")}
 
 
 @dataclass
@@ -75,17 +81,17 @@ class RunSummary:
     latency_ms_p50: float | None  # p50/p99 over the last LATENCY_WINDOW verdicts
     latency_ms_p99: float | None
     fps: float
-    cameras: dict[str, dict[str, int]] = _detail()
-    drops_by_reason: dict[str, int] = _detail()
-    restarts_by_stage: dict[str, int] = _detail()
-    metrics_port: int | None = field(default=None, metadata={"detail": True})
+    cameras: dict[str, dict[str, int]] = detail(default_factory=dict)
+    drops_by_reason: dict[str, int] = detail(default_factory=dict)
+    restarts_by_stage: dict[str, int] = detail(default_factory=dict)
+    metrics_port: int | None = detail(default=None)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
     def headline(self) -> dict[str, Any]:
         """The run's totals without the per-camera, per-reason and per-stage breakdowns."""
-        return {f.name: getattr(self, f.name) for f in fields(self) if not f.metadata.get("detail")}
+        return headline(self)
 
 
 @dataclass
@@ -191,10 +197,10 @@ class Pipeline:
             state = RunState.create(len(self.sources), len(self.stages))
             cleanup.callback(state.close)
             metrics = self._start_metrics(cleanup)
+            if install_signals:  # restored after the stages are killed: a Ctrl-C then cannot cut the kill short
+                cleanup.enter_context(self._stop_on_signals())
             live = _LiveRun(self, ctx, state, rings, metrics)
             cleanup.callback(live.kill_all)  # before the rings and state go, however the run ends
-            if install_signals:
-                cleanup.enter_context(self._stop_on_signals())
             self._start_stages(live)
             self._supervise(live, duration_s)
             self._drain(live)

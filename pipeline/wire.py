@@ -27,7 +27,7 @@ A subscriber slower than the publisher's high-water mark loses messages, which i
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any
 
 VERDICT_NAMES = ("pass", "reject", "error")  # topics; a verdict's index is its code in the rings
@@ -47,7 +47,7 @@ class Verdict:
 
 
 def encode(run: str, seq: int, topic_seq: int, v: Verdict, bundle: str) -> list[bytes]:
-    body = {"v": MESSAGE_VERSION, "run": run, "seq": seq, "topic_seq": topic_seq, **asdict(v), "bundle": bundle}
+    body = {"v": MESSAGE_VERSION, "run": run, "seq": seq, "topic_seq": topic_seq, **vars(v), "bundle": bundle}
     return [v.verdict.encode(), json.dumps(body, separators=(",", ":")).encode()]
 
 

@@ -15,7 +15,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass
 from pathlib import Path
 
 import cv2
@@ -28,8 +28,9 @@ from edge.backends import check_backend, engine_cache_dir, prepare_backend
 from edge.bundle import load_bundle
 from pipeline.app.config import Config, with_overrides
 from pipeline.app.ports import free_port
+from pipeline.logs import LogSettings
 from pipeline.settings import SourceConfig
-from pipeline.supervisor import Pipeline
+from pipeline.supervisor import Pipeline, detail, headline
 
 
 @dataclass
@@ -43,12 +44,12 @@ class BenchResult:
     backbone_ms_p50: float
     bank_mb: float
     rss_mb: float
-    batch: int = field(metadata={"detail": True})
-    pipeline_cpu: dict[str, float] = field(metadata={"detail": True})  # CPU cores used, per process
+    batch: int = detail()
+    pipeline_cpu: dict[str, float] = detail()  # CPU cores used, per process
 
     def to_json(self) -> dict[str, float]:
         """The figures `linewatch bench --json` prints (the detail fields are for the text output)."""
-        return {f.name: getattr(self, f.name) for f in fields(self) if not f.metadata.get("detail")}
+        return headline(self)
 
 
 class BackboneOnly(nn.Module):
@@ -200,7 +201,12 @@ def synthetic_frames(folder: Path, size: tuple[int, int], n: int = 32, seed: int
 
 
 def pipeline_fps(
-    config: Config, bundle: Path, data: Path, seconds: float, rate_ppm: float = 0.0
+    config: Config,
+    bundle: Path,
+    data: Path,
+    seconds: float,
+    rate_ppm: float = 0.0,
+    log_settings: LogSettings | None = None,
 ) -> tuple[float, np.ndarray, dict[str, float]]:
     """(fps, end-to-end latencies in ms, CPU cores used per process) of a looping replay of `data`.
 
@@ -217,7 +223,7 @@ def pipeline_fps(
         if measuring.is_set():
             stamps.append((time.monotonic(), int(rec["m_decide_ns"]) - int(rec["m_capture_ns"])))
 
-    pipeline = Pipeline(config, bundle, (source,), on_verdict)
+    pipeline = Pipeline(config, bundle, (source,), on_verdict, config.model.backbone_weights, log_settings=log_settings)
 
     def measure() -> None:
         started.wait()
@@ -242,7 +248,14 @@ def pipeline_fps(
     return fps, np.array([v for _, v in stamps], dtype=np.float64) / 1e6, cpu
 
 
-def run_bench(bundle_path: Path, config: Config, batch: int, seconds: float, data: Path | None = None) -> BenchResult:
+def run_bench(
+    bundle_path: Path,
+    config: Config,
+    batch: int,
+    seconds: float,
+    data: Path | None = None,
+    log_settings: LogSettings | None = None,
+) -> BenchResult:
     pc = config.pipeline
     check_backend(pc.backend, pc.device, pc.backend_fallback)
     bundle = load_bundle(bundle_path, config.model.backbone_weights)
@@ -273,7 +286,13 @@ def run_bench(bundle_path: Path, config: Config, batch: int, seconds: float, dat
     bank_mb = sum(t.numel() * t.element_size() for t in model.tensors().values()) / 2**20
     with tempfile.TemporaryDirectory(prefix="linewatch-bench-") as tmp:
         folder = data or synthetic_frames(Path(tmp) / "frames", (h, w))
-        fps, _, cpu = pipeline_fps(with_overrides(config, {"pipeline.max_batch": batch}), bundle_path, folder, seconds)
+        fps, _, cpu = pipeline_fps(
+            with_overrides(config, {"pipeline.max_batch": batch}),
+            bundle_path,
+            folder,
+            seconds,
+            log_settings=log_settings,
+        )
     rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return BenchResult(
         backbone_fps=backbone,

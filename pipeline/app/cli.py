@@ -198,7 +198,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from pipeline.app.bench import run_bench
 
     config = _config(args)
-    r = run_bench(Path(args.bundle), config, config.pipeline.max_batch, args.seconds, args.data)
+    r = run_bench(Path(args.bundle), config, config.pipeline.max_batch, args.seconds, args.data, args.log_settings)
     if args.json:
         print(json.dumps(r.to_json()))
         return 0
@@ -219,7 +219,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from pipeline.app.demo import run_demo
 
-    return run_demo(args.workdir, quiet=args.quiet, n_train=args.n_train)
+    return run_demo(args.workdir, quiet=args.quiet, n_train=args.n_train, log_settings=args.log_settings)
 
 
 def _version() -> str:
@@ -301,12 +301,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _expected_errors() -> tuple[type[BaseException], ...]:
-    """Failures that are the user's to fix: a one-line message, not a traceback (all are ValueError, OSError
-    or RuntimeError subclasses; the runtime ones are named so an unexpected RuntimeError still shows its trace)."""
+    """Failures that are the user's to fix besides ValueError and OSError: a one-line message, not a traceback.
+    The runtime's are named so that an unexpected RuntimeError still shows its trace."""
     from edge.backends import BackendError
     from pipeline.state import PipelineError
 
-    return (ValueError, OSError, PipelineError, BackendError)
+    return (PipelineError, BackendError)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -319,7 +319,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("linewatch: interrupted", file=sys.stderr)
         return 130
     except Exception as exc:
-        if not isinstance(exc, _expected_errors()):
+        if not isinstance(exc, ValueError | OSError) and not isinstance(exc, _expected_errors()):
             raise
         print(f"linewatch: error: {' '.join(str(exc).split())}", file=sys.stderr)
         return EXIT_ERROR

@@ -26,6 +26,7 @@ from calibration.synthetic import TEXTURES, generate_mvtec_dataset
 from edge.bundle import load_bundle, save_bundle
 from pipeline.app.config import Config, with_overrides
 from pipeline.app.ports import free_port
+from pipeline.logs import LogSettings
 from pipeline.settings import SourceConfig
 from pipeline.supervisor import Pipeline
 from pipeline.wire import decode
@@ -60,6 +61,7 @@ def run_demo(
     n_train: int = 100,
     models: tuple[str, ...] = ("patchcore", "padim"),
     line_frames: int = LINE_NORMAL_FRAMES,
+    log_settings: LogSettings | None = None,
 ) -> int:
     progress = not quiet
     data_root = workdir / "data"
@@ -81,7 +83,7 @@ def run_demo(
     print()
     line = calibrate_line(workdir, line_frames, progress)
     print()
-    replay(workdir, line)
+    replay(workdir, line, log_settings)
     return 0
 
 
@@ -104,7 +106,7 @@ def calibrate_line(workdir: Path, n_frames: int, progress: bool) -> Path:
     return folder
 
 
-def replay(workdir: Path, folder: Path) -> None:
+def replay(workdir: Path, folder: Path, log_settings: LogSettings | None = None) -> None:
     """Replay the line category's test set as a conveyor; print rejects as a PLC bridge would see them."""
     pub_port, metrics_port = free_port(5556), free_port(9108)
     address = f"tcp://127.0.0.1:{pub_port}"
@@ -122,7 +124,7 @@ def replay(workdir: Path, folder: Path) -> None:
     listener = RejectPrinter(address, truth)
     listener.start()
     source = SourceConfig(spec=f"folder:{folder}", rate_ppm=CONVEYOR_PPM)
-    summary = Pipeline(config, workdir / "line" / "line.pt", (source,)).run()
+    summary = Pipeline(config, workdir / "line" / "line.pt", (source,), log_settings=log_settings).run()
     time.sleep(0.3)
     listener.stop()
     p50, p99 = summary.latency_ms_p50 or 0.0, summary.latency_ms_p99 or 0.0

@@ -1,4 +1,6 @@
 import json
+import re
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -141,10 +143,22 @@ def test_a_version_1_bundle_loads_and_scores_alike(saved: Path, small_category: 
         assert torch.equal(old.model(x).scores, bundle.model(x).scores)
 
 
-def test_a_malformed_manifest_is_refused_in_one_line(saved: Path) -> None:
+def test_a_malformed_manifest_is_refused_in_one_line(saved: Path, tmp_path: Path) -> None:
+    good = shutil.copy(saved, tmp_path / "good.pt")
     _rewrite_manifest(saved, lambda m: m.update(dataset="many"))
-    with pytest.raises(BundleError, match=r"m.pt: manifest dataset = 'many': expected a dict$"):
+    with pytest.raises(BundleError, match=r"m.pt: manifest dataset = 'many': expected a mapping$"):
         load_bundle(saved)
+    for edit, message in [
+        (lambda m: m["backbone"].update(layers=3), "manifest backbone.layers = 3: expected a list of str"),
+        (lambda m: m["backbone"].pop("weights_sha256"), "manifest backbone.weights_sha256: missing, expected str"),
+        (lambda m: m["preprocessing"].update(resize=[256]), "manifest preprocessing.resize = [256]: expected a list"),
+        (lambda m: m.update(format_version="2"), "manifest format_version = '2': expected a whole number from 1"),
+        (lambda m: m.update(colour="red"), "manifest colour: unknown key"),
+    ]:
+        shutil.copy(good, saved)
+        _rewrite_manifest(saved, edit)
+        with pytest.raises(BundleError, match=re.escape(message)):
+            load_bundle(saved)
 
 
 def test_bundle_without_a_recorded_precision_runs_its_backbone_in_float32(saved: Path) -> None:
