@@ -52,9 +52,7 @@ def _type_name(tp: Any) -> str:
         if len(args) == 2 and args[1] is Ellipsis:
             return f"list of {_type_name(args[0])}"
         return f"list of {len(args)} {' and '.join(dict.fromkeys(_type_name(a) for a in args))}"
-    if tp is dict or origin is dict:
-        return "mapping"
-    if dataclasses.is_dataclass(tp):
+    if tp is dict or origin is dict or dataclasses.is_dataclass(tp):
         return "mapping"
     return "null" if tp is type(None) else getattr(tp, "__name__", str(tp))
 
