@@ -1,0 +1,57 @@
+"""The verdict store's tables, declared once (SQLAlchemy Core), and the schema version they make.
+
+One row per published verdict, keyed by (run_id, seq): the same message can be written twice (a
+recorder restarted after writing but before acknowledging) and is stored once. One row per run with
+the bundle and the configuration that ran. Times are integer nanoseconds since the epoch, as on the
+wire. `store_meta` holds the schema version, so a store made by this version is recognised, upgraded
+by a later one, and refused by an older one.
+"""
+
+from __future__ import annotations
+
+from sqlalchemy import BigInteger, Column, Double, Index, MetaData, String, Table, Text
+
+SCHEMA_VERSION = 1
+
+metadata = MetaData()
+
+store_meta = Table(
+    "store_meta",
+    metadata,
+    Column("key", String(64), primary_key=True),
+    Column("value", Text, nullable=False),
+)
+
+runs = Table(
+    "runs",
+    metadata,
+    Column("run_id", String(64), primary_key=True),
+    Column("started_ns", BigInteger, nullable=False),
+    Column("stopped_ns", BigInteger),  # null while running, or when the run was killed
+    Column("bundle_hash", String(64), nullable=False),
+    Column("bundle_path", Text, nullable=False),
+    Column("config_json", Text, nullable=False),  # the runtime settings that ran, as JSON
+)
+
+verdicts = Table(
+    "verdicts",
+    metadata,
+    Column("run_id", String(64), primary_key=True),
+    Column("seq", BigInteger, primary_key=True),
+    Column("topic_seq", BigInteger, nullable=False),
+    Column("camera_id", String(128), nullable=False),
+    Column("frame_id", BigInteger, nullable=False),
+    Column("trigger", BigInteger),
+    Column("t_capture_ns", BigInteger, nullable=False),
+    Column("t_decision_ns", BigInteger, nullable=False),
+    Column("score", Double),  # null for an error verdict
+    Column("threshold", Double, nullable=False),
+    Column("verdict", String(16), nullable=False),
+    Column("bundle", String(64), nullable=False),
+    Column("image_key", Text),  # archived frame and overlay, when kept
+    Index("ix_verdicts_time", "t_decision_ns"),
+    Index("ix_verdicts_camera_time", "camera_id", "t_decision_ns"),
+)
+
+# Tables every linewatch store has, whatever its version: a database without them is not a store.
+REQUIRED_TABLES = frozenset({"store_meta", "runs", "verdicts"})
