@@ -1,11 +1,16 @@
-"""Shared fixtures: a tiny generated MVTec-layout dataset and a fitted bundle, made once per session."""
+"""Shared fixtures: a tiny generated MVTec-layout dataset, a config, and store databases (SQLite, PostgreSQL)."""
 
 from __future__ import annotations
 
+import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
+from postgres_server import postgres_server, server_binaries
+from sqlalchemy import create_engine, text
+from sqlalchemy.engine import make_url
 
 from calibration.synthetic import generate_mvtec_dataset
 
@@ -25,3 +30,27 @@ def small_config_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("cfg") / "config.yaml"
     path.write_text("model:\n  input_size: 128\nfit:\n  batch_size: 8\n")
     return path
+
+
+@pytest.fixture(scope="session")
+def postgres_url() -> Iterator[str]:
+    """A running PostgreSQL server for the session (.ci/run installs Debian's `postgresql`)."""
+    bin_dir = server_binaries()
+    if bin_dir is None:
+        pytest.skip("no PostgreSQL server installed here (apt-get install postgresql; .ci/run does)")
+    with postgres_server(bin_dir) as url:
+        yield url
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """An empty store database of each kind: a new SQLite file, or a new database on the server."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'store.db'}"
+    server = request.getfixturevalue("postgres_url")
+    name = f"store_{uuid.uuid4().hex[:12]}"
+    admin = create_engine(server, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(text(f"CREATE DATABASE {name}"))
+    admin.dispose()
+    return make_url(server).set(database=name).render_as_string(hide_password=False)

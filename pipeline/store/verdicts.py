@@ -131,8 +131,9 @@ class VerdictStore:
         """Store a batch in one transaction; returns how many rows were new (repeats are skipped)."""
         if not batch:
             return 0
-        statement = self._insert_new(verdicts, ["run_id", "seq"])
-        return int(self._write(lambda conn: conn.execute(statement, [v.row() for v in batch]).rowcount))
+        # RETURNING lists the rows actually inserted (rowcount of a batch is not reported by every driver).
+        statement = self._insert_new(verdicts, ["run_id", "seq"]).returning(verdicts.c.seq)
+        return len(self._write(lambda conn: conn.execute(statement, [v.row() for v in batch]).all()))
 
     def range(self, run: str, from_seq: int, to_seq: int) -> list[StoredVerdict]:
         """The stored verdicts of `run` with from_seq <= seq <= to_seq, in seq order."""

@@ -1,4 +1,5 @@
-"""The verdict store on SQLite: stored once per (run, seq), replayed as the published bytes, loud refusals."""
+"""The verdict store on SQLite and on a real PostgreSQL server: stored once per (run, seq), replayed as the
+published bytes, loud refusals, nothing lost when the writer is killed."""
 
 from __future__ import annotations
 
@@ -11,7 +12,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from sqlalchemy.engine import make_url
 
+from pipeline.app.ports import free_port
 from pipeline.store.verdicts import StoredVerdict, StoreError, VerdictStore, sqlite_url
 from pipeline.wire import Verdict, encode
 
@@ -37,17 +40,17 @@ def verdicts(run: str, n: int, start: int = 1) -> list[StoredVerdict]:
 
 
 @pytest.fixture()
-def store(tmp_path: Path) -> Iterator[VerdictStore]:
-    s = VerdictStore(sqlite_url(tmp_path / "store.db"))
+def store(store_url: str) -> Iterator[VerdictStore]:
+    s = VerdictStore(store_url)
     yield s
     s.close()
 
 
-def test_a_verdict_is_stored_once_and_replayed_as_the_published_bytes(store: VerdictStore, tmp_path: Path) -> None:
+def test_a_verdict_is_stored_once_and_replayed_as_the_published_bytes(store: VerdictStore) -> None:
     batch = verdicts("run-a", 50)
     assert store.write(batch[:30]) == 30
     store.close()
-    again = VerdictStore(sqlite_url(tmp_path / "store.db"))  # a restarted recorder, writing what it had in hand
+    again = VerdictStore(store.url)  # a restarted recorder, writing what it had in hand
     assert again.write(batch[20:]) == 20
     assert again.count("run-a") == 50
     replayed = again.range("run-a", 11, 40)
@@ -70,8 +73,10 @@ def test_runs_are_recorded_with_their_bundle_and_config(store: VerdictStore) -> 
     assert store.run_record("run-b") is None
 
 
-def test_sqlite_runs_in_wal_mode(store: VerdictStore, tmp_path: Path) -> None:
+def test_sqlite_runs_in_wal_mode(tmp_path: Path) -> None:
+    store = VerdictStore(sqlite_url(tmp_path / "store.db"))
     store.write(verdicts("run-a", 1))
+    store.close()
     with sqlite3.connect(tmp_path / "store.db") as conn:
         assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
 
@@ -100,8 +105,8 @@ def test_a_corrupt_foreign_or_newer_store_is_refused_in_one_line(tmp_path: Path)
     assert foreign.read_bytes()[:16] == b"SQLite format 3\x00"  # a refused store is left as it was
 
 
-def _write_forever(path: str, ready: mp.synchronize.Event) -> None:  # pragma: no cover - child process
-    store = VerdictStore(sqlite_url(path))
+def _write_forever(url: str, ready: mp.synchronize.Event) -> None:  # pragma: no cover - child process
+    store = VerdictStore(url)
     seq = 1
     while True:
         store.write(verdicts("run-k", 20, seq))
@@ -109,20 +114,31 @@ def _write_forever(path: str, ready: mp.synchronize.Event) -> None:  # pragma: n
         ready.set()
 
 
-def test_a_writer_killed_mid_batch_leaves_a_store_that_opens_and_completes(tmp_path: Path) -> None:
-    path = tmp_path / "store.db"
+def test_a_writer_killed_mid_batch_leaves_a_store_that_opens_and_completes(store_url: str) -> None:
     ctx = mp.get_context("spawn")
     ready = ctx.Event()
-    writer = ctx.Process(target=_write_forever, args=(str(path), ready))
+    writer = ctx.Process(target=_write_forever, args=(store_url, ready))
     writer.start()
     assert ready.wait(60)
     time.sleep(0.5)
     os.kill(writer.pid, signal.SIGKILL)  # type: ignore[arg-type]
     writer.join(10)
-    store = VerdictStore(sqlite_url(path))
+    store = VerdictStore(store_url)
     written = store.count("run-k")
     assert written > 0 and written % 20 == 0  # whole batches only: a killed transaction leaves nothing
     assert [r.seq for r in store.range("run-k", 1, written)] == list(range(1, written + 1))
     assert store.write(verdicts("run-k", written + 40)) == 40  # what it had in hand, written again: only the new
     assert store.count("run-k") == written + 40
     store.close()
+
+
+def test_a_wrong_postgresql_address_or_user_is_refused_in_one_line(postgres_url: str) -> None:
+    url = make_url(postgres_url)
+    wrong_user = url.set(username="nobody").render_as_string(hide_password=False)
+    with pytest.raises(StoreError, match=r'role "nobody" does not exist\)$') as info:
+        VerdictStore(wrong_user)
+    assert str(info.value).startswith(f"postgresql+psycopg://nobody@127.0.0.1:{url.port}/postgres: cannot open")
+    closed = url.set(port=free_port(), password="secret").render_as_string(hide_password=False)
+    with pytest.raises(StoreError, match=r"cannot open the verdict store \(.*connect.*\)$") as info:
+        VerdictStore(closed)
+    assert "secret" not in str(info.value) and "\n" not in str(info.value)
