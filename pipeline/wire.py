@@ -21,7 +21,9 @@ Wire format (version 1): a two-frame message [topic, body]. The topic is the ver
     trigger         the part's trigger / encoder value when the source has one, else null
 
 A subscriber slower than the publisher's high-water mark loses messages, which it sees as a gap in
-`seq` / `topic_seq` (`GapTracker`).
+`seq` / `topic_seq` (`GapTracker`). The replay endpoint (REQ/REP) sends missed messages again, as the
+same bytes, from the verdict store: a `ReplayRequest` (run, from_seq, to_seq) is answered by a header
+and the [topic, body] pairs (`encode_replay_reply`, `decode_replay_reply`).
 """
 
 from __future__ import annotations
@@ -59,6 +61,65 @@ def decode(frames: list[bytes]) -> dict[str, Any]:
     if body.get("v") != MESSAGE_VERSION:
         raise ValueError(f"message schema version {body.get('v')!r}, this reader understands {MESSAGE_VERSION}")
     return body
+
+
+@dataclass(frozen=True)
+class ReplayRequest:
+    """Ask the replay endpoint (a ZeroMQ REP socket) for the messages of `run` with from_seq <= seq <= to_seq."""
+
+    run: str
+    from_seq: int
+    to_seq: int
+
+    def encode(self) -> list[bytes]:
+        return [json.dumps({"v": MESSAGE_VERSION, **vars(self)}, separators=(",", ":")).encode()]
+
+    @classmethod
+    def decode(cls, frames: list[bytes]) -> ReplayRequest:
+        """ValueError, naming the field, for anything but one JSON object of this version with whole numbers."""
+        if len(frames) != 1:
+            raise ValueError(f"replay request: expected one frame, got {len(frames)}")
+        try:
+            body = json.loads(frames[0])
+        except ValueError:
+            raise ValueError("replay request: not JSON") from None
+        if not isinstance(body, dict) or body.get("v") != MESSAGE_VERSION:
+            raise ValueError(f"replay request: expected a JSON object with v = {MESSAGE_VERSION}")
+        run, first, last = body.get("run"), body.get("from_seq"), body.get("to_seq")
+        if not isinstance(run, str):
+            raise ValueError(f"replay request run = {run!r}: expected a run id")
+        for name, value in (("from_seq", first), ("to_seq", last)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"replay request {name} = {value!r}: expected a whole number >= 1")
+        if last < first:
+            raise ValueError(f"replay request to_seq = {last}: expected a value >= from_seq ({first})")
+        return cls(run, first, last)
+
+
+def encode_replay_reply(
+    request: ReplayRequest | None, messages: list[list[bytes]], error: str | None = None
+) -> list[bytes]:
+    """[header, topic, body, topic, body, ...]; `request` is the window of seqs the reply covers. A reply holds
+    at most the endpoint's limit, so a `to_seq` below the one asked for means "ask again from to_seq + 1"; a
+    seq of the window without a message was never stored. A refused request (`error`; `request` None when
+    it could not be read) carries no messages."""
+    header: dict[str, Any] = {"v": MESSAGE_VERSION, "run": None, "from_seq": None, "to_seq": None}
+    if request is not None:
+        header |= {"run": request.run, "from_seq": request.from_seq, "to_seq": request.to_seq}
+    header |= {"count": len(messages), "error": error}
+    return [json.dumps(header, separators=(",", ":")).encode(), *(frame for m in messages for frame in m)]
+
+
+def decode_replay_reply(frames: list[bytes]) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """(header, messages) of a reply; ValueError for a malformed one or one that reports an error."""
+    if not frames or len(frames) % 2 != 1:
+        raise ValueError(f"replay reply: expected a header and [topic, body] pairs, got {len(frames)} frames")
+    header = json.loads(frames[0])
+    if header.get("v") != MESSAGE_VERSION:
+        raise ValueError(f"replay reply schema version {header.get('v')!r}, this reader understands {MESSAGE_VERSION}")
+    if header.get("error"):
+        raise ValueError(f"replay refused: {header['error']}")
+    return header, [decode(list(frames[i : i + 2])) for i in range(1, len(frames), 2)]
 
 
 class GapTracker:

@@ -84,10 +84,13 @@ def test_the_wire_format_imports_without_numpy_or_torch(tmp_path: Path) -> None:
     venv.create(env, with_pip=False)
     script = (
         "import sys; sys.path.insert(0, sys.argv[1])\n"
-        "from pipeline.wire import Verdict, decode, encode\n"
+        "from pipeline.wire import ReplayRequest, Verdict, decode, decode_replay_reply, encode, encode_replay_reply\n"
         "v = Verdict('cam0', 7, 1, 2, 3.5, 1.0, 'reject', None)\n"
         "body = decode(encode('run', 1, 1, v, 'hash'))\n"
         "assert body['verdict'] == 'reject' and body['frame_id'] == 7 and body['bundle'] == 'hash', body\n"
+        "ask = ReplayRequest.decode(ReplayRequest('run', 1, 1).encode())\n"
+        "header, got = decode_replay_reply(encode_replay_reply(ask, [encode('run', 1, 1, v, 'hash')]))\n"
+        "assert got == [body] and header['to_seq'] == 1, (header, got)\n"
         "heavy = sorted({'numpy', 'torch', 'zmq', 'cv2'} & set(sys.modules))\n"
         "assert not heavy, heavy\n"
         "try:\n    import numpy\nexcept ImportError:\n    print('numpy absent')\n"
