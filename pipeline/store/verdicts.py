@@ -139,17 +139,14 @@ class VerdictStore:
         """The stored verdicts of `run` with from_seq <= seq <= to_seq, in seq order."""
         c = verdicts.c
         query = select(verdicts).where(c.run_id == run, c.seq >= from_seq, c.seq <= to_seq).order_by(c.seq)
-        with self.engine.connect() as conn:
-            return [StoredVerdict.from_row(r) for r in conn.execute(query)]
+        return self._read(lambda conn: [StoredVerdict.from_row(r) for r in conn.execute(query)])
 
     def count(self, run: str) -> int:
-        with self.engine.connect() as conn:
-            query = select(func.count()).select_from(verdicts).where(verdicts.c.run_id == run)
-            return int(conn.execute(query).scalar_one())
+        query = select(func.count()).select_from(verdicts).where(verdicts.c.run_id == run)
+        return int(self._read(lambda conn: conn.execute(query).scalar_one()))
 
     def run_record(self, run: str) -> dict[str, Any] | None:
-        with self.engine.connect() as conn:
-            row = conn.execute(select(runs).where(runs.c.run_id == run)).mappings().first()
+        row = self._read(lambda conn: conn.execute(select(runs).where(runs.c.run_id == run)).mappings().first())
         return None if row is None else dict(row)
 
     def close(self) -> None:
@@ -161,6 +158,13 @@ class VerdictStore:
         if dialect is None:
             raise StoreError(f"{self.where}: {self.engine.dialect.name} is not supported (SQLite or PostgreSQL)")
         return dialect.insert(table).on_conflict_do_nothing(index_elements=keys)
+
+    def _read(self, work: Any) -> Any:
+        try:
+            with self.engine.connect() as conn:
+                return work(conn)
+        except SQLAlchemyError as exc:
+            raise StoreError(f"{self.where}: read failed ({_reason(exc)})") from None
 
     def _write(self, work: Any) -> Any:
         try:

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import re
+import sqlite3
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import zmq
@@ -89,3 +91,22 @@ def test_a_taken_address_is_refused_in_one_line(endpoint: tuple[VerdictStore, st
     store, address = endpoint
     with pytest.raises(OSError, match=rf"^publisher.replay_address = '{address}': cannot bind \(Address already"):
         ReplayServer(store, address)
+
+
+def test_an_unreadable_store_gets_an_error_reply_and_the_endpoint_keeps_serving(tmp_path: Path) -> None:
+    path = tmp_path / "store.db"
+    store = VerdictStore(f"sqlite:///{path}")
+    store.write(verdicts("run-a", 5))
+    address = f"tcp://127.0.0.1:{free_port()}"
+    server = ReplayServer(store, address).start()
+    try:
+        with sqlite3.connect(path) as conn:
+            conn.execute("ALTER TABLE verdicts RENAME TO verdicts_moved")  # the store breaks under the endpoint
+        with pytest.raises(ValueError, match=r"^replay refused: .*store.db: read failed \(no such table: verdicts\)"):
+            decode_replay_reply(ask(address, ReplayRequest("run-a", 1, 5).encode()))
+        with sqlite3.connect(path) as conn:
+            conn.execute("ALTER TABLE verdicts_moved RENAME TO verdicts")
+        assert len(decode_replay_reply(ask(address, ReplayRequest("run-a", 1, 5).encode()))[1]) == 5
+    finally:
+        server.stop()
+        store.close()
