@@ -14,19 +14,28 @@ import zmq
 from pipeline.wire import VERDICT_NAMES, Verdict, encode
 
 
+def bound_socket(ctx: zmq.Context, kind: int, address: str, key: str, options: dict[int, int]) -> zmq.Socket:
+    """A socket of `kind` with `options`, bound to `address`; OSError naming the config `key` when it cannot be."""
+    sock = ctx.socket(kind)
+    for option, value in options.items():
+        sock.setsockopt(option, value)
+    try:
+        sock.bind(address)
+    except zmq.ZMQError as exc:
+        sock.close()
+        ctx.term()
+        raise OSError(f"{key} = {address!r}: cannot bind ({exc})") from None
+    return sock
+
+
 class RejectPublisher:
     """PUB socket plus the sequence counters (a view into shared memory: [seq, pass, reject, error])."""
 
     def __init__(self, address: str, send_hwm: int, run: str, bundle: str, counters: np.ndarray) -> None:
         self.ctx = zmq.Context()
-        self.sock = self.ctx.socket(zmq.PUB)
-        self.sock.setsockopt(zmq.SNDHWM, send_hwm)
-        self.sock.setsockopt(zmq.LINGER, 1000)
-        try:
-            self.sock.bind(address)
-        except zmq.ZMQError as exc:
-            self.close()
-            raise OSError(f"publisher.address = {address!r}: cannot bind ({exc})") from None
+        self.sock = bound_socket(
+            self.ctx, zmq.PUB, address, "publisher.address", {zmq.SNDHWM: send_hwm, zmq.LINGER: 1000}
+        )
         self.run, self.bundle, self.counters = run, bundle, counters
 
     def publish(self, v: Verdict) -> int:

@@ -14,6 +14,7 @@ import threading
 
 import zmq
 
+from pipeline.publisher import bound_socket
 from pipeline.store.verdicts import StoreError, VerdictStore
 from pipeline.wire import ReplayRequest, encode_replay_reply
 
@@ -29,13 +30,7 @@ class ReplayServer:
     def __init__(self, store: VerdictStore, address: str, max_messages: int = MAX_MESSAGES) -> None:
         self.store, self.max_messages = store, max_messages
         self._ctx = zmq.Context()
-        self._sock = self._ctx.socket(zmq.REP)
-        self._sock.setsockopt(zmq.LINGER, 0)
-        try:
-            self._sock.bind(address)
-        except zmq.ZMQError as exc:
-            self.close()
-            raise OSError(f"publisher.replay_address = {address!r}: cannot bind ({exc})") from None
+        self._sock = bound_socket(self._ctx, zmq.REP, address, "publisher.replay_address", {zmq.LINGER: 0})
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 

@@ -160,18 +160,18 @@ class VerdictStore:
         return dialect.insert(table).on_conflict_do_nothing(index_elements=keys)
 
     def _read(self, work: Any) -> Any:
-        try:
-            with self.engine.connect() as conn:
-                return work(conn)
-        except SQLAlchemyError as exc:
-            raise StoreError(f"{self.where}: read failed ({_reason(exc)})") from None
+        return self._transact(work, write=False)
 
     def _write(self, work: Any) -> Any:
+        return self._transact(work, write=True)
+
+    def _transact(self, work: Any, write: bool) -> Any:
+        """Run `work(connection)`; a write in one transaction. Driver errors become one-line StoreErrors."""
         try:
-            with self.engine.begin() as conn:
+            with self.engine.begin() if write else self.engine.connect() as conn:
                 return work(conn)
         except SQLAlchemyError as exc:
-            raise StoreError(f"{self.where}: write failed ({_reason(exc)})") from None
+            raise StoreError(f"{self.where}: {'write' if write else 'read'} failed ({_reason(exc)})") from None
 
 
 def _engine(url: str) -> Engine:
