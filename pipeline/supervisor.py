@@ -30,6 +30,7 @@ import numpy as np
 
 from edge.backends import check_backend, engine_cache_dir
 from edge.bundle import BundleError, read_bundle_file
+from edge.manifest import BundleManifest
 from pipeline.logs import LogSettings
 from pipeline.metrics import PipelineMetrics
 from pipeline.ring import Doorbell, FrameRing
@@ -144,7 +145,7 @@ class VerdictTally:
         return True
 
 
-def bundle_threshold(path: Path) -> tuple[Any, str, float]:
+def bundle_threshold(path: Path) -> tuple[BundleManifest, str, float]:
     manifest, _, digest = read_bundle_file(path)
     if manifest.threshold is None:
         raise BundleError(f"{path}: bundle has no threshold; make one with `linewatch calibrate`")

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -44,35 +44,19 @@ class StoredVerdict:
         return encode(self.run, self.seq, self.topic_seq, self.verdict, self.bundle)
 
     def row(self) -> dict[str, Any]:
-        v = self.verdict
+        """The table row: the verdict's own fields beside the message's sequence numbers and bundle."""
         return {
             "run_id": self.run,
             "seq": self.seq,
             "topic_seq": self.topic_seq,
-            "camera_id": v.camera_id,
-            "frame_id": v.frame_id,
-            "trigger": v.trigger,
-            "t_capture_ns": v.t_capture_ns,
-            "t_decision_ns": v.t_decision_ns,
-            "score": v.score,
-            "threshold": v.threshold,
-            "verdict": v.verdict,
+            **vars(self.verdict),
             "bundle": self.bundle,
             "image_key": self.image_key,
         }
 
     @classmethod
     def from_row(cls, row: Any) -> StoredVerdict:
-        verdict = Verdict(
-            camera_id=row.camera_id,
-            frame_id=row.frame_id,
-            t_capture_ns=row.t_capture_ns,
-            t_decision_ns=row.t_decision_ns,
-            score=row.score,
-            threshold=row.threshold,
-            verdict=row.verdict,
-            trigger=row.trigger,
-        )
+        verdict = Verdict(**{f.name: getattr(row, f.name) for f in fields(Verdict)})
         return cls(row.run_id, row.seq, row.topic_seq, verdict, row.bundle, row.image_key)
 
 
