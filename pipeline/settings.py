@@ -74,6 +74,33 @@ class PublisherConfig:
     """ZeroMQ PUB endpoint the PLC bridge subscribes to."""
     send_hwm: int = field(default=10000, metadata=bounded(1))
     """Messages queued per slow subscriber before ZeroMQ drops for it (the line never waits)."""
+    replay_address: str = "tcp://127.0.0.1:5557"
+    """ZeroMQ request endpoint that sends missed verdicts again from the store (needs store.enabled)."""
+    heartbeat_ms: float = field(default=200.0, metadata=bounded(10.0, 60000.0))
+    """A `heartbeat` message (last seq, health) goes out this often, so silence never reads as "all good"."""
+
+
+@dataclass(frozen=True)
+class StoreConfig:
+    enabled: bool = True
+    """Record every verdict (and the images of rejects and sampled passes)."""
+    path: str | None = None
+    """Data folder: the SQLite store, the image archive and the spool. Default: `linewatch-data` next to
+    the bundle."""
+    url: str | None = None
+    """Database URL, e.g. postgresql+psycopg://user:password@host/linewatch; default: SQLite in `path`."""
+    keep_pass_fraction: float = field(default=0.01, metadata=bounded(0.0, 1.0))
+    """Share of passed parts whose frame and overlay are archived (every reject's are)."""
+    max_gb: float = field(default=20.0, metadata=bounded(0.001, 1e6))
+    """Image archive size; beyond it the oldest images are deleted (their rows stay, marked expired)."""
+    max_days: float = field(default=90.0, metadata=bounded(0.001, 36500.0))
+    """Images older than this are deleted (their rows stay, marked expired)."""
+    buffer_slots: int = field(default=4096, metadata=bounded(16, 1_000_000))
+    """Verdicts buffered in memory for the recorder; when full, the decide stage spools to disk instead."""
+    image_slots: int = field(default=32, metadata=bounded(2, 4096))
+    """Kept frames (with their anomaly maps) buffered in memory for the archive; when full, spooled."""
+    spool_max_gb: float = field(default=5.0, metadata=bounded(0.001, 1e6))
+    """Most disk the spool may take while the store is unreachable; past it, verdicts are counted as lost."""
 
 
 @dataclass(frozen=True)
@@ -86,8 +113,9 @@ class MetricsConfig:
 
 @dataclass(frozen=True)
 class RuntimeConfig:
-    """What the streaming runtime reads: the `pipeline`, `publisher` and `metrics` sections."""
+    """What the streaming runtime reads: the `pipeline`, `publisher`, `metrics` and `store` sections."""
 
     pipeline: PipelineConfig = PipelineConfig()
     publisher: PublisherConfig = PublisherConfig()
     metrics: MetricsConfig = MetricsConfig()
+    store: StoreConfig = StoreConfig()

@@ -20,6 +20,11 @@ Wire format (version 1): a two-frame message [topic, body]. The topic is the ver
     bundle          content hash of the model bundle
     trigger         the part's trigger / encoder value when the source has one, else null
 
+Every `publisher.heartbeat_ms` a `heartbeat` message goes out on the same socket (topic `heartbeat`,
+`Heartbeat`): the last seq and topic_seqs published, and the pipeline's health. A subscriber that hears
+no heartbeat knows linewatch (or the path to it) is down, and one that subscribes to rejects only still
+learns from the topic_seqs that it missed one.
+
 A subscriber slower than the publisher's high-water mark loses messages, which it sees as a gap in
 `seq` / `topic_seq` (`GapTracker`). The replay endpoint (REQ/REP) sends missed messages again, as the
 same bytes, from the verdict store: a `ReplayRequest` (run, from_seq, to_seq) is answered by a header
@@ -33,6 +38,7 @@ from dataclasses import dataclass
 from typing import Any
 
 VERDICT_NAMES = ("pass", "reject", "error")  # topics; a verdict's index is its code in the rings
+HEARTBEAT_TOPIC = "heartbeat"
 MESSAGE_VERSION = 1
 
 
@@ -61,6 +67,44 @@ def decode(frames: list[bytes]) -> dict[str, Any]:
     if body.get("v") != MESSAGE_VERSION:
         raise ValueError(f"message schema version {body.get('v')!r}, this reader understands {MESSAGE_VERSION}")
     return body
+
+
+@dataclass(frozen=True)
+class Heartbeat:
+    """Sent every `interval_ms` on topic `heartbeat`: what was published so far, and how the pipeline is."""
+
+    run: str
+    seq: int  # last seq published (0: none yet)
+    topic_seqs: dict[str, int]  # last topic_seq per verdict name
+    t_ns: int  # when sent, ns since the epoch
+    interval_ms: float  # the next one is due this much later
+    health: str  # ok | degraded
+    problems: tuple[str, ...] = ()  # why degraded: e.g. "camera cam1 disconnected", "stage infer not ready"
+
+    def encode(self) -> list[bytes]:
+        body = {"v": MESSAGE_VERSION, **vars(self), "problems": list(self.problems)}
+        return [HEARTBEAT_TOPIC.encode(), json.dumps(body, separators=(",", ":")).encode()]
+
+    @classmethod
+    def decode(cls, frames: list[bytes]) -> Heartbeat:
+        """ValueError for another topic, schema version or a malformed body."""
+        if len(frames) != 2 or frames[0] != HEARTBEAT_TOPIC.encode():
+            raise ValueError("not a heartbeat message")
+        body = json.loads(frames[1])
+        if body.get("v") != MESSAGE_VERSION:
+            raise ValueError(f"heartbeat schema version {body.get('v')!r}, this reader understands {MESSAGE_VERSION}")
+        try:
+            return cls(
+                run=str(body["run"]),
+                seq=int(body["seq"]),
+                topic_seqs={str(k): int(v) for k, v in body["topic_seqs"].items()},
+                t_ns=int(body["t_ns"]),
+                interval_ms=float(body["interval_ms"]),
+                health=str(body["health"]),
+                problems=tuple(str(p) for p in body.get("problems", ())),
+            )
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise ValueError(f"malformed heartbeat: {exc!r}") from None
 
 
 @dataclass(frozen=True)
