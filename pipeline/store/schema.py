@@ -3,15 +3,16 @@
 One row per published verdict, keyed by (run_id, seq): the same message can be written twice (a
 recorder restarted after writing but before acknowledging) and is stored once. One row per run with
 the bundle and the configuration that ran. Times are integer nanoseconds since the epoch, as on the
-wire. `store_meta` holds the schema version, so a store made by this version is recognised, upgraded
-by a later one, and refused by an older one.
+wire. A row outlives its images: when the archive deletes them, `image_expired_ns` says when, and the row
+stays. `store_meta` holds the schema version, so a store made by this version is recognised, upgraded
+by a later one (`pipeline.store.migrations`), and refused by an older one.
 """
 
 from __future__ import annotations
 
 from sqlalchemy import BigInteger, Column, Double, Index, MetaData, String, Table, Text
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # the last step in pipeline.store.migrations reaches it
 
 metadata = MetaData()
 
@@ -49,6 +50,7 @@ verdicts = Table(
     Column("verdict", String(16), nullable=False),
     Column("bundle", String(64), nullable=False),
     Column("image_key", Text),  # archived frame and overlay, when kept
+    Column("image_expired_ns", BigInteger),  # when the archive deleted them; null while they are kept
     Index("ix_verdicts_time", "t_decision_ns"),
     Index("ix_verdicts_camera_time", "camera_id", "t_decision_ns"),
 )

@@ -4,6 +4,7 @@ One engine from a URL (`sqlite:///PATH` or `postgresql+psycopg://...`), SQLAlche
 transaction per batch. A verdict is stored exactly once per (run, seq): writing a batch again, as a
 restarted recorder does with what it had in hand, inserts only the rows that are new. The rows hold
 the wire message's fields, so a missed stretch is replayed as the very messages that were published.
+A store of an older schema version is upgraded when it is opened (`pipeline.store.migrations`).
 SQLite runs in WAL mode: readers (history, replay) never block the writer, and a killed writer loses
 at most its open transaction.
 """
@@ -11,17 +12,24 @@ at most its open transaction.
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Engine, create_engine, event, func, inspect, select
+from sqlalchemy import ColumnElement, Engine, create_engine, event, func, inspect, select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import SQLAlchemyError
 
+from pipeline.store.keys import key_row
+from pipeline.store.migrations import apply_step, pending
 from pipeline.store.schema import REQUIRED_TABLES, SCHEMA_VERSION, metadata, runs, store_meta, verdicts
 from pipeline.wire import Verdict, encode
+
+EXPIRE_CHUNK = 500  # keys per UPDATE: well under SQLite's limit on bound parameters
+
+log = logging.getLogger(__name__)
 
 
 class StoreError(RuntimeError):
@@ -38,6 +46,7 @@ class StoredVerdict:
     verdict: Verdict
     bundle: str
     image_key: str | None = None
+    image_expired_ns: int | None = None  # when the archive deleted the image; the row stays
 
     def message(self) -> list[bytes]:
         """The v1 wire message as it was published."""
@@ -52,12 +61,29 @@ class StoredVerdict:
             **vars(self.verdict),
             "bundle": self.bundle,
             "image_key": self.image_key,
+            "image_expired_ns": self.image_expired_ns,
         }
 
     @classmethod
     def from_row(cls, row: Any) -> StoredVerdict:
         verdict = Verdict(**{f.name: getattr(row, f.name) for f in fields(Verdict)})
-        return cls(row.run_id, row.seq, row.topic_seq, verdict, row.bundle, row.image_key)
+        return cls(row.run_id, row.seq, row.topic_seq, verdict, row.bundle, row.image_key, row.image_expired_ns)
+
+
+@dataclass(frozen=True)
+class HistoryFilter:
+    """Which stored verdicts a search returns: since_ns <= t_decision_ns < until_ns, and each given field
+    matched (a score bound leaves out error verdicts, which have no score). limit None: all of them."""
+
+    since_ns: int | None = None
+    until_ns: int | None = None
+    camera: str | None = None
+    verdict: str | None = None
+    min_score: float | None = None
+    max_score: float | None = None
+    run: str | None = None
+    limit: int | None = 1000
+    newest_first: bool = True
 
 
 def sqlite_url(path: str | Path) -> str:
@@ -65,19 +91,25 @@ def sqlite_url(path: str | Path) -> str:
 
 
 class VerdictStore:
-    """Open (creating when new) a store; refuse a foreign, corrupt or newer one in one line."""
+    """Open (creating when new, unless `create` is False) a store, upgrading an older one; refuse a foreign,
+    corrupt or newer one in one line."""
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, create: bool = True) -> None:
         self.url = url
         self.where = _where(url)
+        if not create and url.startswith("sqlite:///") and not Path(self.where).is_file():
+            # Checked before connecting: opening a missing SQLite file would create it.
+            raise StoreError(f"{self.where}: no verdict store here (no such file)")
         try:
             self.engine = _engine(url)
-            self._prepare()
+            self._prepare(create)
         except SQLAlchemyError as exc:
             raise StoreError(f"{self.where}: cannot open the verdict store ({_reason(exc)})") from None
 
-    def _prepare(self) -> None:
+    def _prepare(self, create: bool) -> None:
         tables = set(inspect(self.engine).get_table_names())
+        if not tables and not create:
+            raise StoreError(f"{self.where}: no verdict store here (the database has no tables)")
         if not tables:
             with self.engine.begin() as conn:
                 metadata.create_all(conn)
@@ -96,6 +128,21 @@ class VerdictStore:
                 f"{self.where}: verdict store schema version {version!r} is not supported by this linewatch "
                 f"(supports <= {SCHEMA_VERSION}); upgrade linewatch"
             )
+        self._upgrade(int(version))
+
+    def _upgrade(self, version: int) -> None:
+        for step in pending(version):
+            try:
+                applied = apply_step(self.engine, step)
+            except SQLAlchemyError as exc:
+                raise StoreError(
+                    f"{self.where}: upgrading the verdict store to schema version {step.to_version} "
+                    f"({step.description}) failed ({_reason(exc)}); it stays at version {step.to_version - 1}"
+                ) from None
+            if applied:
+                log.info(
+                    "%s: verdict store upgraded to schema version %d: %s", self.where, step.to_version, step.description
+                )
 
     def start_run(self, run: str, bundle_hash: str, bundle_path: str, config: dict[str, Any], started_ns: int) -> None:
         row = {
@@ -133,6 +180,71 @@ class VerdictStore:
         row = self._read(lambda conn: conn.execute(select(runs).where(runs.c.run_id == run)).mappings().first())
         return None if row is None else dict(row)
 
+    def runs_list(self) -> list[dict[str, Any]]:
+        """Every run's row, the newest start first."""
+        query = select(runs).order_by(runs.c.started_ns.desc(), runs.c.run_id)
+        return self._read(lambda conn: [dict(r) for r in conn.execute(query).mappings()])
+
+    def search(self, f: HistoryFilter) -> list[StoredVerdict]:
+        """The stored verdicts `f` selects, by decision time (newest first unless told otherwise)."""
+        c = verdicts.c
+        order = (
+            (c.t_decision_ns.desc(), c.run_id.desc(), c.seq.desc())
+            if f.newest_first
+            else (c.t_decision_ns, c.run_id, c.seq)
+        )
+        query = select(verdicts).where(*_conditions(f)).order_by(*order).limit(f.limit)
+        return self._read(lambda conn: [StoredVerdict.from_row(r) for r in conn.execute(query)])
+
+    def passes_with_images(self, since_ns: int, until_ns: int, camera: str | None = None) -> list[StoredVerdict]:
+        """Passed parts decided in [since_ns, until_ns) whose frame is still archived, oldest first."""
+        c = verdicts.c
+        query = select(verdicts).where(
+            c.verdict == "pass",
+            c.image_key.is_not(None),
+            c.image_expired_ns.is_(None),
+            c.t_decision_ns >= since_ns,
+            c.t_decision_ns < until_ns,
+        )
+        if camera is not None:
+            query = query.where(c.camera_id == camera)
+        query = query.order_by(c.t_decision_ns, c.run_id, c.seq)
+        return self._read(lambda conn: [StoredVerdict.from_row(r) for r in conn.execute(query)])
+
+    def mark_expired(self, keys: Sequence[str], t_ns: int) -> int:
+        """Note that the images of `keys` were deleted at t_ns; returns how many rows this changed (a row
+        already marked keeps its first time). ValueError naming a key that is not an image key."""
+        by_run: dict[str, dict[int, str]] = {}
+        for key in keys:
+            run, seq = key_row(key)
+            by_run.setdefault(run, {})[seq] = key
+        c = verdicts.c
+
+        def work(conn: Any) -> int:
+            changed = 0
+            for run, seqs in by_run.items():
+                items = sorted(seqs.items())
+                for start in range(0, len(items), EXPIRE_CHUNK):
+                    chunk = dict(items[start : start + EXPIRE_CHUNK])
+                    # run_id = ? AND seq IN (...): a search of the primary key on SQLite and PostgreSQL (a
+                    # row-value IN would scan the table on SQLite). The key must match too, so a stale
+                    # key changes nothing.
+                    statement = (
+                        verdicts.update()
+                        .where(
+                            c.run_id == run,
+                            c.seq.in_(list(chunk)),
+                            c.image_key.in_(list(chunk.values())),
+                            c.image_expired_ns.is_(None),
+                        )
+                        .values(image_expired_ns=t_ns)
+                        .returning(c.seq)
+                    )
+                    changed += len(conn.execute(statement).all())
+            return changed
+
+        return self._write(work) if by_run else 0
+
     def close(self) -> None:
         self.engine.dispose()
 
@@ -156,6 +268,26 @@ class VerdictStore:
                 return work(conn)
         except SQLAlchemyError as exc:
             raise StoreError(f"{self.where}: {'write' if write else 'read'} failed ({_reason(exc)})") from None
+
+
+def _conditions(f: HistoryFilter) -> list[ColumnElement[bool]]:
+    c = verdicts.c
+    conditions = []
+    if f.since_ns is not None:
+        conditions.append(c.t_decision_ns >= f.since_ns)
+    if f.until_ns is not None:
+        conditions.append(c.t_decision_ns < f.until_ns)
+    if f.camera is not None:
+        conditions.append(c.camera_id == f.camera)
+    if f.verdict is not None:
+        conditions.append(c.verdict == f.verdict)
+    if f.min_score is not None:
+        conditions.append(c.score >= f.min_score)
+    if f.max_score is not None:
+        conditions.append(c.score <= f.max_score)
+    if f.run is not None:
+        conditions.append(c.run_id == f.run)
+    return conditions
 
 
 def _engine(url: str) -> Engine:

@@ -1,21 +1,29 @@
 """The verdict store on SQLite and on a real PostgreSQL server: stored once per (run, seq), replayed as the
-published bytes, loud refusals, nothing lost when the writer is killed."""
+published bytes, searched, images marked expired, older stores upgraded, loud refusals, nothing lost when
+the writer is killed."""
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 import multiprocessing as mp
 import os
 import signal
 import sqlite3
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from sqlalchemy import BigInteger, Column, Connection, create_engine, inspect, text
 from sqlalchemy.engine import make_url
+from sqlalchemy.exc import SQLAlchemyError
 
 from pipeline.app.ports import free_port
-from pipeline.store.verdicts import StoredVerdict, StoreError, VerdictStore, sqlite_url
+from pipeline.store.keys import image_key
+from pipeline.store.migrations import MIGRATIONS, Migration, add_column, apply_step, check_steps
+from pipeline.store.schema import SCHEMA_VERSION
+from pipeline.store.verdicts import HistoryFilter, StoredVerdict, StoreError, VerdictStore, sqlite_url
 from pipeline.wire import Verdict, encode
 
 T0 = 1_764_748_800_000_000_000  # ns since the epoch, as on the wire
@@ -94,7 +102,7 @@ def test_a_corrupt_foreign_or_newer_store_is_refused_in_one_line(tmp_path: Path)
     cases = {
         corrupt: "cannot open the verdict store (file is not a database)",
         foreign: "not a linewatch verdict store (it has tables parts; missing runs, store_meta, verdicts)",
-        newer: "verdict store schema version '99' is not supported by this linewatch (supports <= 1); "
+        newer: f"verdict store schema version '99' is not supported by this linewatch (supports <= {SCHEMA_VERSION}); "
         "upgrade linewatch",
         tmp_path / "no" / "such" / "dir" / "s.db": "cannot open the verdict store (unable to open database file)",
     }
@@ -103,6 +111,22 @@ def test_a_corrupt_foreign_or_newer_store_is_refused_in_one_line(tmp_path: Path)
             VerdictStore(sqlite_url(path))
         assert str(info.value) == f"{path}: {message}"
     assert foreign.read_bytes()[:16] == b"SQLite format 3\x00"  # a refused store is left as it was
+
+
+def test_a_reader_does_not_create_a_store_where_there_is_none(store_url: str) -> None:
+    with pytest.raises(StoreError) as info:
+        VerdictStore(store_url, create=False)
+    if store_url.startswith("sqlite:///"):
+        path = Path(store_url.removeprefix("sqlite:///"))
+        assert str(info.value) == f"{path}: no verdict store here (no such file)" and not path.exists()
+    else:
+        where = make_url(store_url).render_as_string(hide_password=True)
+        assert str(info.value) == f"{where}: no verdict store here (the database has no tables)"
+        engine = create_engine(store_url)
+        assert inspect(engine).get_table_names() == []
+        engine.dispose()
+    VerdictStore(store_url).close()
+    VerdictStore(store_url, create=False).close()  # once made, it opens
 
 
 def _write_forever(url: str, ready: mp.synchronize.Event) -> None:  # pragma: no cover - child process
@@ -142,3 +166,196 @@ def test_a_wrong_postgresql_address_or_user_is_refused_in_one_line(postgres_url:
     with pytest.raises(StoreError, match=r"cannot open the verdict store \(.*connect.*\)$") as info:
         VerdictStore(closed)
     assert "secret" not in str(info.value) and "\n" not in str(info.value)
+
+
+def with_images(batch: list[StoredVerdict]) -> list[StoredVerdict]:
+    """The batch with an image key on every reject and every fourth row."""
+    return [
+        dataclasses.replace(v, image_key=image_key(v.run, v.seq, v.verdict.camera_id, v.verdict.t_capture_ns))
+        if v.verdict.verdict == "reject" or v.seq % 4 == 0
+        else v
+        for v in batch
+    ]
+
+
+def test_search_filters_by_time_camera_verdict_score_and_run(store: VerdictStore) -> None:
+    stored = verdicts("run-a", 60) + verdicts("run-b", 30, start=100)
+    store.write(stored)
+    t = sorted(v.verdict.t_decision_ns for v in stored)
+    since, until = t[10], t[50]
+
+    def expected(keep: Callable[[StoredVerdict], bool], newest_first: bool = True) -> list[StoredVerdict]:
+        rows = [v for v in stored if keep(v)]
+        return sorted(rows, key=lambda v: (v.verdict.t_decision_ns, v.run, v.seq), reverse=newest_first)
+
+    f = HistoryFilter(since_ns=since, until_ns=until, camera="cam1", verdict="reject")
+    assert store.search(f) == expected(
+        lambda v: (
+            since <= v.verdict.t_decision_ns < until and v.verdict.camera_id == "cam1" and v.verdict.verdict == "reject"
+        )
+    )
+    f = HistoryFilter(min_score=3.0, max_score=6.0, run="run-a", newest_first=False)
+    got = store.search(f)
+    assert got == expected(
+        lambda v: v.run == "run-a" and v.verdict.score is not None and 3.0 <= v.verdict.score <= 6.0, newest_first=False
+    )
+    assert got and all(v.verdict.verdict != "error" for v in got)
+    assert store.search(HistoryFilter(limit=7)) == expected(lambda v: True)[:7]
+    assert store.search(HistoryFilter(limit=None)) == expected(lambda v: True)
+    assert store.search(HistoryFilter(camera="cam9")) == []
+
+
+def test_runs_are_listed_newest_first(store: VerdictStore) -> None:
+    for i, run in enumerate(["run-old", "run-new", "run-mid"]):
+        store.start_run(run, "ab" * 32, f"/data/{run}.pt", {"i": i}, T0 + (0, 20, 10)[i])
+    assert [r["run_id"] for r in store.runs_list()] == ["run-new", "run-mid", "run-old"]
+    assert store.runs_list()[0] == store.run_record("run-new")
+
+
+def test_expired_images_are_marked_by_key_and_the_rows_stay(store: VerdictStore) -> None:
+    stored = with_images(verdicts("run-a", 40))
+    store.write(stored)
+    keyed = [v for v in stored if v.image_key is not None]
+    gone = [v.image_key for v in keyed[: len(keyed) // 2]]
+    stale = image_key("run-a", keyed[-1].seq, "another-camera", T0)  # that row's seq, not its key
+    assert store.mark_expired([*gone, stale], T0 + 99) == len(gone)
+    assert store.mark_expired(gone, T0 + 500) == 0  # already marked: the first time stays
+    assert store.count("run-a") == 40
+    expired = {v.image_key for v in store.range("run-a", 1, 40) if v.image_expired_ns == T0 + 99}
+    assert expired == set(gone)
+    assert store.mark_expired([], T0) == 0
+    with pytest.raises(ValueError, match=r"image key 'run-a/7': expected YYYY-MM-DD/CAMERA/RUN-SEQ"):
+        store.mark_expired(["run-a/7"], T0)
+
+
+def test_passes_with_images_leave_out_rejects_plain_rows_and_expired_images(store: VerdictStore) -> None:
+    stored = with_images(verdicts("run-a", 60))
+    store.write(stored)
+    passes = [v for v in stored if v.verdict.verdict == "pass" and v.image_key is not None]
+    store.mark_expired([passes[0].image_key], T0)  # type: ignore[list-item]
+    since, until = T0, stored[-1].verdict.t_decision_ns  # the last row is after the window
+    want = [v for v in passes[1:] if since <= v.verdict.t_decision_ns < until]
+    assert store.passes_with_images(since, until) == want and len(want) >= 3
+    assert store.passes_with_images(since, until, camera="cam0") == [v for v in want if v.verdict.camera_id == "cam0"]
+
+
+# Version 1 of the schema, as its stores were made: the tables without verdicts.image_expired_ns.
+V1_DDL = (
+    "CREATE TABLE store_meta (key VARCHAR(64) NOT NULL PRIMARY KEY, value TEXT NOT NULL)",
+    "CREATE TABLE runs (run_id VARCHAR(64) NOT NULL PRIMARY KEY, started_ns BIGINT NOT NULL, stopped_ns BIGINT, "
+    "bundle_hash VARCHAR(64) NOT NULL, bundle_path TEXT NOT NULL, config_json TEXT NOT NULL)",
+    "CREATE TABLE verdicts (run_id VARCHAR(64) NOT NULL, seq BIGINT NOT NULL, topic_seq BIGINT NOT NULL, "
+    'camera_id VARCHAR(128) NOT NULL, frame_id BIGINT NOT NULL, "trigger" BIGINT, t_capture_ns BIGINT NOT NULL, '
+    "t_decision_ns BIGINT NOT NULL, score DOUBLE PRECISION, threshold DOUBLE PRECISION NOT NULL, "
+    "verdict VARCHAR(16) NOT NULL, bundle VARCHAR(64) NOT NULL, image_key TEXT, PRIMARY KEY (run_id, seq))",
+    "CREATE INDEX ix_verdicts_time ON verdicts (t_decision_ns)",
+    "CREATE INDEX ix_verdicts_camera_time ON verdicts (camera_id, t_decision_ns)",
+    "INSERT INTO store_meta (key, value) VALUES ('schema_version', '1')",
+)
+V1_COLUMNS = (
+    "run_id, seq, topic_seq, camera_id, frame_id, trigger, t_capture_ns, t_decision_ns, score, threshold, verdict, "
+    "bundle, image_key"
+)
+
+
+def make_v1_store(url: str, rows: list[StoredVerdict]) -> None:
+    engine = create_engine(url)
+    with engine.begin() as conn:
+        for statement in V1_DDL:
+            conn.execute(text(statement))
+        names = V1_COLUMNS.split(", ")
+        quoted = ", ".join(f'"{n}"' for n in names)  # "trigger" is an SQL keyword
+        insert = f"INSERT INTO verdicts ({quoted}) VALUES (" + ", ".join(f":{n}" for n in names) + ")"
+        conn.execute(text(insert), [{n: v.row()[n] for n in names} for v in rows])
+        conn.execute(
+            text("INSERT INTO runs VALUES ('run-a', :t, NULL, :h, '/data/line.pt', '{}')"), {"t": T0, "h": "ab" * 32}
+        )
+    engine.dispose()
+
+
+def schema_version(url: str) -> str:
+    engine = create_engine(url)
+    with engine.connect() as conn:
+        version = conn.execute(text("SELECT value FROM store_meta WHERE key = 'schema_version'")).scalar_one()
+    engine.dispose()
+    return str(version)
+
+
+def verdict_columns(url: str) -> list[str]:
+    engine = create_engine(url)
+    names = [c["name"] for c in inspect(engine).get_columns("verdicts")]
+    engine.dispose()
+    return names
+
+
+def test_the_migration_steps_reach_the_schema_version_one_at_a_time() -> None:
+    check_steps(MIGRATIONS)
+    with pytest.raises(ValueError, match=r"reach versions \[2, 4\]; expected \[2, 3, 4\]"):
+        check_steps([*MIGRATIONS, dataclasses.replace(MIGRATIONS[0], to_version=4)], last=4)
+
+
+def test_a_version_1_store_is_upgraded_on_open_and_keeps_its_rows(
+    store_url: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    rows = with_images(verdicts("run-a", 30))
+    make_v1_store(store_url, rows)
+    assert schema_version(store_url) == "1" and "image_expired_ns" not in verdict_columns(store_url)
+    caplog.set_level(logging.INFO, logger="pipeline.store.verdicts")
+    store = VerdictStore(store_url)
+    assert schema_version(store_url) == str(SCHEMA_VERSION)
+    assert [r.getMessage() for r in caplog.records] == [
+        f"{store.where}: verdict store upgraded to schema version {m.to_version}: {m.description}" for m in MIGRATIONS
+    ]
+    assert store.range("run-a", 1, 30) == rows
+    assert store.run_record("run-a")["bundle_path"] == "/data/line.pt"  # type: ignore[index]
+    kept = next(r for r in rows if r.image_key is not None)
+    assert store.mark_expired([kept.image_key], T0 + 7) == 1  # type: ignore[list-item]
+    expired = dataclasses.replace(kept, image_expired_ns=T0 + 7)
+    assert store.range("run-a", kept.seq, kept.seq) == [expired]
+    store.close()
+    fresh = f"sqlite:///{tmp_path / 'fresh.db'}"
+    VerdictStore(fresh).close()
+    assert verdict_columns(store_url) == verdict_columns(fresh)  # upgraded = made new
+
+    caplog.clear()
+    again = VerdictStore(store_url)  # already current: nothing to do
+    assert caplog.records == [] and schema_version(store_url) == str(SCHEMA_VERSION)
+    assert again.range("run-a", 1, 30) == [expired if r.seq == kept.seq else r for r in rows]
+    assert again.write(verdicts("run-a", 35)) == 5
+    again.close()
+    engine = create_engine(store_url)
+    assert apply_step(engine, MIGRATIONS[-1]) is False  # another process already upgraded it: skipped
+    engine.dispose()
+
+
+def _add_then_fail(conn: Connection) -> None:
+    add_column("verdicts", Column("image_expired_ns", BigInteger))(conn)
+    conn.execute(text("SELECT no_such_column FROM verdicts"))
+
+
+def test_a_failed_step_leaves_the_store_at_the_version_before(store_url: str) -> None:
+    rows = verdicts("run-a", 5)
+    make_v1_store(store_url, rows)
+    engine = create_engine(store_url)
+    with pytest.raises(SQLAlchemyError, match="no_such_column"):
+        apply_step(engine, Migration(2, "adds a column, then fails", _add_then_fail))
+    engine.dispose()
+    assert schema_version(store_url) == "1" and "image_expired_ns" not in verdict_columns(store_url)
+    store = VerdictStore(store_url)  # the real step upgrades it as if nothing had happened
+    assert schema_version(store_url) == str(SCHEMA_VERSION) and store.range("run-a", 1, 5) == rows
+    store.close()
+
+
+def test_an_upgrade_that_fails_is_refused_in_one_line(tmp_path: Path) -> None:
+    path = tmp_path / "half.db"
+    make_v1_store(sqlite_url(path), verdicts("run-a", 3))
+    with sqlite3.connect(path) as conn:  # a store edited by hand: version 1 with the version-2 column
+        conn.execute("ALTER TABLE verdicts ADD COLUMN image_expired_ns BIGINT")
+    with pytest.raises(StoreError) as info:
+        VerdictStore(sqlite_url(path))
+    step = MIGRATIONS[0]
+    assert str(info.value) == (
+        f"{path}: upgrading the verdict store to schema version 2 ({step.description}) failed "
+        "(duplicate column name: image_expired_ns); it stays at version 1"
+    )
+    assert schema_version(sqlite_url(path)) == "1"

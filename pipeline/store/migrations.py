@@ -1,0 +1,81 @@
+"""Schema migrations: the ordered steps that bring an older verdict store up to `SCHEMA_VERSION`.
+
+Each step names the version it reaches, says what it changes and changes it through a connection.
+`VerdictStore` applies the steps a store lacks when it opens it, each in its own transaction together
+with the new `store_meta.schema_version`, so an interrupted upgrade leaves the store at the last
+version it fully reached, and the next open carries on from there. Steps add to the schema and never
+rewrite rows, and they run on SQLite and PostgreSQL alike.
+
+A step first claims its version: it moves `schema_version` from the version before to its own, and
+only the process whose claim changed the row applies the change. The claim takes the write lock
+(SQLite) or the row's lock (PostgreSQL), so two processes opening the same old store never both
+apply a step. It is also the transaction's first statement on purpose: Python's sqlite3 driver opens
+a transaction on the first data change, not on DDL, so the ALTER TABLE after it is inside it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import BigInteger, Column, Connection, Engine, text
+from sqlalchemy.schema import CreateColumn
+
+from pipeline.store.schema import SCHEMA_VERSION, store_meta
+
+
+@dataclass(frozen=True)
+class Migration:
+    """One step: the schema version it reaches, what it changes, and the change."""
+
+    to_version: int
+    description: str
+    change: Callable[[Connection], None]
+
+
+def add_column(table: str, column: Column[Any]) -> Callable[[Connection], None]:
+    """A change adding a nullable column, typed in the connection's dialect."""
+
+    def change(conn: Connection) -> None:
+        definition = CreateColumn(column).compile(dialect=conn.dialect)
+        conn.execute(text(f"ALTER TABLE {table} ADD COLUMN {definition}"))
+
+    return change
+
+
+# The column is declared here as it was added, apart from schema.py: a later change there must not
+# rewrite what this step did to stores already upgraded.
+MIGRATIONS: tuple[Migration, ...] = (
+    Migration(
+        2,
+        "verdicts.image_expired_ns: when the image archive deleted a row's frame and overlay",
+        add_column("verdicts", Column("image_expired_ns", BigInteger)),
+    ),
+)
+
+
+def pending(version: int, steps: Sequence[Migration] = MIGRATIONS) -> list[Migration]:
+    """The steps a store at `version` lacks, in order."""
+    return [step for step in steps if step.to_version > version]
+
+
+def check_steps(steps: Sequence[Migration] = MIGRATIONS, first: int = 1, last: int = SCHEMA_VERSION) -> None:
+    """ValueError unless the steps go one version at a time from `first` to `last`."""
+    reached = [step.to_version for step in steps]
+    if reached != list(range(first + 1, last + 1)):
+        raise ValueError(f"migration steps reach versions {reached}; expected {list(range(first + 1, last + 1))}")
+
+
+def apply_step(engine: Engine, step: Migration) -> bool:
+    """Apply one step in one transaction; False when another process had already applied it."""
+    claim = (
+        store_meta.update()
+        .where(store_meta.c.key == "schema_version", store_meta.c.value == str(step.to_version - 1))
+        .values(value=str(step.to_version))
+    )
+    with engine.begin() as conn:
+        if conn.execute(claim).rowcount != 1:
+            return False
+        step.change(conn)
+    return True
