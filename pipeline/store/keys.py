@@ -2,13 +2,20 @@
 
 A key is `YYYY-MM-DD/<camera>/<run>-<seq:010d>`: the UTC day of capture, the camera id made safe as a
 folder name, and the row's primary key (run, seq). A key alone therefore finds its row without a scan,
-and a day's or a camera's images sit in one folder.
+and a day's or a camera's images sit in one folder: `<archive>/<key>.jpg` (the frame) and
+`<archive>/<key>.overlay.jpg` (the frame under its anomaly map).
 """
 
 from __future__ import annotations
 
 import re
 from datetime import UTC, datetime
+from pathlib import Path, PurePosixPath
+from typing import Literal
+
+ImageKind = Literal["frame", "overlay"]
+KINDS: tuple[ImageKind, ...] = ("frame", "overlay")
+SUFFIXES: dict[str, str] = {"frame": ".jpg", "overlay": ".overlay.jpg"}
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9_.-]")
 _RUN = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
@@ -40,3 +47,14 @@ def key_row(key: str) -> tuple[str, int]:
     if match is None:
         raise ValueError(f"image key {key!r}: expected YYYY-MM-DD/CAMERA/RUN-SEQ")
     return match["run"], int(match["seq"])
+
+
+def image_path(root: Path, key: str, kind: ImageKind = "frame") -> Path:
+    """The file of `key`'s frame or overlay under `root`; ValueError for a key that would leave `root`."""
+    suffix = SUFFIXES.get(kind)
+    if suffix is None:
+        raise ValueError(f"image kind {kind!r}: expected frame or overlay")
+    parts = PurePosixPath(key).parts
+    if not parts or key.startswith("/") or ".." in parts:
+        raise ValueError(f"image key {key!r}: outside the archive (expected YYYY-MM-DD/CAMERA/RUN-SEQ)")
+    return Path(root, *parts[:-1], parts[-1] + suffix)
