@@ -1,4 +1,4 @@
-"""The `linewatch` command line: fit, calibrate, evaluate, run, bench, demo.
+"""The `linewatch` command line: fit, calibrate, evaluate, run, bench, demo, history, export.
 
 Every expected failure (bad config, unreadable data, missing weights, tampered bundle) ends with one
 line `linewatch: error: ...` on stderr and exit status 2; stdout carries only results. Diagnostics go
@@ -11,7 +11,9 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import re
 import sys
+import time
 from collections.abc import Sequence
 from importlib import metadata
 from pathlib import Path
@@ -21,6 +23,7 @@ from pipeline.logs import LOG_FORMATS, LOG_LEVELS, LogSettings, configure_loggin
 
 if TYPE_CHECKING:
     from pipeline.app.config import Config
+    from pipeline.app.history import StoreLocation
 
 EXIT_ERROR = 2
 log = logging.getLogger(__name__)
@@ -47,6 +50,25 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
 def _add_bundle(p: argparse.ArgumentParser, help_text: str, required: bool = True, alias: bool = False) -> None:
     flags = ("--bundle", "--model") if alias else ("--bundle",)  # evaluate's --model: the name before --bundle
     p.add_argument(*flags, dest="bundle", required=required, type=Path, help=help_text)
+
+
+def _add_store_options(p: argparse.ArgumentParser) -> None:
+    """Where the commands that read the verdict store find it."""
+    p.add_argument("--config", type=Path, help="config file (store.path, store.url, pipeline.bundle)")
+    where = p.add_mutually_exclusive_group()
+    where.add_argument(
+        "--bundle", type=Path, help="bundle whose data folder holds the store (overrides pipeline.bundle)"
+    )
+    where.add_argument("--data", type=Path, help="data folder holding verdicts.sqlite and images/")
+    p.add_argument("--store-url", metavar="URL", help="database of the store (e.g. postgresql+psycopg://...)")
+
+
+def _store_location(args: argparse.Namespace) -> StoreLocation:
+    from pipeline.app.config import load_config
+    from pipeline.app.history import locate
+
+    config = load_config(args.config)  # not _config: no override and no torch for a read of the store
+    return locate(config.store, args.bundle or config.pipeline.bundle, args.data, args.store_url)
 
 
 def _config(args: argparse.Namespace) -> Config:
@@ -222,6 +244,59 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(args.workdir, quiet=args.quiet, n_train=args.n_train, log_settings=args.log_settings)
 
 
+def cmd_history(args: argparse.Namespace) -> int:
+    from pipeline.app.history import history_filter, open_store, write_history
+
+    f = history_filter(
+        args.since,
+        args.until,
+        args.camera,
+        args.verdict,
+        args.min_score,
+        args.max_score,
+        args.run,
+        args.limit,
+        time.time_ns(),
+    )
+    store = open_store(_store_location(args))
+    try:
+        rows = store.search(f)
+    finally:
+        store.close()
+    write_history(rows, "csv" if args.csv else "json" if args.json else "table", sys.stdout)
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from pipeline.app.history import export_run, open_store
+
+    location = _store_location(args)
+    store = open_store(location)
+    try:
+        s = export_run(store, location.images, args.run, args.out)
+    finally:
+        store.close()
+    missing = f", {s.missing} not found in the archive" if s.missing else ""
+    print(f"run {args.run}: {s.rows} verdicts, {s.images} images, {s.expired} expired{missing} -> {args.out}")
+    return 0
+
+
+# A relative time starts with '-', which argparse would read as an option: `--since -15m` is glued into
+# `--since=-15m` before parsing.
+_TIME_FLAGS = ("--since", "--until")
+_RELATIVE_TIME = re.compile(r"-\d")
+
+
+def _glue_relative_times(argv: Sequence[str]) -> list[str]:
+    glued: list[str] = []
+    for arg in argv:
+        if glued and glued[-1] in _TIME_FLAGS and _RELATIVE_TIME.match(arg):
+            glued[-1] = f"{glued[-1]}={arg}"
+        else:
+            glued.append(arg)
+    return glued
+
+
 def _version() -> str:
     try:
         return metadata.version("linewatch")
@@ -297,6 +372,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n-train", type=int, default=100, help="normal training images per category")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("history", help="list stored verdicts, filtered by time, camera, verdict, score or run")
+    _add_store_options(p)
+    when = "ISO 8601 (2026-12-03T10:00, local time unless a zone is given) or before now: -15m, -2h, -1d"
+    p.add_argument("--since", metavar="TIME", help=f"decided at or after TIME: {when}")
+    p.add_argument("--until", metavar="TIME", help="decided before TIME (same forms)")
+    p.add_argument("--camera", help="only this camera id")
+    p.add_argument("--verdict", choices=("pass", "reject", "error"), help="only this verdict")
+    p.add_argument("--min-score", type=float, metavar="X", help="score >= X (leaves out errors, which have none)")
+    p.add_argument("--max-score", type=float, metavar="X", help="score <= X")
+    p.add_argument("--run", help="only this run id")
+    p.add_argument("--limit", type=int, default=1000, metavar="N", help="newest N rows (default 1000; 0 = all)")
+    form = p.add_mutually_exclusive_group()
+    form.add_argument("--csv", action="store_true", help="CSV with a header line instead of a table")
+    form.add_argument("--json", action="store_true", help="one JSON object a line instead of a table")
+    p.set_defaults(func=cmd_history)
+
+    p = sub.add_parser("export", help="write one run's verdicts, record and images into a new folder")
+    _add_store_options(p)
+    p.add_argument("--run", required=True, help="run id (linewatch history shows them)")
+    p.add_argument("--out", required=True, type=Path, help="new or empty folder to write")
+    p.set_defaults(func=cmd_export)
     return parser
 
 
@@ -305,12 +402,13 @@ def _expected_errors() -> tuple[type[BaseException], ...]:
     The runtime's are named so that an unexpected RuntimeError still shows its trace."""
     from edge.backends import BackendError
     from pipeline.state import PipelineError
+    from pipeline.store.verdicts import StoreError
 
-    return (PipelineError, BackendError)
+    return (PipelineError, BackendError, StoreError)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_args(_glue_relative_times(sys.argv[1:] if argv is None else argv))
     args.log_settings = LogSettings(args.log_level, args.log_format)
     configure_logging(args.log_settings, args.command)
     try:

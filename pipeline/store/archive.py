@@ -37,7 +37,8 @@ def quantise_map(anomaly_map: np.ndarray, threshold: float) -> np.ndarray:
     """An (H, W) anomaly map as bytes on a fixed scale: 128 at the threshold, 255 at twice it (or more), 0 at 0.
 
     The same byte therefore means the same score relative to the threshold in every overlay, whatever the
-    model or bundle: red is at least twice the threshold, green-yellow about at it, blue well below it.
+    model or bundle: green at the threshold, orange between it and twice it, dark red at twice it or more, blue
+    well below it.
     """
     if not np.isfinite(threshold) or threshold <= 0:
         raise ValueError(f"threshold {threshold}: expected a positive number to scale the map by")
