@@ -12,7 +12,17 @@ from typing import Any
 import numpy as np
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, start_http_server
 
-from pipeline.state import DROP_REASONS, RunState
+from pipeline.state import (
+    DROP_REASONS,
+    SPOOL_LOST,
+    SPOOLED,
+    STORE_ARCHIVE_BYTES,
+    STORE_ERRORS,
+    STORE_EXPIRED,
+    STORE_UNSPOOLED,
+    STORE_WRITTEN,
+    RunState,
+)
 from pipeline.wire import VERDICT_NAMES
 
 LATENCY_BUCKETS = tuple(ms / 1000.0 for ms in (0.5, 1, 2, 3, 5, 7.5, 10, 15, 20, 30, 50, 75, 100, 150, 250, 500, 1000))
@@ -43,6 +53,20 @@ class PipelineMetrics:
         self.connected = Gauge("linewatch_camera_connected", "1 while the camera delivers", ["camera"], registry=r)
         self.reconnects = Counter("linewatch_camera_reconnects", "Camera reconnect attempts", ["camera"], registry=r)
         self.bundle = Info("linewatch_bundle", "Model bundle in use", registry=r)
+        self.store_writes = Counter("linewatch_store_writes", "Verdict rows written to the store", registry=r)
+        self.store_errors = Counter(
+            "linewatch_store_errors", "Failed store writes and image archive errors", registry=r
+        )
+        self.store_backlog = Gauge(
+            "linewatch_store_backlog", "Verdicts published but not yet stored (buffer + spool)", registry=r
+        )
+        self.store_lost = Counter(
+            "linewatch_store_lost", "Verdicts not recorded: buffer and spool both full", registry=r
+        )
+        self.archive_bytes = Gauge("linewatch_archive_bytes", "Size of the image archive", registry=r)
+        self.images_expired = Counter(
+            "linewatch_images_expired", "Archived images deleted by retention (rows kept)", registry=r
+        )
         for stage in stages:  # zero series from the start, so dashboards show 0 rather than "no data"
             self.restarts.labels(stage)
         for cam in cameras:
@@ -55,6 +79,7 @@ class PipelineMetrics:
         self._seen_drops = np.zeros((len(cameras), len(DROP_REASONS)), dtype=np.int64)
         self._seen_restarts: dict[str, int] = {}
         self._seen_reconnects = np.zeros(len(cameras), dtype=np.int64)
+        self._seen_store = np.zeros(4, dtype=np.int64)  # written, errors, expired, lost
         self._server: Any = None
 
     def serve(self, host: str, port: int) -> int:
@@ -107,3 +132,19 @@ class PipelineMetrics:
             if delta > 0:
                 self.restarts.labels(stage).inc(delta)
             self._seen_restarts[stage] = n
+        self._sync_store(state, rings.get("records", 0))
+
+    def _sync_store(self, state: RunState, buffered: int) -> None:
+        store = state.store
+        now = np.array([store[STORE_WRITTEN], store[STORE_ERRORS], store[STORE_EXPIRED], state.spool[SPOOL_LOST]])
+        for counter, delta in zip(
+            (self.store_writes, self.store_errors, self.images_expired, self.store_lost),
+            now - self._seen_store,
+            strict=True,
+        ):
+            if delta > 0:
+                counter.inc(int(delta))
+        self._seen_store = now
+        spooled = max(0, int(state.spool[SPOOLED]) - int(store[STORE_UNSPOOLED]))
+        self.store_backlog.set(buffered + spooled)
+        self.archive_bytes.set(int(store[STORE_ARCHIVE_BYTES]))

@@ -8,10 +8,12 @@ instead of starting over. Messages sent before a subscriber has connected are lo
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import zmq
 
-from pipeline.wire import VERDICT_NAMES, Verdict, encode
+from pipeline.wire import VERDICT_NAMES, Heartbeat, Verdict, encode
 
 
 def bound_socket(ctx: zmq.Context, kind: int, address: str, key: str, options: dict[int, int]) -> zmq.Socket:
@@ -38,17 +40,29 @@ class RejectPublisher:
         )
         self.run, self.bundle, self.counters = run, bundle, counters
 
-    def publish(self, v: Verdict) -> int:
-        """Send one verdict; returns its seq. Never blocks (a full subscriber queue drops for that subscriber)."""
+    def publish(self, v: Verdict) -> tuple[int, int, bytes]:
+        """Send one verdict; returns its seq, topic_seq and the message body (for the spool). Never blocks (a
+        full subscriber queue drops for that subscriber)."""
         self.counters[0] += 1
         topic = 1 + VERDICT_NAMES.index(v.verdict)
         self.counters[topic] += 1
         seq, topic_seq = int(self.counters[0]), int(self.counters[topic])
+        frames = encode(self.run, seq, topic_seq, v, self.bundle)
+        self._send(frames)
+        return seq, topic_seq, frames[1]
+
+    def heartbeat(self, interval_ms: float, problems: tuple[str, ...]) -> None:
+        """Say what was published so far and how the pipeline is, so silence never reads as "all parts good"."""
+        topic_seqs = {name: int(self.counters[1 + i]) for i, name in enumerate(VERDICT_NAMES)}
+        health = "degraded" if problems else "ok"
+        beat = Heartbeat(self.run, int(self.counters[0]), topic_seqs, time.time_ns(), interval_ms, health, problems)
+        self._send(beat.encode())
+
+    def _send(self, frames: list[bytes]) -> None:
         try:
-            self.sock.send_multipart(encode(self.run, seq, topic_seq, v, self.bundle), flags=zmq.NOBLOCK)
+            self.sock.send_multipart(frames, flags=zmq.NOBLOCK)
         except zmq.Again:
             pass  # PUB only raises this when configured to; subscribers see the gap either way
-        return seq
 
     def close(self) -> None:
         self.sock.close()

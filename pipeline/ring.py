@@ -22,6 +22,8 @@ from multiprocessing.context import BaseContext
 
 import numpy as np
 
+from pipeline.wire import VERDICT_NAMES, Verdict
+
 FREE, WRITTEN = 0, 1
 # Longest a writer short of room sleeps on the `room` doorbell before it looks at the stop flag again.
 ROOM_WAIT_S = 0.05
@@ -51,8 +53,27 @@ RECORD = np.dtype(
         ("verdict", np.int32),
         ("score", np.float64),
         ("source_index", np.int64),  # position in a replayed folder (for offline comparison)
+        ("pub_seq", np.int64),  # the published message's seq and topic_seq (set by decide)
+        ("topic_seq", np.int64),
+        ("keep", np.int32),  # 1: the frame and its anomaly map ride in the payload for the image archive
+        ("image_slot", np.int32),  # in the recorder's image ring: where that payload went (-1: none)
     ]
 )
+
+
+def verdict_of_record(rec: np.void, cameras: tuple[str, ...], threshold: float) -> Verdict:
+    """The published verdict a decided record stands for."""
+    verdict = VERDICT_NAMES[int(rec["verdict"])]
+    return Verdict(
+        camera_id=cameras[int(rec["camera"])],
+        frame_id=int(rec["frame_id"]),
+        t_capture_ns=int(rec["t_capture_ns"]),
+        t_decision_ns=int(rec["t_decision_ns"]),
+        score=None if verdict == "error" else float(rec["score"]),
+        threshold=threshold,
+        verdict=verdict,
+        trigger=None if rec["trigger"] == NO_TRIGGER else int(rec["trigger"]),
+    )
 
 
 class Doorbell:

@@ -31,10 +31,22 @@ from pipeline.ring import (
     VERDICT_REJECT,
     FrameRing,
     RingSpec,
+    verdict_of_record,
 )
 from pipeline.settings import SourceConfig
-from pipeline.state import RunState, StateSpec
-from pipeline.wire import VERDICT_NAMES
+from pipeline.state import (
+    SPOOL_LOST,
+    SPOOLED,
+    STORE_ARCHIVE_BYTES,
+    STORE_ERRORS,
+    STORE_EXPIRED,
+    STORE_FAILING,
+    STORE_UNSPOOLED,
+    STORE_WRITTEN,
+    RunState,
+    StateSpec,
+)
+from pipeline.store.spool import SpoolWriter
 
 # A frame in hand when its stage died is retried once; if the retry dies too it becomes an `error` verdict.
 MAX_ATTEMPTS = 2
@@ -85,6 +97,19 @@ class InferArgs:
     backend: str
     backend_fallback: bool
     engine_cache: str
+    threshold: float = 0.0
+    keep_pass_fraction: float = 0.0
+    keep_images: bool = False  # carry the frame and map of kept frames in the output ring's payload
+
+
+@dataclass(frozen=True)
+class RecorderFeed:
+    """Where decide leaves each verdict after publishing it, for the recorder."""
+
+    records: RingSpec  # header-only: one slot per verdict
+    images: RingSpec  # (H, W, 4) payloads of kept frames
+    spool: str  # folder taking what the rings have no room for
+    spool_max_bytes: int
 
 
 @dataclass(frozen=True)
@@ -98,6 +123,25 @@ class DecideArgs:
     address: str
     send_hwm: int
     priority: int = 0  # SCHED_FIFO priority; 0 = normal scheduling
+    heartbeat_ms: float = 200.0
+    feed: RecorderFeed | None = None  # None: no store
+
+
+@dataclass(frozen=True)
+class RecorderArgs:
+    records: RingSpec
+    images: RingSpec
+    url: str
+    archive: str  # image archive folder
+    spool: str
+    spool_max_bytes: int
+    max_bytes: int  # image archive
+    max_days: float
+    replay_address: str
+    run: str
+    cameras: tuple[str, ...]
+    bundle_hash: str
+    threshold: float
 
 
 def _enter(ctx: StageContext) -> RunState:
@@ -381,11 +425,14 @@ def infer_main(ctx: StageContext, args: InferArgs) -> None:  # pragma: no cover 
             tensors.headers[s]["attempts"] += 1
         start = time.monotonic_ns()
         scores: dict[int, float] = {}
+        maps: dict[int, np.ndarray] = {}
         if good:
             x = preprocessing.normalize_batch(torch.from_numpy(tensors.payloads[good]).to(device))
             with torch.inference_mode():
                 result = model(x)
             scores = dict(zip(good, result.scores.float().cpu().tolist(), strict=True))
+            if args.keep_images:
+                maps = _kept_maps(tensors, good, scores, result.maps, args)
         done = time.monotonic_ns()
         for i, s in enumerate(slots):
             s = int(s)
@@ -397,6 +444,10 @@ def infer_main(ctx: StageContext, args: InferArgs) -> None:  # pragma: no cover 
                 rec["score"] = scores[s]
             else:
                 rec["verdict"] = VERDICT_ERROR
+            rec["keep"] = int(s in maps)
+            if s in maps:  # the archive's copy: the frame as the model saw it and its map
+                out.payloads[target, ..., :3] = tensors.payloads[s]
+                out.payloads[target, ..., 3] = maps[s]
             rec["m_infer_start_ns"], rec["m_infer_ns"] = start, done
             rec["batch"] = len(good) if i == 0 else 0
             out.commit(target, rec, notify=False)
@@ -405,8 +456,28 @@ def infer_main(ctx: StageContext, args: InferArgs) -> None:  # pragma: no cover 
         tensors.notify_writer()
 
 
+def kept_pass(camera: int, frame_id: int, fraction: float) -> bool:
+    """Whether a passed frame is among the sampled `fraction` archived: spread evenly, the same on every run."""
+    return ((frame_id * 2654435761 + camera * 40503) % 2**32) < fraction * 2**32
+
+
+def _kept_maps(tensors: FrameRing, good: list[int], scores: dict[int, float], maps: Any, args: InferArgs) -> dict:
+    """The quantised maps of the frames to archive (rejects and sampled passes), by tensor-ring slot."""
+    from pipeline.store.archive import quantise_map
+
+    kept = {}
+    for i, s in enumerate(good):
+        rec = tensors.headers[s]
+        if scores[s] > args.threshold or kept_pass(int(rec["camera"]), int(rec["frame_id"]), args.keep_pass_fraction):
+            anomaly_map = maps[i].float().cpu().numpy()
+            # The archive's scale is relative to a positive threshold; a bundle without one gets its map's max.
+            scale = args.threshold if args.threshold > 0 else max(float(anomaly_map.max()), 1e-12) / 2
+            kept[s] = quantise_map(anomaly_map, scale)
+    return kept
+
+
 def decide_main(ctx: StageContext, args: DecideArgs) -> None:  # pragma: no cover - child process
-    from pipeline.publisher import RejectPublisher, Verdict
+    from pipeline.publisher import RejectPublisher
 
     state = _enter(ctx)
     # Before the publisher: ZeroMQ's I/O thread, which puts the reject on the wire, inherits the policy.
@@ -415,6 +486,7 @@ def decide_main(ctx: StageContext, args: DecideArgs) -> None:  # pragma: no cove
     scores = FrameRing.attach(args.input)
     out = FrameRing.attach(args.output)
     publisher = RejectPublisher(args.address, args.send_hwm, args.run_id, args.bundle_hash, state.publisher)
+    feed = None if args.feed is None else VerdictFeed(args.feed, args.run_id, state)
     threshold, cameras = args.threshold, args.cameras
     if state.restarts[ctx.process_index]:
         # Subscribers of the crashed publisher reconnect within ZeroMQ's reconnect interval (100 ms);
@@ -422,12 +494,19 @@ def decide_main(ctx: StageContext, args: DecideArgs) -> None:  # pragma: no cove
         time.sleep(RESUBSCRIBE_GRACE_S)
     freeze_startup_heap()
     state.ready[ctx.process_index] = 1
+    beat_every_ns, next_beat_ns = int(args.heartbeat_ms * 1e6), 0
     try:
         while not state.stopping():
-            state.heartbeat_ns[ctx.process_index] = time.monotonic_ns()
+            now_ns = time.monotonic_ns()
+            state.heartbeat_ns[ctx.process_index] = now_ns
+            if now_ns >= next_beat_ns:
+                publisher.heartbeat(args.heartbeat_ms, health_problems(state, cameras))
+                next_beat_ns = now_ns + beat_every_ns
             slots = scores.written()
             if not slots.size:
-                scores.wait_for_commit(WAIT_S)
+                if feed is not None:
+                    feed.idle()
+                scores.wait_for_commit(min(WAIT_S, args.heartbeat_ms / 1000.0))
                 continue
             for s in slots:
                 s = int(s)
@@ -441,23 +520,141 @@ def decide_main(ctx: StageContext, args: DecideArgs) -> None:  # pragma: no cove
                     return
                 if rec["verdict"] != VERDICT_ERROR:
                     rec["verdict"] = VERDICT_REJECT if rec["score"] > threshold else VERDICT_PASS
-                verdict = VERDICT_NAMES[int(rec["verdict"])]
                 rec["t_decision_ns"] = time.time_ns()
-                publisher.publish(
-                    Verdict(
-                        camera_id=cameras[camera],
-                        frame_id=int(rec["frame_id"]),
-                        t_capture_ns=int(rec["t_capture_ns"]),
-                        t_decision_ns=int(rec["t_decision_ns"]),
-                        score=None if verdict == "error" else float(rec["score"]),
-                        threshold=threshold,
-                        verdict=verdict,
-                        trigger=None if rec["trigger"] == NO_TRIGGER else int(rec["trigger"]),
-                    )
-                )
+                rec["pub_seq"], rec["topic_seq"], body = publisher.publish(verdict_of_record(rec, cameras, threshold))
                 rec["m_decide_ns"] = time.monotonic_ns()
+                if feed is not None:  # after publishing: the record never delays the reject
+                    feed.put(rec, scores.payloads[s] if rec["keep"] else None, body)
                 out.commit(target, rec)
                 state.last_decided[camera] = frame_id
                 scores.release(s)
     finally:
+        if feed is not None:
+            feed.idle()
         publisher.close()
+
+
+def health_problems(state: RunState, cameras: tuple[str, ...]) -> tuple[str, ...]:
+    """What the heartbeat reports as wrong: cameras down, the store refusing writes, verdicts lost to it."""
+    problems = [
+        f"camera {cam} disconnected"
+        for c, cam in enumerate(cameras)
+        if not state.connected[c] and not state.done[c] and state.position[c] + state.reconnects[c] > 0
+    ]
+    if state.store[STORE_FAILING]:
+        problems.append("verdict store unreachable (verdicts kept in the buffer and spool)")
+    if state.spool[SPOOL_LOST]:
+        problems.append(f"{int(state.spool[SPOOL_LOST])} verdicts not recorded (spool full)")
+    return tuple(problems)
+
+
+class VerdictFeed:
+    """Decide's side of the recorder's buffer: a verdict goes to the record ring (its kept frame to the image
+    ring), or to the spool on disk when either is full. Never waits for the recorder."""
+
+    def __init__(self, feed: RecorderFeed, run: str, state: RunState) -> None:
+        self.records, self.images = FrameRing.attach(feed.records), FrameRing.attach(feed.images)
+        self.spool = SpoolWriter(Path(feed.spool), feed.spool_max_bytes)
+        self.run, self.state = run, state
+        self._warned = False
+
+    def put(self, rec: np.void, image: np.ndarray | None, body: bytes) -> None:
+        slot = self.records.free_slot()
+        image_slot = -1
+        if slot is not None and image is not None:
+            image_slot = self.images.free_slot()
+        if slot is None or image_slot is None:
+            self._spool(rec, image, body)
+            return
+        if image is not None:
+            self.images.payloads[image_slot] = image
+            self.images.commit(image_slot, notify=False)  # marks it taken; the recorder finds it by index
+        rec["image_slot"] = image_slot
+        self.records.commit(slot, rec)
+
+    def idle(self) -> None:
+        if self.spool.open:
+            self.spool.seal()  # hand what was spooled to the recorder once the rush is over
+            self._warned = False
+
+    def _spool(self, rec: np.void, image: np.ndarray | None, body: bytes) -> None:
+        if not self._warned:
+            log.warning("recorder buffer full: spooling verdicts to %s", self.spool.root)
+            self._warned = True
+        try:
+            kept = self.spool.append(body, self.run, int(rec["pub_seq"]), image)
+        except OSError as exc:
+            log.error("spool %s: %s", self.spool.root, exc)
+            kept = False
+        self.state.spool[SPOOLED if kept else SPOOL_LOST] += 1
+
+
+RECORDER_WAIT_S = 0.05  # longest the recorder sleeps before it looks at the spool, retention and stop flags
+FINAL_DRAIN_S = 20.0  # at stop, how long the recorder keeps trying to store what it has before spooling it
+
+
+def recorder_main(ctx: StageContext, args: RecorderArgs) -> None:  # pragma: no cover - child process
+    from pipeline.store.archive import ImageArchive
+    from pipeline.store.recorder import Recorder, RunIdentity
+    from pipeline.store.replay import ReplayServer
+    from pipeline.store.spool import SpoolReader
+    from pipeline.store.verdicts import VerdictStore
+
+    state = _enter(ctx)
+    records, images = FrameRing.attach(args.records), FrameRing.attach(args.images)
+    store = VerdictStore(args.url, check=False)  # checked at start by the supervisor; may be away by now
+    archive = ImageArchive(Path(args.archive), args.max_bytes, args.max_days)
+    identity = RunIdentity(args.run, args.cameras, args.bundle_hash, args.threshold)
+    recorder = Recorder(store, archive, SpoolReader(Path(args.spool)), identity)
+    # A restarted recorder goes on counting where its predecessor stopped (the metrics are counters).
+    recorder.written, recorder.errors = int(state.store[STORE_WRITTEN]), int(state.store[STORE_ERRORS])
+    recorder.unspooled, recorder.expired = int(state.store[STORE_UNSPOOLED]), int(state.store[STORE_EXPIRED])
+    replay = ReplayServer(store, args.replay_address).start()
+    state.ready[ctx.process_index] = 1
+    try:
+        _record_until_stopped(ctx, state, recorder, records, images, args.spool_max_bytes)
+    finally:
+        replay.stop()
+        store.close()
+
+
+def _record_until_stopped(
+    ctx: StageContext, state: RunState, recorder: Any, records: FrameRing, images: FrameRing, spool_max_bytes: int
+) -> None:
+    """Store batches as they come; at stop, everything left (ring and spool) before exiting."""
+    batch, backoff, final_deadline = None, 0.1, None
+    while True:
+        state.heartbeat_ns[ctx.process_index] = time.monotonic_ns()
+        if final_deadline is None and state.stopping():
+            final_deadline = time.monotonic() + FINAL_DRAIN_S
+        if batch is None:
+            batch = recorder.take(records, images)
+        stored = recorder.write(batch, records, images)
+        _publish_store_counts(state, recorder)
+        if stored:
+            backoff, busy, batch = 0.1, len(batch) > 0, None
+            recorder.retention(time.time_ns())
+            if not busy and final_deadline is not None:
+                # Done once decide has sealed its last spool segment (or the deadline says it never will).
+                if not recorder.spool.segments(include_open=True) or time.monotonic() > final_deadline:
+                    return
+            if not busy:
+                records.wait_for_commit(RECORDER_WAIT_S)
+            continue
+        if final_deadline is not None and time.monotonic() > final_deadline:
+            # The store is still away: the next run's recorder takes what is left from the spool.
+            recorder.spill(batch, records, images, SpoolWriter(recorder.spool.root, spool_max_bytes))
+            _publish_store_counts(state, recorder)
+            return
+        time.sleep(backoff)
+        backoff = min(backoff * 2, 0.5 if final_deadline is not None else 2.0)
+
+
+def _publish_store_counts(state: RunState, recorder: Any) -> None:
+    state.store[STORE_WRITTEN] = recorder.written
+    state.store[STORE_ERRORS] = recorder.errors
+    state.store[STORE_UNSPOOLED] = recorder.unspooled
+    state.store[STORE_EXPIRED] = recorder.expired
+    state.store[STORE_FAILING] = int(recorder.failing)
+    if recorder.archive is not None:
+        state.store[STORE_ARCHIVE_BYTES] = recorder.archive.bytes_used

@@ -19,6 +19,9 @@ from pipeline.ring import attach_untracked, release_block
 # stale (drop_oldest skipped an older frame) -> preprocess, shutdown (in flight at a forced stop) -> supervisor.
 DROP_REASONS = ("ring_full", "unreadable", "stale", "shutdown")
 FLAG_STOP_SOURCES, FLAG_STOP_ALL = 0, 1
+# Cells of `RunState.spool` (written by decide) and `RunState.store` (written by the recorder).
+SPOOLED, SPOOL_LOST = 0, 1
+STORE_WRITTEN, STORE_ERRORS, STORE_UNSPOOLED, STORE_ARCHIVE_BYTES, STORE_EXPIRED, STORE_FAILING = range(6)
 
 
 class PipelineError(RuntimeError):
@@ -62,10 +65,12 @@ class RunState:
         self.restarts = take(p)  # supervisor
         self.ready = take(p)  # each process its own cell, once it can take frames
         self.publisher = take(4)  # decide: [seq, seq per verdict pass/reject/error]
+        self.spool = take(2)  # decide: verdicts spooled to disk (the recorder's buffer was full), and lost
+        self.store = take(6)  # recorder: rows written, errors, taken back from the spool, archive bytes, ... (STORE_*)
 
     @staticmethod
     def cells(cameras: int, processes: int) -> int:
-        return 2 + cameras * (len(RunState.FIELDS_PER_CAMERA) + len(DROP_REASONS)) + 3 * processes + 4
+        return 2 + cameras * (len(RunState.FIELDS_PER_CAMERA) + len(DROP_REASONS)) + 3 * processes + 4 + 2 + 6
 
     @classmethod
     def create(cls, cameras: int, processes: int) -> RunState:
@@ -100,5 +105,6 @@ class RunState:
 
     def close(self) -> None:
         del self.flags, self.captured, self.connected, self.reconnects, self.done, self.position
-        del self.next_frame_id, self.drops, self.heartbeat_ns, self.restarts, self.ready, self.publisher, self._arr
+        del self.next_frame_id, self.drops, self.heartbeat_ns, self.restarts, self.ready, self.publisher
+        del self.spool, self.store, self._arr
         release_block(self._shm, self._owner)

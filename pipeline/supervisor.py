@@ -31,28 +31,44 @@ import numpy as np
 from edge.backends import check_backend, engine_cache_dir
 from edge.bundle import BundleError, read_bundle_file
 from edge.manifest import BundleManifest
+from edge.settings import to_dict
 from pipeline.logs import LogSettings
 from pipeline.metrics import PipelineMetrics
 from pipeline.ring import Doorbell, FrameRing
 from pipeline.settings import RuntimeConfig, SourceConfig
 from pipeline.sources import default_policy, parse_spec
 from pipeline.stages import (
+    FINAL_DRAIN_S,
     CaptureArgs,
     DecideArgs,
     InferArgs,
     PreprocessArgs,
+    RecorderArgs,
+    RecorderFeed,
     StageContext,
     capture_main,
     decide_main,
     freeze_startup_heap,
     infer_main,
     preprocess_main,
+    recorder_main,
 )
-from pipeline.state import DROP_REASONS, FLAG_STOP_ALL, FLAG_STOP_SOURCES, PipelineError, RunState
+from pipeline.state import (
+    DROP_REASONS,
+    FLAG_STOP_ALL,
+    FLAG_STOP_SOURCES,
+    SPOOL_LOST,
+    SPOOLED,
+    PipelineError,
+    RunState,
+)
+from pipeline.store.paths import StorePaths
+from pipeline.store.verdicts import StoreError, VerdictStore
 from pipeline.wire import VERDICT_NAMES
 
 DRAIN_TIMEOUT_S = 30.0
 JOIN_TIMEOUT_S = 5.0
+RECORDER_JOIN_TIMEOUT_S = FINAL_DRAIN_S + 10.0  # it stores what is left (or spools it) before it exits
 # Longest the supervisor sleeps on the verdict ring between its checks (restarts, metrics, stop requests).
 SUPERVISOR_WAIT_S = 0.05
 SYNC_EVERY_S = 0.25  # restarts checked and gauges synced this often
@@ -86,6 +102,10 @@ class RunSummary:
     drops_by_reason: dict[str, int] = detail(default_factory=dict)
     restarts_by_stage: dict[str, int] = detail(default_factory=dict)
     metrics_port: int | None = detail(default=None)
+    run_id: str = detail(default="")
+    stored: int | None = detail(default=None)  # rows of this run in the verdict store after the run
+    spooled: int = detail(default=0)  # verdicts the recorder's buffer had no room for (kept on disk)
+    store_lost: int = detail(default=0)  # verdicts neither buffered nor spooled (spool full or unwritable)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -98,9 +118,9 @@ class RunSummary:
 @dataclass
 class StageProcess:
     name: str
-    kind: str  # capture | preprocess | infer | decide
+    kind: str  # capture | preprocess | infer | decide | recorder
     target: Callable[..., None]
-    args: CaptureArgs | PreprocessArgs | InferArgs | DecideArgs
+    args: CaptureArgs | PreprocessArgs | InferArgs | DecideArgs | RecorderArgs
     camera: int | None = None
     process: BaseProcess | None = None
 
@@ -109,11 +129,15 @@ class StageProcess:
 class Rings:
     frames: tuple[FrameRing, ...]  # one per camera, sharing one commit doorbell
     tensor: FrameRing  # preprocessed frames, uint8 at model size (infer normalises)
-    score: FrameRing
+    score: FrameRing  # with the frame and map of kept frames as payload when the store is on
     verdict: FrameRing  # the supervisor drains it
+    records: FrameRing | None = None  # decide -> recorder: every verdict, after publishing
+    images: FrameRing | None = None  # decide -> recorder: kept frames with their maps
 
     def occupancy(self, cameras: list[str]) -> dict[str, int]:
         named = {"tensor": self.tensor, "score": self.score, "verdict": self.verdict}
+        if self.records is not None:
+            named["records"] = self.records
         named.update({f"frames_{cam}": r for cam, r in zip(cameras, self.frames, strict=True)})
         return {k: r.occupancy() for k, r in named.items()}
 
@@ -185,6 +209,10 @@ class Pipeline:
         self._stop_requested = False
         self.stages: list[StageProcess] = []
         self.metrics_port: int | None = None
+        self.store_paths: StorePaths | None = None
+        self.store: VerdictStore | None = None
+        if config.store.enabled:
+            self.store_paths, self.store = _open_store(config, self.bundle_path)
 
     def request_stop(self, *_: Any) -> None:
         self._stop_requested = True
@@ -202,10 +230,30 @@ class Pipeline:
                 cleanup.enter_context(self._stop_on_signals())
             live = _LiveRun(self, ctx, state, rings, metrics)
             cleanup.callback(live.kill_all)  # before the rings and state go, however the run ends
+            self._record_run_start(cleanup)
             self._start_stages(live)
             self._supervise(live, duration_s)
             self._drain(live)
             return self._summarise(live)
+
+    def _record_run_start(self, cleanup: contextlib.ExitStack) -> None:
+        """The run's row (bundle, the settings that ran); its stop time is written however the run ends."""
+        if self.store is None:
+            return
+        store = self.store
+        cleanup.callback(store.close)
+        try:
+            store.start_run(self.run_id, self.bundle_hash, str(self.bundle_path), to_dict(self.config), time.time_ns())
+        except StoreError as exc:
+            log.error("%s; the run's record is written by nobody, its verdicts still are", exc)
+
+        def record_stop() -> None:
+            try:
+                store.stop_run(self.run_id, time.time_ns())
+            except StoreError as exc:
+                log.error("%s; the run's stop time is not recorded", exc)
+
+        cleanup.callback(record_stop)
 
     @contextlib.contextmanager
     def _stop_on_signals(self) -> Iterator[None]:
@@ -229,11 +277,15 @@ class Pipeline:
         frames_bell = Doorbell(ctx, most=pc.ring_slots * len(self.sources))
         frame_shape = (pc.max_frame_height, pc.max_frame_width, 3)
         input_h, input_w = self.manifest.input_size
+        kept_shape = (input_h, input_w, 4)  # a kept frame (RGB) and its quantised anomaly map
+        store = self.config.store if self.store is not None else None
         return Rings(
             frames=tuple(make(pc.ring_slots, frame_shape, frames_bell) for _ in self.sources),
             tensor=make(pc.tensor_slots, (input_h, input_w, 3)),
-            score=make(max(pc.tensor_slots, 2 * pc.max_batch)),
+            score=make(max(pc.tensor_slots, 2 * pc.max_batch), kept_shape if store else ()),
             verdict=make(256),  # the supervisor waits on it between its other duties
+            records=make(store.buffer_slots) if store else None,
+            images=make(store.image_slots, kept_shape) if store else None,
         )
 
     def _plan_stages(self, rings: Rings) -> list[StageProcess]:
@@ -261,6 +313,9 @@ class Pipeline:
             pc.backend,
             pc.backend_fallback,
             str(engine_cache_dir(pc.engine_cache, self.bundle_path)),
+            self.threshold,
+            self.config.store.keep_pass_fraction,
+            keep_images=rings.records is not None,
         )
         decide = DecideArgs(
             rings.score.spec,
@@ -272,11 +327,41 @@ class Pipeline:
             pub.address,
             pub.send_hwm,
             pc.decide_priority,
+            pub.heartbeat_ms,
+            self._recorder_feed(rings),
         )
         stages.append(StageProcess("preprocess", "preprocess", preprocess_main, pre))
         stages.append(StageProcess("infer", "infer", infer_main, infer))
         stages.append(StageProcess("decide", "decide", decide_main, decide))
+        if (recorder := self._recorder_args(rings)) is not None:
+            stages.append(StageProcess("recorder", "recorder", recorder_main, recorder))
         return stages
+
+    def _recorder_feed(self, rings: Rings) -> RecorderFeed | None:
+        if rings.records is None or rings.images is None or self.store_paths is None:
+            return None
+        spool_bytes = int(self.config.store.spool_max_gb * 1e9)
+        return RecorderFeed(rings.records.spec, rings.images.spec, str(self.store_paths.spool), spool_bytes)
+
+    def _recorder_args(self, rings: Rings) -> RecorderArgs | None:
+        if rings.records is None or rings.images is None or self.store_paths is None:
+            return None
+        store, paths = self.config.store, self.store_paths
+        return RecorderArgs(
+            rings.records.spec,
+            rings.images.spec,
+            paths.url,
+            str(paths.images),
+            str(paths.spool),
+            int(store.spool_max_gb * 1e9),
+            int(store.max_gb * 1e9),
+            store.max_days,
+            self.config.publisher.replay_address,
+            self.run_id,
+            tuple(self.cameras),
+            self.bundle_hash,
+            self.threshold,
+        )
 
     def _start_metrics(self, cleanup: contextlib.ExitStack) -> PipelineMetrics:
         metrics = PipelineMetrics(self.cameras, sorted({s.kind for s in self.stages}), _score_buckets(self.threshold))
@@ -374,7 +459,20 @@ class Pipeline:
             drops_by_reason={r: int(state.drops[:, j].sum()) for j, r in enumerate(DROP_REASONS)},
             restarts_by_stage=restarts,
             metrics_port=self.metrics_port,
+            run_id=self.run_id,
+            stored=self._stored(),
+            spooled=int(state.spool[SPOOLED]),
+            store_lost=int(state.spool[SPOOL_LOST]),
         )
+
+    def _stored(self) -> int | None:
+        if self.store is None:
+            return None
+        try:
+            return self.store.count(self.run_id)
+        except StoreError as exc:
+            log.error("%s; cannot count the run's stored verdicts", exc)
+            return None
 
 
 class _LiveRun:
@@ -456,7 +554,7 @@ class _LiveRun:
         for st in self.stages:
             if st.process is None or (kind is not None and st.kind != kind):
                 continue
-            st.process.join(JOIN_TIMEOUT_S)
+            st.process.join(RECORDER_JOIN_TIMEOUT_S if st.kind == "recorder" else JOIN_TIMEOUT_S)
             if kind is None and st.process.is_alive():
                 st.process.kill()
                 st.process.join(JOIN_TIMEOUT_S)
@@ -467,6 +565,16 @@ class _LiveRun:
             if st.process is not None and st.process.is_alive():
                 st.process.kill()
                 st.process.join(JOIN_TIMEOUT_S)
+
+
+def _open_store(config: RuntimeConfig, bundle_path: Path) -> tuple[StorePaths, VerdictStore]:
+    """The run's data folder and store, opened now: a corrupt, foreign or unreachable store stops the start."""
+    paths = StorePaths.resolve(config.store, bundle_path)
+    try:
+        paths.root.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise StoreError(f"store.path = {str(paths.root)!r}: cannot create the data folder ({exc.strerror})") from None
+    return paths, VerdictStore(paths.url)
 
 
 def _score_buckets(threshold: float) -> tuple[float, ...]:

@@ -23,29 +23,47 @@ def server_binaries() -> Path | None:
     return found[-1].parent if found else None
 
 
+class PostgresServer:
+    """A cluster of its own (user `linewatch`, trust auth); `stop()` and `start()` again, as an outage would."""
+
+    def __init__(self, bin_dir: Path) -> None:
+        self.bin_dir = bin_dir
+        self.root = Path(tempfile.mkdtemp(prefix="linewatch-pg-"))
+        self.as_postgres: list[str] = []
+        if os.geteuid() == 0:
+            shutil.chown(self.root, "postgres", "postgres")
+            self.as_postgres = ["runuser", "-u", "postgres", "--"]
+        self.data, self.port = self.root / "data", free_port()
+        self.url = f"postgresql+psycopg://linewatch@127.0.0.1:{self.port}/postgres"
+        self._run("initdb", "-D", str(self.data), "-A", "trust", "-U", "linewatch", "--no-sync")
+
+    def _run(self, tool: str, *args: str) -> None:
+        subprocess.run(
+            [*self.as_postgres, str(self.bin_dir / tool), *args], check=True, capture_output=True, timeout=120
+        )
+
+    def start(self) -> None:
+        options = f"-p {self.port} -k {self.root} -c listen_addresses=127.0.0.1 -c fsync=off"
+        self._run("pg_ctl", "-D", str(self.data), "-o", options, "-l", str(self.root / "log"), "-w", "start")
+
+    def stop(self) -> None:
+        """Stop at once, as a crash or a lost host would (connections are cut, nothing is flushed politely)."""
+        if (self.data / "postmaster.pid").exists():
+            self._run("pg_ctl", "-D", str(self.data), "-m", "immediate", "-w", "stop")
+
+    def remove(self) -> None:
+        try:
+            self.stop()
+        finally:
+            shutil.rmtree(self.root, ignore_errors=True)
+
+
 @contextmanager
 def postgres_server(bin_dir: Path) -> Iterator[str]:
     """Start a cluster; yields its SQLAlchemy URL (user `linewatch`, trust auth, database `postgres`)."""
-    root = Path(tempfile.mkdtemp(prefix="linewatch-pg-"))
-    as_postgres: list[str] = []
-    if os.geteuid() == 0:
-        shutil.chown(root, "postgres", "postgres")
-        as_postgres = ["runuser", "-u", "postgres", "--"]
-    data, port = root / "data", free_port()
-
-    def run(*args: str) -> None:
-        subprocess.run([*as_postgres, *args], check=True, capture_output=True, timeout=120)
-
+    server = PostgresServer(bin_dir)
     try:
-        run(str(bin_dir / "initdb"), "-D", str(data), "-A", "trust", "-U", "linewatch", "--no-sync")
-        options = f"-p {port} -k {root} -c listen_addresses=127.0.0.1 -c fsync=off"
-        run(str(bin_dir / "pg_ctl"), "-D", str(data), "-o", options, "-l", str(root / "log"), "-w", "start")
-        yield f"postgresql+psycopg://linewatch@127.0.0.1:{port}/postgres"
+        server.start()
+        yield server.url
     finally:
-        if (data / "postmaster.pid").exists():
-            subprocess.run(
-                [*as_postgres, str(bin_dir / "pg_ctl"), "-D", str(data), "-m", "immediate", "stop"],
-                capture_output=True,
-                timeout=60,
-            )
-        shutil.rmtree(root, ignore_errors=True)
+        server.remove()

@@ -213,7 +213,9 @@ def pipeline_fps(
     Measured over `seconds` after the first verdict plus a quarter of that for warm-up.
     """
     source = SourceConfig(spec=f"folder:{data}", loop=True, rate_ppm=rate_ppm)
-    config = with_overrides(config, {"publisher.address": f"tcp://127.0.0.1:{free_port()}", "metrics.port": 0})
+    ports = {"publisher.address": f"tcp://127.0.0.1:{free_port()}", "metrics.port": 0}
+    ports["publisher.replay_address"] = f"tcp://127.0.0.1:{free_port()}"
+    config = with_overrides(config, ports)
     stamps: list[tuple[float, int]] = []
     cpu: dict[str, float] = {}
     started, measuring = threading.Event(), threading.Event()

@@ -213,6 +213,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(f"  {cam}: {counts}")
     if summary.drops:
         print(f"  drops by reason: {summary.drops_by_reason}")
+    if summary.stored is not None:
+        lost = f", {summary.store_lost} NOT recorded (spool full)" if summary.store_lost else ""
+        print(f"  run {summary.run_id}: {summary.stored} verdicts in the store{lost}")
     return 0
 
 

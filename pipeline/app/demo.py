@@ -108,11 +108,15 @@ def calibrate_line(workdir: Path, n_frames: int, progress: bool) -> Path:
 
 def replay(workdir: Path, folder: Path, log_settings: LogSettings | None = None) -> None:
     """Replay the line category's test set as a conveyor; print rejects as a PLC bridge would see them."""
-    pub_port, metrics_port = free_port(5556), free_port(9108)
+    pub_port, metrics_port, replay_port = free_port(5556), free_port(9108), free_port(5557)
     address = f"tcp://127.0.0.1:{pub_port}"
-    config = with_overrides(
-        Config(), {"publisher.address": address, "metrics.port": metrics_port, "pipeline.max_frame_height": 512}
-    )
+    overrides = {
+        "publisher.address": address,
+        "publisher.replay_address": f"tcp://127.0.0.1:{replay_port}",
+        "metrics.port": metrics_port,
+        "pipeline.max_frame_height": 512,
+    }
+    config = with_overrides(Config(), overrides)
     truth = [s.defect_type for s in sorted(MVTecCategory(folder).test, key=lambda s: str(s.path))]
     log.info(
         "[3/3] run: replaying %d parts at %d parts/min; rejects over ZeroMQ at %s, metrics at http://127.0.0.1:%d/metrics",

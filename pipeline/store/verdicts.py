@@ -94,7 +94,9 @@ class VerdictStore:
     """Open (creating when new, unless `create` is False) a store, upgrading an older one; refuse a foreign,
     corrupt or newer one in one line."""
 
-    def __init__(self, url: str, create: bool = True) -> None:
+    def __init__(self, url: str, create: bool = True, check: bool = True) -> None:
+        """`check` False: connect at the first read or write (for a process whose parent checked the store and
+        that must start even while the database is away)."""
         self.url = url
         self.where = _where(url)
         if not create and url.startswith("sqlite:///") and not Path(self.where).is_file():
@@ -102,7 +104,8 @@ class VerdictStore:
             raise StoreError(f"{self.where}: no verdict store here (no such file)")
         try:
             self.engine = _engine(url)
-            self._prepare(create)
+            if check:
+                self._prepare(create)
         except SQLAlchemyError as exc:
             raise StoreError(f"{self.where}: cannot open the verdict store ({_reason(exc)})") from None
 

@@ -20,9 +20,8 @@ import pytest
 import torch
 import zmq
 
-from calibration.calibrate import calibrate
-from calibration.datasets import MVTecCategory, normal_frames
-from edge.bundle import load_bundle, save_bundle
+from calibration.datasets import MVTecCategory
+from edge.bundle import load_bundle
 from edge.images import read_image
 from pipeline.app.config import Config, config_from_dict
 from pipeline.app.ports import free_port
@@ -30,25 +29,14 @@ from pipeline.publisher import RejectPublisher
 from pipeline.ring import FrameRing
 from pipeline.settings import SourceConfig
 from pipeline.supervisor import Pipeline
-from pipeline.wire import VERDICT_NAMES, GapTracker, Verdict, decode
-
-LOOSE = {"target_fpr": 0.2, "confidence": 0.8, "synthetic_per_kind": 0}
-
-
-@pytest.fixture(scope="module")
-def bundle_path(small_category: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    config = config_from_dict({"model": {"input_size": 128}, "calibration": LOOSE})
-    cal = calibrate(config, normal_frames(small_category))
-    path = tmp_path_factory.mktemp("run") / "bundle.pt"
-    save_bundle(path, cal.fit.model, cal.manifest)
-    return path
+from pipeline.wire import HEARTBEAT_TOPIC, VERDICT_NAMES, GapTracker, Heartbeat, Verdict, decode
 
 
 def run_config(port: int, **pipeline: object) -> Config:
     return config_from_dict(
         {
             "pipeline": {"max_frame_height": 256, "max_frame_width": 256, "max_batch": 4, **pipeline},
-            "publisher": {"address": f"tcp://127.0.0.1:{port}"},
+            "publisher": {"address": f"tcp://127.0.0.1:{port}", "replay_address": f"tcp://127.0.0.1:{free_port()}"},
             "metrics": {"port": 0},
         }
     )
@@ -64,8 +52,10 @@ class Subscriber(threading.Thread):
         self.sock.setsockopt(zmq.SUBSCRIBE, topic)
         self.sock.setsockopt(zmq.RCVTIMEO, 100)
         self.sock.connect(address)
-        self.messages: list[dict] = []
+        self.messages: list[dict] = []  # verdicts
         self.topics: list[bytes] = []
+        self.heartbeats: list[Heartbeat] = []
+        self.received_at: list[float] = []  # time.monotonic() of each verdict
         self._stop_event = threading.Event()
 
     def run(self) -> None:
@@ -74,6 +64,10 @@ class Subscriber(threading.Thread):
                 frames = self.sock.recv_multipart()
             except zmq.Again:
                 continue
+            if frames[0] == HEARTBEAT_TOPIC.encode():
+                self.heartbeats.append(Heartbeat.decode(frames))
+                continue
+            self.received_at.append(time.monotonic())
             self.topics.append(frames[0])
             self.messages.append(decode(frames))
 
@@ -212,6 +206,7 @@ def test_sigterm_exits_cleanly_without_leaks(bundle_path: Path, small_category: 
     config.write_text(
         f"pipeline:\n  max_frame_height: 256\n  max_frame_width: 256\n  sources:\n    - spec: folder:{small_category}\n"
         f"      loop: true\n      rate_ppm: 1200\npublisher:\n  address: tcp://127.0.0.1:{free_port()}\n"
+        f"  replay_address: tcp://127.0.0.1:{free_port()}\n"
         "metrics:\n  port: 0\n"
     )
     cmd = [
@@ -227,11 +222,11 @@ def test_sigterm_exits_cleanly_without_leaks(bundle_path: Path, small_category: 
     ]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 60  # start-up (torch import, model load) is slower on a loaded box
-    while len(children := [p for p in os.listdir("/proc") if p.isdigit() and _ppid(p) == proc.pid]) < 5:
+    while len(children := [p for p in os.listdir("/proc") if p.isdigit() and _ppid(p) == proc.pid]) < 6:
         if time.monotonic() > deadline or proc.poll() is not None:
             break
         time.sleep(0.5)
-    assert len(children) >= 4  # capture, preprocess, infer, decide (+ the resource tracker)
+    assert len(children) >= 5  # capture (started last), preprocess, infer, decide, recorder (+ resource tracker)
     time.sleep(5)  # frames flow
     proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=60)

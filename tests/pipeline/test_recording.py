@@ -1,0 +1,271 @@
+"""Every decision kept: the recorder stage, the spool, the image archive and the heartbeat, in real runs.
+
+Real processes, real signals, a real SQLite file and a real PostgreSQL server that is stopped mid-run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+import pytest
+from postgres_server import PostgresServer, server_binaries
+from test_runtime import Subscriber
+
+from calibration.datasets import MVTecCategory
+from pipeline.app.cli import main
+from pipeline.app.config import Config, config_from_dict
+from pipeline.app.ports import free_port
+from pipeline.settings import SourceConfig
+from pipeline.store.verdicts import VerdictStore
+from pipeline.supervisor import Pipeline
+
+
+def store_config(data: Path, url: str | None = None, **store: Any) -> Config:
+    return config_from_dict(
+        {
+            "pipeline": {"max_frame_height": 256, "max_frame_width": 256, "max_batch": 4},
+            "publisher": {
+                "address": f"tcp://127.0.0.1:{free_port()}",
+                "replay_address": f"tcp://127.0.0.1:{free_port()}",
+                "heartbeat_ms": 100,
+            },
+            "metrics": {"port": 0},
+            "store": {"path": str(data), "url": url, **store},
+        }
+    )
+
+
+def stored_messages(url: str, run: str) -> list[dict[str, Any]]:
+    store = VerdictStore(url)
+    try:
+        return [json.loads(v.message()[1]) for v in store.range(run, 1, 10**9)]
+    finally:
+        store.close()
+
+
+def test_every_published_verdict_is_stored_once_with_the_images_of_rejects(
+    bundle_path: Path, small_category: Path, tmp_path: Path
+) -> None:
+    config = store_config(tmp_path / "data", keep_pass_fraction=0.5)
+    listener = Subscriber(config.publisher.address)
+    listener.start()
+    source = SourceConfig(spec=f"folder:{small_category}", rate_ppm=600)  # 10 parts/s: heartbeats in between
+    pipeline = Pipeline(config, bundle_path, (source,))
+    summary = pipeline.run(install_signals=False)
+    time.sleep(0.3)
+    listener.stop()
+
+    n = len(MVTecCategory(small_category).test)
+    assert summary.verdicts == n and summary.stored == n and summary.spooled == 0
+    url = f"sqlite:///{tmp_path / 'data' / 'verdicts.sqlite'}"
+    assert stored_messages(url, summary.run_id) == listener.messages  # the very messages that went out
+    store = VerdictStore(url)
+    rows = store.range(summary.run_id, 1, n)
+    record = store.run_record(summary.run_id)
+    store.close()
+    assert record is not None and record["stopped_ns"] >= record["started_ns"]
+    assert record["bundle_hash"] == pipeline.bundle_hash
+    assert json.loads(record["config_json"])["store"]["keep_pass_fraction"] == 0.5
+    # Every reject's frame and overlay are archived, and about half the passes'.
+    rejects = [r for r in rows if r.verdict.verdict == "reject"]
+    passes = [r for r in rows if r.verdict.verdict == "pass"]
+    assert rejects and all(r.image_key for r in rejects)
+    kept_passes = sum(r.image_key is not None for r in passes)
+    assert 0 < kept_passes < len(passes)
+    for r in rejects + [p for p in passes if p.image_key]:
+        frame = cv2.imread(str(tmp_path / "data" / "images" / f"{r.image_key}.jpg"))
+        overlay = cv2.imread(str(tmp_path / "data" / "images" / f"{r.image_key}.overlay.jpg"))
+        assert frame is not None and frame.shape == (128, 128, 3) and overlay.shape == frame.shape
+    # Heartbeats came between the verdicts, each saying how far the sequence had got.
+    beats = listener.heartbeats
+    assert len(beats) >= 5 and all(b.run == summary.run_id for b in beats)
+    assert [b.seq for b in beats] == sorted(b.seq for b in beats) and beats[-1].seq == n
+    assert beats[-1].topic_seqs["reject"] == summary.rejects
+
+
+def test_a_killed_recorder_is_restarted_and_every_seq_is_stored_exactly_once(
+    bundle_path: Path, small_category: Path, tmp_path: Path
+) -> None:
+    config = store_config(tmp_path / "data", buffer_slots=16)
+    kills: list[int] = []
+    pipeline: Pipeline
+
+    def on_verdict(rec: np.void) -> None:
+        recorder = next(s for s in pipeline.stages if s.kind == "recorder")
+        p = recorder.process
+        if p is not None and p.pid is not None and p.is_alive() and len(kills) < 3 and int(rec["frame_id"]) % 15 == 5:
+            os.kill(p.pid, signal.SIGKILL)
+            kills.append(p.pid)
+
+    source = SourceConfig(spec=f"folder:{small_category}", rate_ppm=1200, loop=True)
+    pipeline = Pipeline(config, bundle_path, (source,), on_verdict)
+    summary = pipeline.run(duration_s=8, install_signals=False)
+    assert len(kills) >= 2 and summary.restarts_by_stage["recorder"] == len(kills)
+    url = f"sqlite:///{tmp_path / 'data' / 'verdicts.sqlite'}"
+    seqs = [m["seq"] for m in stored_messages(url, summary.run_id)]
+    assert seqs == list(range(1, summary.verdicts + 1))
+    assert summary.stored == summary.verdicts
+
+
+@pytest.fixture()
+def own_postgres() -> Any:
+    bin_dir = server_binaries()
+    if bin_dir is None:
+        pytest.skip("no PostgreSQL server installed here (apt-get install postgresql; .ci/run does)")
+    server = PostgresServer(bin_dir)
+    server.start()
+    yield server
+    server.remove()
+
+
+def scrape(port: int | None) -> dict[str, float]:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
+        text = r.read().decode()
+    out = {}
+    for line in text.splitlines():
+        if line.startswith("linewatch_store") or line.startswith("linewatch_archive"):
+            name, value = line.rsplit(" ", 1)
+            out[name] = float(value)
+    return out
+
+
+def test_a_stopped_database_loses_nothing_and_the_backlog_is_bounded_and_visible(
+    bundle_path: Path, small_category: Path, tmp_path: Path, own_postgres: PostgresServer
+) -> None:
+    config = store_config(tmp_path / "data", own_postgres.url, buffer_slots=16, image_slots=4)
+    listener = Subscriber(config.publisher.address)
+    listener.start()
+    scraped: list[dict[str, float]] = []
+    flowing = threading.Event()
+    pipeline: Pipeline
+
+    def outage() -> None:
+        flowing.wait(120)
+        own_postgres.stop()
+        time.sleep(4)
+        scraped.append(scrape(pipeline.metrics_port))
+        own_postgres.start()
+
+    source = SourceConfig(spec=f"folder:{small_category}", rate_ppm=1200, loop=True)
+    pipeline = Pipeline(config, bundle_path, (source,), lambda rec: flowing.set() if rec["frame_id"] >= 20 else None)
+    thread = threading.Thread(target=outage)
+    thread.start()
+    summary = pipeline.run(duration_s=12, install_signals=False)
+    thread.join()
+    time.sleep(0.3)
+    listener.stop()
+    # The line went on deciding and publishing through the outage ...
+    published = [m["seq"] for m in listener.messages]
+    assert published == list(range(1, summary.verdicts + 1)) and summary.verdicts > 100
+    # ... the buffer filled and the rest was spooled, which the metrics showed ...
+    assert summary.spooled > 0 and summary.store_lost == 0
+    during = scraped[0]
+    assert during["linewatch_store_backlog"] > 16 and during["linewatch_store_errors_total"] > 0
+    # ... and once the database was back, every verdict was written, once.
+    assert [m["seq"] for m in stored_messages(own_postgres.url, summary.run_id)] == published
+    assert not list((tmp_path / "data" / "spool").glob("*.seg")) and not list(
+        (tmp_path / "data" / "spool").glob("*.part")
+    )
+
+
+def test_sigkill_of_the_whole_run_keeps_every_verdict_older_than_200_ms(
+    bundle_path: Path, small_category: Path, tmp_path: Path
+) -> None:
+    before = set(os.listdir("/dev/shm"))
+    data = tmp_path / "data"
+    config = store_config(data)
+    config_file = tmp_path / "c.yaml"
+    config_file.write_text(
+        json.dumps(
+            {
+                "pipeline": {
+                    "max_frame_height": 256,
+                    "max_frame_width": 256,
+                    "sources": [{"spec": f"folder:{small_category}", "loop": True, "rate_ppm": 1200}],
+                },
+                "publisher": {"address": config.publisher.address, "replay_address": config.publisher.replay_address},
+                "metrics": {"port": 0},
+                "store": {"path": str(data)},
+            }
+        )
+    )
+    listener = Subscriber(config.publisher.address)
+    listener.start()
+    received: list[tuple[float, int]] = []
+    cmd = [sys.executable, "-m", "pipeline.app.cli", "run", "--bundle", str(bundle_path), "--config", str(config_file)]
+    env = os.environ | {"PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(cmd, start_new_session=True, stderr=subprocess.DEVNULL, env=env)
+    try:
+        deadline = time.monotonic() + 90
+        while len(listener.messages) < 30 and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.05)
+        assert len(listener.messages) >= 30, "the run published too little before the kill"
+        time.sleep(1.0)
+        os.killpg(proc.pid, signal.SIGKILL)  # linewatch and every stage at once: nobody gets to clean up
+        killed_at = time.monotonic()
+        proc.wait(10)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    time.sleep(0.3)
+    listener.stop()
+    received = [(t, m["seq"]) for t, m in zip(listener.received_at, listener.messages, strict=True)]
+    old_enough = [seq for t, seq in received if t < killed_at - 0.2]
+    run = listener.messages[0]["run"]
+    url = f"sqlite:///{data / 'verdicts.sqlite'}"
+    stored = {m["seq"] for m in stored_messages(url, run)}  # the store opens cleanly after the kill
+    assert old_enough and set(old_enough) <= stored
+    for name in set(os.listdir("/dev/shm")) - before:  # what the killed run could not unlink
+        if name.startswith("psm_"):
+            os.unlink(f"/dev/shm/{name}")
+
+
+@pytest.mark.parametrize(
+    "content",
+    [b"this is not a database at all, just bytes" * 100, "foreign"],
+    ids=["corrupt", "foreign"],
+)
+def test_a_corrupt_or_foreign_store_is_refused_at_start_in_one_line(
+    bundle_path: Path, tmp_path: Path, content: bytes | str, capfd: pytest.CaptureFixture[str]
+) -> None:
+    data = tmp_path / "data"
+    data.mkdir()
+    db = data / "verdicts.sqlite"
+    if content == "foreign":
+        import sqlite3
+
+        with sqlite3.connect(db) as conn:
+            conn.execute("CREATE TABLE invoices (id INTEGER PRIMARY KEY, amount REAL)")
+    else:
+        db.write_bytes(content)  # type: ignore[arg-type]
+    config = tmp_path / "c.yaml"
+    config.write_text(f"store:\n  path: {data}\nmetrics:\n  port: 0\n")
+    code = main(["run", "--bundle", str(bundle_path), "--config", str(config), "--source", "camera:0"])
+    err = capfd.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and str(db) in err[0], err
+    assert ("not a linewatch verdict store" if content == "foreign" else "cannot open") in err[0]
+
+
+def test_a_wrong_database_password_is_refused_at_start_in_one_line(
+    bundle_path: Path, tmp_path: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    port = free_port()  # nothing listens there
+    config = tmp_path / "c.yaml"
+    config.write_text(
+        f"store:\n  path: {tmp_path / 'data'}\n  url: postgresql+psycopg://linewatch:secret@127.0.0.1:{port}/lw\n"
+        "metrics:\n  port: 0\n"
+    )
+    code = main(["run", "--bundle", str(bundle_path), "--config", str(config), "--source", "camera:0"])
+    err = capfd.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "secret" not in err[0] and f"127.0.0.1:{port}" in err[0], err
