@@ -126,7 +126,9 @@ class VerdictStore:
             )
         with self.engine.connect() as conn:
             version = conn.execute(select(store_meta.c.value).where(store_meta.c.key == "schema_version")).scalar()
-        if version is None or not version.isdigit() or int(version) > SCHEMA_VERSION:
+        if version is None or not version.isdigit() or int(version) < 1:
+            raise StoreError(f"{self.where}: verdict store schema version {version!r} is not one linewatch makes")
+        if int(version) > SCHEMA_VERSION:
             raise StoreError(
                 f"{self.where}: verdict store schema version {version!r} is not supported by this linewatch "
                 f"(supports <= {SCHEMA_VERSION}); upgrade linewatch"

@@ -95,15 +95,17 @@ def test_a_corrupt_foreign_or_newer_store_is_refused_in_one_line(tmp_path: Path)
     foreign = tmp_path / "foreign.db"
     with sqlite3.connect(foreign) as conn:
         conn.execute("CREATE TABLE parts (serial TEXT)")
-    newer = tmp_path / "newer.db"
-    VerdictStore(sqlite_url(newer)).close()
-    with sqlite3.connect(newer) as conn:
-        conn.execute("UPDATE store_meta SET value = '99' WHERE key = 'schema_version'")
+    newer, unknown = tmp_path / "newer.db", tmp_path / "unknown.db"
+    for path, version in ((newer, "99"), (unknown, "0")):
+        VerdictStore(sqlite_url(path)).close()
+        with sqlite3.connect(path) as conn:
+            conn.execute("UPDATE store_meta SET value = ? WHERE key = 'schema_version'", (version,))
     cases = {
         corrupt: "cannot open the verdict store (file is not a database)",
         foreign: "not a linewatch verdict store (it has tables parts; missing runs, store_meta, verdicts)",
         newer: f"verdict store schema version '99' is not supported by this linewatch (supports <= {SCHEMA_VERSION}); "
         "upgrade linewatch",
+        unknown: "verdict store schema version '0' is not one linewatch makes",
         tmp_path / "no" / "such" / "dir" / "s.db": "cannot open the verdict store (unable to open database file)",
     }
     for path, message in cases.items():
