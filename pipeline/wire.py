@@ -28,7 +28,8 @@ learns from the topic_seqs that it missed one.
 A subscriber slower than the publisher's high-water mark loses messages, which it sees as a gap in
 `seq` / `topic_seq` (`GapTracker`). The replay endpoint (REQ/REP) sends missed messages again, as the
 same bytes, from the verdict store: a `ReplayRequest` (run, from_seq, to_seq) is answered by a header
-and the [topic, body] pairs (`encode_replay_reply`, `decode_replay_reply`).
+and the [topic, body] pairs (`encode_replay_reply`, `decode_replay_reply`); `reply_holes` names the seqs
+of a reply's window that the store did not (yet) hold, to ask for again later.
 """
 
 from __future__ import annotations
@@ -166,8 +167,20 @@ def decode_replay_reply(frames: list[bytes]) -> tuple[dict[str, Any], list[dict[
     return header, [decode(list(frames[i : i + 2])) for i in range(1, len(frames), 2)]
 
 
+def reply_holes(header: dict[str, Any], messages: list[dict[str, Any]]) -> list[tuple[int, int]]:
+    """The stretches (first, last), inclusive, of a reply's window that came back without a message: seqs the
+    store does not hold, or not yet (the recorder stores a little behind publishing). A reply for 1..10 with
+    messages 1..4 and 7 has the holes [(5, 6), (8, 10)]."""
+    holes, expected = [], int(header["from_seq"])
+    for seq in [*sorted({int(m["seq"]) for m in messages}), int(header["to_seq"]) + 1]:
+        if seq > expected:
+            holes.append((expected, seq - 1))
+        expected = max(expected, seq + 1)
+    return holes
+
+
 class GapTracker:
-    """Consumer side: which sequence numbers were missed, per run (used by deploy/plc_bridge.py)."""
+    """Consumer side, the simplest check: which sequence numbers of one stream were missed, per run."""
 
     def __init__(self, key: str = "seq", last: int | None = None, run: str | None = None) -> None:
         self.key, self.last, self.run = key, last, run

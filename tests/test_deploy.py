@@ -1,21 +1,19 @@
-"""The deploy files agree with the code: dashboard queries name real metrics, ports match the config."""
+"""The deploy files agree with the code: dashboard queries name real metrics, ports match the config.
+
+The example PLC bridge has its own tests in test_plc_bridge.py."""
 
 from __future__ import annotations
 
 import json
 import re
-import sys
 from pathlib import Path
 
 import yaml
 
 from pipeline.metrics import PipelineMetrics
 from pipeline.settings import MetricsConfig, PipelineConfig
-from pipeline.wire import Verdict, encode
 
 DEPLOY = Path(__file__).resolve().parents[1] / "deploy"
-sys.path.insert(0, str(DEPLOY))
-from plc_bridge import Bridge  # noqa: E402
 
 
 def exported_names() -> set[str]:
@@ -52,23 +50,3 @@ def test_deploys_allow_the_decide_stages_real_time_priority() -> None:
     unit = (DEPLOY / "linewatch.service").read_text()
     limit = re.search(r"^LimitRTPRIO=(\d+)$", unit, re.M)
     assert limit is not None and int(limit.group(1)) >= wanted
-
-
-def _message(seq: int, topic_seq: int, verdict: str = "reject", run: str = "r1") -> list[bytes]:
-    v = Verdict("cam0", seq, 1_000_000, 3_000_000, 9.5, 5.0, verdict, 42)
-    return encode(run, seq, topic_seq, v, "hash")
-
-
-def test_plc_bridge_logs_rejects_and_gaps_across_its_own_restart(tmp_path: Path) -> None:
-    state = tmp_path / "bridge.json"
-    bridge = Bridge(state, all_verdicts=False)
-    lines = bridge.handle(_message(1, 1))
-    assert len(lines) == 1 and lines[0].startswith("REJECT: camera cam0 frame 1 trigger 42") and "2.0 ms" in lines[0]
-    bridge.handle(_message(4, 2))
-    bridge.save()
-    restarted = Bridge(state, all_verdicts=False)  # comes back after rejects 3..5 went by
-    lines = restarted.handle(_message(9, 6))
-    assert lines[0] == "GAP: missed reject messages 3..5 (3) of run r1"
-    assert restarted.handle([b"reject", b'{"v": 99}']) == [
-        "ignored message: message schema version 99, this reader understands 1"
-    ]

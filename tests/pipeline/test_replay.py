@@ -14,7 +14,7 @@ from test_store import verdicts
 from pipeline.app.ports import free_port
 from pipeline.store.replay import ReplayServer
 from pipeline.store.verdicts import VerdictStore
-from pipeline.wire import ReplayRequest, decode, decode_replay_reply
+from pipeline.wire import ReplayRequest, decode, decode_replay_reply, reply_holes
 
 
 @pytest.fixture()
@@ -107,6 +107,21 @@ def test_an_unreadable_store_gets_an_error_reply_and_the_endpoint_keeps_serving(
         with sqlite3.connect(path) as conn:
             conn.execute("ALTER TABLE verdicts_moved RENAME TO verdicts")
         assert len(decode_replay_reply(ask(address, ReplayRequest("run-a", 1, 5).encode()))[1]) == 5
+    finally:
+        server.stop()
+        store.close()
+
+
+def test_the_holes_of_a_reply_are_the_seqs_not_stored(tmp_path: Path) -> None:
+    store = VerdictStore(f"sqlite:///{tmp_path / 'store.db'}")
+    store.write([v for v in verdicts("run-a", 10) if v.seq not in (4, 5, 9)])  # the recorder is behind on these
+    address = f"tcp://127.0.0.1:{free_port()}"
+    server = ReplayServer(store, address, max_messages=12).start()
+    try:
+        header, messages = decode_replay_reply(ask(address, ReplayRequest("run-a", 2, 20).encode()))
+        assert header["to_seq"] == 13 and reply_holes(header, messages) == [(4, 5), (9, 9), (11, 13)]
+        header, messages = decode_replay_reply(ask(address, ReplayRequest("run-a", 6, 8).encode()))
+        assert reply_holes(header, messages) == []
     finally:
         server.stop()
         store.close()
