@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -269,3 +270,62 @@ def test_a_wrong_database_password_is_refused_at_start_in_one_line(
     code = main(["run", "--bundle", str(bundle_path), "--config", str(config), "--source", "camera:0"])
     err = capfd.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and "secret" not in err[0] and f"127.0.0.1:{port}" in err[0], err
+
+
+REPO = Path(__file__).resolve().parents[2]
+BRIDGE_LINE = re.compile(r"^(REJECT|ERROR) run (\S+) seq (\d+):")
+
+
+def start_bridge(config: Config, state: Path, log: Path) -> subprocess.Popen[bytes]:
+    argv = [sys.executable, str(REPO / "deploy" / "plc_bridge.py"), "--address", config.publisher.address]
+    argv += ["--replay-address", config.publisher.replay_address, "--state", str(state)]
+    with log.open("a") as out:
+        env = {**os.environ, "PYTHONPATH": str(REPO)}
+        return subprocess.Popen(argv, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
+
+
+def test_a_bridge_started_late_and_killed_mid_run_ends_with_every_reject_of_the_real_run(
+    bundle_path: Path, small_category: Path, tmp_path: Path
+) -> None:
+    config = store_config(tmp_path / "data")
+    state, log = tmp_path / "bridge.json", tmp_path / "bridge.log"
+    bridges: list[subprocess.Popen[bytes]] = []
+    flowing = threading.Event()
+
+    def bridge_comes_and_goes() -> None:
+        flowing.wait(120)
+        time.sleep(1.5)  # a second and a half of rejects published before the bridge exists
+        bridges.append(start_bridge(config, state, log))
+        time.sleep(2.5)
+        bridges[-1].send_signal(signal.SIGKILL)  # killed mid-run ...
+        bridges[-1].wait()
+        time.sleep(1.5)
+        bridges.append(start_bridge(config, state, log))  # ... and back with its state
+
+    source = SourceConfig(spec=f"folder:{small_category}", rate_ppm=1200, loop=True)
+    pipeline = Pipeline(config, bundle_path, (source,), lambda rec: flowing.set())
+    thread = threading.Thread(target=bridge_comes_and_goes)
+    thread.start()
+    try:
+        summary = pipeline.run(duration_s=12, install_signals=False)
+        thread.join()
+        url = f"sqlite:///{tmp_path / 'data' / 'verdicts.sqlite'}"
+        wanted = {m["seq"] for m in stored_messages(url, summary.run_id) if m["verdict"] != "pass"}
+        assert summary.stored == summary.verdicts and len(wanted) == summary.rejects + summary.errors > 20
+
+        def handled() -> list[int]:
+            matches = (BRIDGE_LINE.match(line) for line in log.read_text().splitlines())
+            return [int(m[3]) for m in matches if m is not None and m[2] == summary.run_id]
+
+        deadline = time.monotonic() + 30  # the replay endpoint is gone with the run: all came before its end
+        while set(handled()) != wanted and time.monotonic() < deadline:
+            time.sleep(0.2)
+        seen = handled()
+        assert set(seen) == wanted
+        assert len(seen) - len(set(seen)) <= 1  # at least once: the message in hand when it was killed
+        assert any("(replayed)" in line for line in log.read_text().splitlines())
+    finally:
+        for bridge in bridges:
+            if bridge.poll() is None:
+                bridge.kill()
+                bridge.wait()
