@@ -160,7 +160,19 @@ def test_bench_json_has_the_documented_keys(
         "backbone_ms_p50",
         "bank_mb",
         "rss_mb",
+        "store_sqlite_verdicts_per_s",
+        "store_postgresql_verdicts_per_s",
+        "store_off_ms_p50",
+        "store_off_ms_p99",
+        "store_on_ms_p50",
+        "store_on_ms_p99",
+        "store_p99_change",
     }
+    assert result["store_sqlite_verdicts_per_s"] > 0 and result["store_postgresql_verdicts_per_s"] is None
+    assert 0 < result["store_off_ms_p50"] <= result["store_off_ms_p99"]
+    assert 0 < result["store_on_ms_p50"] <= result["store_on_ms_p99"]
+    assert result["store_p99_change"] == pytest.approx(result["store_on_ms_p99"] / result["store_off_ms_p99"] - 1)
+    assert not (bundle.parent / "linewatch-data").exists()  # the bench's verdicts never join the line's
     assert result["backbone_fps"] > result["model_fps"] > 0 and result["pipeline_fps"] > 0
     assert result["pipeline_efficiency"] == pytest.approx(result["pipeline_fps"] / result["model_fps"])
     assert 0 < result["model_ms_p50"] <= result["model_ms_p99"] and result["bank_mb"] > 0 and result["rss_mb"] > 100
@@ -201,7 +213,7 @@ def test_efficientad_calibrates_and_runs_in_the_pipeline(
     assert info["steps"] == 10 and info["distill_steps"] == 3 and info["norm_images"] >= 1
     assert "distilled from efficientnet_lite0" in manifest["model_params"]["teacher"]
     capsys.readouterr()
-    assert main(["bench", "--bundle", str(out), "--seconds", "1", "--batch", "2", "--json"]) == 0
+    assert main(["bench", "--bundle", str(out), "--seconds", "1", "--batch", "2", "--json", "--no-store"]) == 0
     result = json.loads(capsys.readouterr().out)
     # Floor = the teacher alone; the pipeline replays frames through the EfficientAD bundle.
     assert result["backbone_fps"] > result["model_fps"] > 0 and result["pipeline_fps"] > 0

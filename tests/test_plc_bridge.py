@@ -324,7 +324,7 @@ class Line:
             self.counters[[0, topic]] += 1
             seq = int(self.counters[0])
         else:
-            seq = self.publisher.publish(v)
+            seq = self.publisher.publish(v)[0]
         stored = StoredVerdict(self.run, seq, int(self.counters[topic]), v, "hash")
         self.unstored.append((time.monotonic() + LAG_S, stored))
         if verdict != "pass":

@@ -28,6 +28,7 @@ from edge.backends import check_backend, engine_cache_dir, prepare_backend
 from edge.bundle import load_bundle
 from pipeline.app.config import Config, with_overrides
 from pipeline.app.ports import free_port
+from pipeline.app.store_bench import StoreBench, latency_with_and_without_store, recorder_throughput, sqlite_in
 from pipeline.logs import LogSettings
 from pipeline.settings import SourceConfig
 from pipeline.supervisor import Pipeline, detail, headline
@@ -46,10 +47,15 @@ class BenchResult:
     rss_mb: float
     batch: int = detail()
     pipeline_cpu: dict[str, float] = detail()  # CPU cores used, per process
+    store: StoreBench | None = detail(default=None)  # None: --no-store
 
-    def to_json(self) -> dict[str, float]:
+    def to_json(self) -> dict[str, float | None]:
         """The figures `linewatch bench --json` prints (the detail fields are for the text output)."""
-        return headline(self)
+        figures: dict[str, float | None] = headline(self)
+        if self.store is not None:
+            figures |= {f"store_{k}": v for k, v in vars(self.store).items()}
+            figures["store_p99_change"] = self.store.p99_change
+        return figures
 
 
 class BackboneOnly(nn.Module):
@@ -212,10 +218,18 @@ def pipeline_fps(
 
     Measured over `seconds` after the first verdict plus a quarter of that for warm-up.
     """
+    with tempfile.TemporaryDirectory(prefix="linewatch-bench-store-") as tmp:
+        ports = {"publisher.address": f"tcp://127.0.0.1:{free_port()}", "metrics.port": 0}
+        ports["publisher.replay_address"] = f"tcp://127.0.0.1:{free_port()}"
+        if config.store.path is None:  # a bench's verdicts never join those of the line beside the bundle
+            ports["store.path"] = tmp
+        return _timed_replay(with_overrides(config, ports), bundle, data, seconds, rate_ppm, log_settings)
+
+
+def _timed_replay(
+    config: Config, bundle: Path, data: Path, seconds: float, rate_ppm: float, log_settings: LogSettings | None
+) -> tuple[float, np.ndarray, dict[str, float]]:
     source = SourceConfig(spec=f"folder:{data}", loop=True, rate_ppm=rate_ppm)
-    ports = {"publisher.address": f"tcp://127.0.0.1:{free_port()}", "metrics.port": 0}
-    ports["publisher.replay_address"] = f"tcp://127.0.0.1:{free_port()}"
-    config = with_overrides(config, ports)
     stamps: list[tuple[float, int]] = []
     cpu: dict[str, float] = {}
     started, measuring = threading.Event(), threading.Event()
@@ -257,6 +271,8 @@ def run_bench(
     seconds: float,
     data: Path | None = None,
     log_settings: LogSettings | None = None,
+    store_section: bool = True,
+    store_url: str | None = None,
 ) -> BenchResult:
     pc = config.pipeline
     check_backend(pc.backend, pc.device, pc.backend_fallback)
@@ -288,13 +304,12 @@ def run_bench(
     bank_mb = sum(t.numel() * t.element_size() for t in model.tensors().values()) / 2**20
     with tempfile.TemporaryDirectory(prefix="linewatch-bench-") as tmp:
         folder = data or synthetic_frames(Path(tmp) / "frames", (h, w))
-        fps, _, cpu = pipeline_fps(
-            with_overrides(config, {"pipeline.max_batch": batch}),
-            bundle_path,
-            folder,
-            seconds,
-            log_settings=log_settings,
-        )
+        # The bench's verdicts go to a store of its own, never into the bundle's data folder.
+        config = with_overrides(config, {"pipeline.max_batch": batch, "store.path": str(Path(tmp) / "data")})
+        fps, _, cpu = pipeline_fps(config, bundle_path, folder, seconds, log_settings=log_settings)
+        store = None
+        if store_section:
+            store = _store_bench(config, bundle_path, folder, (h, w), fps, seconds, store_url, log_settings)
     rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return BenchResult(
         backbone_fps=backbone,
@@ -308,4 +323,35 @@ def run_bench(
         rss_mb=rss_mb,
         batch=batch,
         pipeline_cpu=cpu,
+        store=store,
+    )
+
+
+def _store_bench(
+    config: Config,
+    bundle: Path,
+    folder: Path,
+    input_size: tuple[int, int],
+    fps: float,
+    seconds: float,
+    store_url: str | None,
+    log_settings: LogSettings | None,
+) -> StoreBench:
+    data = Path(str(config.store.path))
+    data.mkdir(parents=True, exist_ok=True)
+    sqlite = recorder_throughput(sqlite_in(data), input_size, seconds / 4)
+    postgresql = recorder_throughput(store_url, input_size, seconds / 4) if store_url else None
+
+    def replay(store_on: bool, rate_ppm: float) -> np.ndarray:
+        run_config = with_overrides(config, {"store.enabled": store_on})
+        return pipeline_fps(run_config, bundle, folder, seconds / 2, rate_ppm, log_settings)[1]
+
+    off, on = latency_with_and_without_store(replay, rate_ppm=max(fps, 1.0) * 60 / 2)
+    return StoreBench(
+        sqlite,
+        postgresql,
+        float(np.percentile(off, 50)),
+        float(np.percentile(off, 99)),
+        float(np.percentile(on, 50)),
+        float(np.percentile(on, 99)),
     )

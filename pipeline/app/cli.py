@@ -223,7 +223,16 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from pipeline.app.bench import run_bench
 
     config = _config(args)
-    r = run_bench(Path(args.bundle), config, config.pipeline.max_batch, args.seconds, args.data, args.log_settings)
+    r = run_bench(
+        Path(args.bundle),
+        config,
+        config.pipeline.max_batch,
+        args.seconds,
+        args.data,
+        args.log_settings,
+        store_section=not args.no_store,
+        store_url=args.store_url,
+    )
     if args.json:
         print(json.dumps(r.to_json()))
         return 0
@@ -238,6 +247,13 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if r.pipeline_cpu:
         print("  CPU cores per process: " + ", ".join(f"{k} {v:.2f}" for k, v in r.pipeline_cpu.items()))
     print(f"memory bank: {r.bank_mb:.1f} MB; peak RSS of this process: {r.rss_mb:.0f} MB")
+    if (s := r.store) is not None:
+        pg = "n/a (give --store-url)" if s.postgresql_verdicts_per_s is None else f"{s.postgresql_verdicts_per_s:.0f}"
+        print(f"recorder: SQLite {s.sqlite_verdicts_per_s:.0f} verdicts/s, PostgreSQL {pg} verdicts/s")
+        print(
+            f"latency at half the pipeline's rate: store off p50 {s.off_ms_p50:.1f} ms, p99 {s.off_ms_p99:.1f} ms;"
+            f" store on p50 {s.on_ms_p50:.1f} ms, p99 {s.on_ms_p99:.1f} ms (p99 {s.p99_change:+.1%})"
+        )
     return 0
 
 
@@ -366,6 +382,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--backend", dest="backend_name", metavar="NAME", help="torch, compile or tensorrt (pipeline.backend)"
     )
     p.add_argument("--seconds", type=float, default=20.0, help="measuring time per figure (default 20)")
+    p.add_argument("--no-store", action="store_true", help="skip the store section (recorder, latency store on/off)")
+    p.add_argument("--store-url", help="PostgreSQL URL for the recorder figure (a database the bench may write to)")
     p.add_argument("--config", type=Path, help="config file (pipeline settings)")
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     p.set_defaults(func=cmd_bench)

@@ -21,7 +21,7 @@ import cv2
 import numpy as np
 import pytest
 from postgres_server import PostgresServer, server_binaries
-from test_runtime import Subscriber
+from test_runtime import Subscriber, _alive, _ppid
 
 from calibration.datasets import MVTecCategory
 from pipeline.app.cli import main
@@ -180,9 +180,12 @@ def test_a_stopped_database_loses_nothing_and_the_backlog_is_bounded_and_visible
     )
 
 
-def test_sigkill_of_the_whole_run_keeps_every_verdict_older_than_200_ms(
-    bundle_path: Path, small_category: Path, tmp_path: Path
+@pytest.mark.parametrize("group", [True, False], ids=["process-group", "supervisor-alone"])
+def test_sigkill_of_the_run_keeps_every_verdict_older_than_200_ms(
+    bundle_path: Path, small_category: Path, tmp_path: Path, group: bool
 ) -> None:
+    """Killing the whole process group leaves no process to store the buffer: verdicts published more than
+    200 ms before are stored. Killing `linewatch run` alone, its stages store the buffer before exiting."""
     before = set(os.listdir("/dev/shm"))
     data = tmp_path / "data"
     config = store_config(data)
@@ -213,9 +216,17 @@ def test_sigkill_of_the_whole_run_keeps_every_verdict_older_than_200_ms(
             time.sleep(0.05)
         assert len(listener.messages) >= 30, "the run published too little before the kill"
         time.sleep(1.0)
-        os.killpg(proc.pid, signal.SIGKILL)  # linewatch and every stage at once: nobody gets to clean up
+        stages = [p for p in os.listdir("/proc") if p.isdigit() and _ppid(p) == proc.pid]
+        if group:
+            os.killpg(proc.pid, signal.SIGKILL)  # linewatch and every stage at once: nobody gets to clean up
+        else:
+            os.kill(proc.pid, signal.SIGKILL)
         killed_at = time.monotonic()
         proc.wait(10)
+        deadline = time.monotonic() + 40  # orphaned stages see their parent gone and exit
+        while any(_alive(p) for p in stages) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not any(_alive(p) for p in stages)
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
@@ -227,6 +238,8 @@ def test_sigkill_of_the_whole_run_keeps_every_verdict_older_than_200_ms(
     url = f"sqlite:///{data / 'verdicts.sqlite'}"
     stored = {m["seq"] for m in stored_messages(url, run)}  # the store opens cleanly after the kill
     assert old_enough and set(old_enough) <= stored
+    if not group:
+        assert {seq for _, seq in received} <= stored  # the orphaned recorder stored the whole buffer
     for name in set(os.listdir("/dev/shm")) - before:  # what the killed run could not unlink
         if name.startswith("psm_"):
             os.unlink(f"/dev/shm/{name}")

@@ -1,0 +1,106 @@
+"""`linewatch bench`'s store section: how fast the recorder stores verdicts, and what recording costs the line.
+
+- recorder throughput: verdict records (every 50th with a kept frame and map to archive, as rejects are)
+  taken from a record ring and written by the real `Recorder`, into SQLite and, given a URL, PostgreSQL;
+- the pipeline's end-to-end latency with the store off and on, in the same run, on a paced replay at half
+  the pipeline's measured throughput, in the order off, on, on, off so drift on a noisy box hits both alike.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from pipeline.ring import RECORD, VERDICT_PASS, VERDICT_REJECT, FrameRing
+from pipeline.store.archive import ImageArchive
+from pipeline.store.recorder import BATCH, Recorder, RunIdentity
+from pipeline.store.spool import SpoolReader
+from pipeline.store.verdicts import VerdictStore, sqlite_url
+
+IMAGE_EVERY = 50  # one verdict in 50 carries a frame to archive (2 % rejects)
+
+
+@dataclass
+class StoreBench:
+    sqlite_verdicts_per_s: float
+    postgresql_verdicts_per_s: float | None  # None: no --store-url given
+    off_ms_p50: float
+    off_ms_p99: float
+    on_ms_p50: float
+    on_ms_p99: float
+
+    @property
+    def p99_change(self) -> float:
+        """Relative change of the p99 latency with the store on (0.03 = 3 % slower)."""
+        return self.on_ms_p99 / self.off_ms_p99 - 1.0 if self.off_ms_p99 else 0.0
+
+
+def _fill(records: FrameRing, images: FrameRing, first_seq: int) -> int:
+    """Fill the record ring with verdicts numbered from `first_seq`; returns how many."""
+    rng = np.random.default_rng(first_seq)
+    n = 0
+    for slot in range(records.spec.slots):
+        seq = first_seq + n
+        rec = np.zeros((), dtype=RECORD)
+        rec["frame_id"], rec["pub_seq"], rec["topic_seq"] = seq, seq, seq
+        rec["t_capture_ns"] = rec["t_decision_ns"] = time.time_ns()
+        rec["score"], rec["image_slot"] = float(rng.random()), -1
+        rec["verdict"] = VERDICT_PASS
+        if seq % IMAGE_EVERY == 0:
+            image_slot = (seq // IMAGE_EVERY) % images.spec.slots
+            images.payloads[image_slot] = rng.integers(0, 256, images.payloads.shape[1:], dtype=np.uint8)
+            images.commit(image_slot, notify=False)
+            rec["image_slot"], rec["verdict"] = image_slot, VERDICT_REJECT
+        records.commit(slot, rec, notify=False)
+        n += 1
+    return n
+
+
+def recorder_throughput(url: str, input_size: tuple[int, int], seconds: float) -> float:
+    """Verdicts per second the recorder takes from its ring and stores (rows + archived images) at `url`."""
+    h, w = input_size
+    slots = 2 * BATCH
+    records = FrameRing.create(slots)
+    images = FrameRing.create(slots // IMAGE_EVERY + 1, (h, w, 4))
+    store = VerdictStore(url)
+    try:
+        with tempfile.TemporaryDirectory(prefix="linewatch-bench-store-") as tmp:
+            archive = ImageArchive(Path(tmp) / "images", 10**12, 1.0)
+            identity = RunIdentity(f"bench-{uuid.uuid4().hex[:8]}", ("cam0",), "bench", 0.5)
+            recorder = Recorder(store, archive, SpoolReader(Path(tmp) / "spool"), identity)
+            stored, spent, seq = 0, 0.0, 1
+            while spent < seconds or stored == 0:
+                seq += _fill(records, images, seq)
+                start = time.perf_counter()
+                while records.written().size:
+                    batch = recorder.take(records, images, spooled=False)
+                    if not recorder.write(batch, records, images):
+                        raise RuntimeError(f"{url}: the store refused the benchmark's writes")
+                    stored += len(batch)
+                spent += time.perf_counter() - start
+        return stored / spent
+    finally:
+        store.close()
+        records.close()
+        images.close()
+
+
+def latency_with_and_without_store(
+    replay: Callable[[bool, float], np.ndarray], rate_ppm: float
+) -> tuple[np.ndarray, np.ndarray]:
+    """End-to-end latencies (ms) of paced replays with the store off and on, run off, on, on, off."""
+    off: list[np.ndarray] = []
+    on: list[np.ndarray] = []
+    for store_on in (False, True, True, False):
+        (on if store_on else off).append(replay(store_on, rate_ppm))
+    return np.concatenate(off), np.concatenate(on)
+
+
+def sqlite_in(folder: Path) -> str:
+    return sqlite_url(folder / "bench.sqlite")
