@@ -296,7 +296,8 @@ def _conditions(f: HistoryFilter) -> list[ColumnElement[bool]]:
 
 
 def _engine(url: str) -> Engine:
-    engine = create_engine(url)
+    # pre_ping: a connection that a database restart cut is replaced, not handed out to fail once.
+    engine = create_engine(url, pool_pre_ping=True)
     if engine.dialect.name == "sqlite":
 
         @event.listens_for(engine, "connect")

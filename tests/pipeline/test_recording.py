@@ -135,7 +135,7 @@ def scrape(port: int | None) -> dict[str, float]:
         text = r.read().decode()
     out = {}
     for line in text.splitlines():
-        if line.startswith("linewatch_store") or line.startswith("linewatch_archive"):
+        if line.startswith(("linewatch_store", "linewatch_archive", "linewatch_images")):
             name, value = line.rsplit(" ", 1)
             out[name] = float(value)
     return out
@@ -173,8 +173,11 @@ def test_a_stopped_database_loses_nothing_and_the_backlog_is_bounded_and_visible
     assert summary.spooled > 0 and summary.store_lost == 0
     during = scraped[0]
     assert during["linewatch_store_backlog"] > 16 and during["linewatch_store_errors_total"] > 0
+    assert during["linewatch_store_writes_total"] > 0 and during["linewatch_archive_bytes"] > 0
+    assert during["linewatch_images_expired_total"] == 0 and during["linewatch_store_lost_total"] == 0
     # ... and once the database was back, every verdict was written, once.
     assert [m["seq"] for m in stored_messages(own_postgres.url, summary.run_id)] == published
+    assert summary.stored == summary.verdicts
     assert not list((tmp_path / "data" / "spool").glob("*.seg")) and not list(
         (tmp_path / "data" / "spool").glob("*.part")
     )
@@ -342,3 +345,60 @@ def test_a_bridge_started_late_and_killed_mid_run_ends_with_every_reject_of_the_
             if bridge.poll() is None:
                 bridge.kill()
                 bridge.wait()
+
+
+@pytest.fixture()
+def tiny_filesystem(tmp_path: Path) -> Any:
+    """A 2 MB tmpfs: a disk that fills up for real (needs mount rights; skipped where there are none)."""
+    mount_point = tmp_path / "tiny"
+    mount_point.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mount_point)], capture_output=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode().strip()}")
+    yield mount_point
+    subprocess.run(["umount", "-l", str(mount_point)], capture_output=True)
+
+
+def fill(folder: Path) -> Path:
+    """Take every free byte of `folder`'s filesystem with one file."""
+    filler = folder / "filler"
+    with filler.open("wb") as f:
+        try:
+            while True:
+                f.write(b"\0" * 65536)
+                f.flush()
+        except OSError:
+            pass
+    return filler
+
+
+def test_a_full_disk_under_the_database_loses_nothing_once_space_is_back(
+    bundle_path: Path, small_category: Path, tmp_path: Path, tiny_filesystem: Path
+) -> None:
+    url = f"sqlite:///{tiny_filesystem / 'verdicts.sqlite'}"
+    config = store_config(tmp_path / "data", url, buffer_slots=16, image_slots=4)
+    listener = Subscriber(config.publisher.address)
+    listener.start()
+    flowing = threading.Event()
+    scraped: list[dict[str, float]] = []
+    pipeline: Pipeline
+
+    def disk_fills_up_and_is_freed() -> None:
+        flowing.wait(120)
+        filler = fill(tiny_filesystem)
+        time.sleep(4)
+        scraped.append(scrape(pipeline.metrics_port))
+        filler.unlink()
+
+    source = SourceConfig(spec=f"folder:{small_category}", rate_ppm=1200, loop=True)
+    pipeline = Pipeline(config, bundle_path, (source,), lambda rec: flowing.set() if rec["frame_id"] >= 20 else None)
+    thread = threading.Thread(target=disk_fills_up_and_is_freed)
+    thread.start()
+    summary = pipeline.run(duration_s=9, install_signals=False)
+    thread.join()
+    time.sleep(0.3)
+    listener.stop()
+    published = [m["seq"] for m in listener.messages]
+    assert published == list(range(1, summary.verdicts + 1)) and summary.spooled > 0 and summary.store_lost == 0
+    assert scraped[0]["linewatch_store_backlog"] > 16 and scraped[0]["linewatch_store_errors_total"] > 0
+    assert [m["seq"] for m in stored_messages(url, summary.run_id)] == published
