@@ -13,12 +13,13 @@ parts, and the line's rate is
     P(s > t) = P(s > t | s <= t0) * (1 - FPR(t0)) + P(s > t, s > t0) <= bound + FPR(t0),
 
 so the true rate can exceed the bound by up to t0's own false-reject rate, which matters when t < t0. The
-line's reject rate over the same period estimates FPR(t0) from above while defects are few (rejects are the
-false rejects plus the real defects caught).
+line's reject rate over the same period estimates FPR(t0) from above: with a share d of defective parts it is
+FPR(t0) * (1 - d) + recall * d, at least FPR(t0) whenever t0 catches defects more often than it rejects good
+parts.
 
 The archive keeps JPEG frames (quality 90). Their scores differ from those of the frames as captured, more on
-fine, high-contrast texture, where the compression noise mostly raises them (tests/calibration/
-test_rethreshold.py measures it): the bound is on the archived frames' scores.
+fine, high-contrast texture, where the compression noise mostly raises them (measured in
+tests/pipeline/test_recalibrate.py and docs/calibration.md): the bound is on the archived frames' scores.
 """
 
 from __future__ import annotations
