@@ -108,10 +108,11 @@ def rethreshold(
     n = int(scores.size)
     if n == 0 or (not cc.allow_weak_bound and bounded_order(n, cc.target_fpr, cc.confidence) is None):
         needed = min_calibration_frames(cc.target_fpr, cc.confidence)
+        weak = "" if cc.allow_weak_bound else ", or pass --allow-weak-bound"
         raise InsufficientCalibrationData(
             f"{n} passed frames at the model's input size {size[0]}x{size[1]} ({skipped} of another size skipped): "
             f"bounding the false-reject rate at {cc.target_fpr:g} with {cc.confidence:.0%} confidence needs at "
-            f"least {needed} (take a longer period, a higher target or lower confidence, or pass --allow-weak-bound)"
+            f"least {needed} (take a longer period, a higher target or lower confidence{weak})"
         )
     choice = choose_threshold(scores, cc.target_fpr, cc.confidence, cc.allow_weak_bound)
     backbone = bundle.model.backbone
