@@ -1,4 +1,5 @@
-"""Shared fixtures: a tiny generated MVTec-layout dataset, a config, and store databases (SQLite, PostgreSQL)."""
+"""Shared fixtures: a tiny generated MVTec-layout dataset, a config, a calibrated bundle of it, and store databases
+(SQLite, PostgreSQL)."""
 
 from __future__ import annotations
 
@@ -12,17 +13,32 @@ from postgres_server import postgres_server, server_binaries
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
 
+from calibration.calibrate import calibrate
+from calibration.datasets import normal_frames
 from calibration.synthetic import generate_mvtec_dataset
+from edge.bundle import save_bundle
+from pipeline.app.config import config_from_dict
 
 torch.set_num_threads(2)
 
 SMALL = {"n_train": 16, "n_test_good": 4, "n_test_per_defect": 2, "size": 128}
+LOOSE = {"target_fpr": 0.2, "confidence": 0.8, "synthetic_per_kind": 0}
 
 
 @pytest.fixture(scope="session")
 def small_category(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("data")
     return generate_mvtec_dataset(root, ("brick",), seed=1, **SMALL)[0]
+
+
+@pytest.fixture(scope="session")
+def bundle_path(small_category: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A calibrated PatchCore bundle of `small_category` at input 128 (threshold at 20 % FPR, 80 % confidence)."""
+    config = config_from_dict({"model": {"input_size": 128}, "calibration": LOOSE})
+    cal = calibrate(config, normal_frames(small_category))
+    path = tmp_path_factory.mktemp("run") / "bundle.pt"
+    save_bundle(path, cal.fit.model, cal.manifest)
+    return path
 
 
 @pytest.fixture(scope="session")

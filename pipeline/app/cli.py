@@ -122,7 +122,56 @@ def cmd_fit(args: argparse.Namespace) -> int:
     return 0
 
 
+# calibrate's options that only one of its two forms takes: (dest, flag).
+_FIT_ONLY = (
+    ("model_name", "--model"),
+    ("backbone", "--backbone"),
+    ("seed", "--seed"),
+    ("teacher", "--teacher"),
+    ("distill_images", "--distill-images"),
+    ("steps", "--steps"),
+    ("checkpoint", "--checkpoint"),
+    ("holdout", "--holdout"),
+    ("report_dir", "--report-dir"),
+    ("skip_bad", "--skip-bad"),
+)
+_STORE_ONLY = (
+    ("bundle", "--bundle"),
+    ("since", "--since"),
+    ("until", "--until"),
+    ("camera", "--camera"),
+    ("store_url", "--store-url"),
+)
+
+
+def _check_calibrate_form(args: argparse.Namespace) -> None:
+    """One-line errors for a mix of the two forms: fit on --data, or re-choose on the store's frames."""
+    if args.from_store:
+        if args.data is not None:
+            raise ValueError(
+                "--data: not with --from-store (the frames come from the verdict store, found beside --bundle or at "
+                "store.path of --config)"
+            )
+        if args.bundle is None:
+            raise ValueError(
+                "--bundle: required with --from-store (the calibrated bundle whose threshold is re-chosen)"
+            )
+        wrong, why = _FIT_ONLY, "only when fitting on --data: --from-store does not refit the model"
+    else:
+        if args.data is None:
+            raise ValueError(
+                "--data: required (normal frames to fit and calibrate on), or give --from-store --bundle B"
+            )
+        wrong, why = _STORE_ONLY, "only with --from-store"
+    given = [flag for dest, flag in wrong if getattr(args, dest) not in (None, False)]
+    if given:
+        raise ValueError(f"{given[0]}: {why}")
+
+
 def cmd_calibrate(args: argparse.Namespace) -> int:
+    _check_calibrate_form(args)
+    if args.from_store:
+        return _calibrate_from_store(args)
     from calibration.calibrate import calibrate
     from calibration.datasets import MVTecCategory, normal_frames
     from calibration.report import write_report
@@ -156,6 +205,22 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         )
     lines.append(f"bundle {args.out} (hash {digest[:12]}), report {report_dir / 'report.html'}")
     print("\n".join(lines))
+    return 0
+
+
+def _calibrate_from_store(args: argparse.Namespace) -> int:
+    from edge.bundle import load_bundle
+    from pipeline.app.history import locate
+    from pipeline.app.recalibrate import period_of, recalibrate_from_store, summary_lines
+
+    if args.out.resolve() == args.bundle.resolve():
+        raise ValueError(f"--out {args.out}: the same file as --bundle (write the new bundle beside it)")
+    config = _config(args)
+    period = period_of(args.since, args.until, args.camera, time.time_ns())
+    location = locate(config.store, args.bundle, None, args.store_url)
+    bundle = load_bundle(args.bundle, config.model.backbone_weights)
+    r = recalibrate_from_store(bundle, args.out, location, period, config, progress=not args.quiet)
+    print("\n".join(summary_lines(r, args.out)))
     return 0
 
 
@@ -303,6 +368,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 # A relative time starts with '-', which argparse would read as an option: `--since -15m` is glued into
 # `--since=-15m` before parsing.
 _TIME_FLAGS = ("--since", "--until")
+_TIME_FORMS = "ISO 8601 (2026-12-03T10:00, local time unless a zone is given) or before now: -15m, -2h, -1d"
 _RELATIVE_TIME = re.compile(r"-\d")
 
 
@@ -339,9 +405,32 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(p)
     p.set_defaults(func=cmd_fit)
 
-    p = sub.add_parser("calibrate", help="fit on normal frames and choose a threshold with a false-reject bound")
-    p.add_argument("--data", required=True, type=Path, help="MVTec AD category or folder of normal images")
-    p.add_argument("--out", required=True, type=Path, help="bundle file to write (report.html goes next to it)")
+    p = sub.add_parser(
+        "calibrate",
+        help="fit on normal frames and choose a threshold with a false-reject bound (--from-store: re-choose it on the"
+        " line's archived frames)",
+    )
+    p.add_argument("--data", type=Path, help="MVTec AD category or folder of normal images (not with --from-store)")
+    p.add_argument(
+        "--out",
+        required=True,
+        type=Path,
+        help="bundle file to write (report.html goes next to it, not with --from-store)",
+    )
+    p.add_argument(
+        "--from-store",
+        action="store_true",
+        help="re-choose --bundle's threshold on the line's archived passed frames (no refit, no --data)",
+    )
+    p.add_argument(
+        "--bundle",
+        type=Path,
+        help="--from-store: the calibrated bundle (its data folder, or store.path, has the store)",
+    )
+    p.add_argument("--since", metavar="TIME", help=f"--from-store: frames decided at or after TIME: {_TIME_FORMS}")
+    p.add_argument("--until", metavar="TIME", help="--from-store: frames decided before TIME (default: now)")
+    p.add_argument("--camera", help="--from-store: only this camera's frames")
+    p.add_argument("--store-url", metavar="URL", help="--from-store: database of the store (default: store.url)")
     p.add_argument("--target-fpr", type=float, help="false-reject rate to stay under (default 0.01)")
     p.add_argument("--confidence", type=float, help="probability the bound holds (default 0.95)")
     p.add_argument("--holdout", type=float, help="share of normal frames held out for the threshold (default 0.5)")
@@ -396,8 +485,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("history", help="list stored verdicts, filtered by time, camera, verdict, score or run")
     _add_store_options(p)
-    when = "ISO 8601 (2026-12-03T10:00, local time unless a zone is given) or before now: -15m, -2h, -1d"
-    p.add_argument("--since", metavar="TIME", help=f"decided at or after TIME: {when}")
+    p.add_argument("--since", metavar="TIME", help=f"decided at or after TIME: {_TIME_FORMS}")
     p.add_argument("--until", metavar="TIME", help="decided before TIME (same forms)")
     p.add_argument("--camera", help="only this camera id")
     p.add_argument("--verdict", choices=("pass", "reject", "error"), help="only this verdict")

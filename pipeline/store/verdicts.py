@@ -201,6 +201,13 @@ class VerdictStore:
         query = select(verdicts).where(*_conditions(f)).order_by(*order).limit(f.limit)
         return self._read(lambda conn: [StoredVerdict.from_row(r) for r in conn.execute(query)])
 
+    def verdict_counts(self, f: HistoryFilter) -> dict[str, int]:
+        """How many of the verdicts `f` selects are of each kind (pass, reject, error); its limit and order
+        do not apply. Counted in the database: a day of a busy line is millions of rows."""
+        c = verdicts.c
+        query = select(c.verdict, func.count()).where(*_conditions(f)).group_by(c.verdict)
+        return self._read(lambda conn: {kind: int(n) for kind, n in conn.execute(query)})
+
     def passes_with_images(self, since_ns: int, until_ns: int, camera: str | None = None) -> list[StoredVerdict]:
         """Passed parts decided in [since_ns, until_ns) whose frame is still archived, oldest first."""
         c = verdicts.c
@@ -313,16 +320,21 @@ def _engine(url: str) -> Engine:
     return engine
 
 
-def _where(url: str) -> str:
-    """The store as a message names it: the file for SQLite, the URL without its password otherwise."""
-    if url.startswith("sqlite:///"):
-        return url.removeprefix("sqlite:///")
+def public_url(url: str) -> str:
+    """`url` as it may be written down (logs, a bundle's manifest): its password, if any, hidden."""
     try:
         from sqlalchemy.engine import make_url
 
         return make_url(url).render_as_string(hide_password=True)
     except SQLAlchemyError:
         return "store.url"
+
+
+def _where(url: str) -> str:
+    """The store as a message names it: the file for SQLite, the URL without its password otherwise."""
+    if url.startswith("sqlite:///"):
+        return url.removeprefix("sqlite:///")
+    return public_url(url)
 
 
 def _reason(exc: SQLAlchemyError) -> str:

@@ -11,6 +11,7 @@ import os
 import signal
 import sqlite3
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -23,7 +24,14 @@ from pipeline.app.ports import free_port
 from pipeline.store.keys import image_key
 from pipeline.store.migrations import MIGRATIONS, Migration, add_column, apply_step, check_steps
 from pipeline.store.schema import SCHEMA_VERSION
-from pipeline.store.verdicts import HistoryFilter, StoredVerdict, StoreError, VerdictStore, sqlite_url
+from pipeline.store.verdicts import (
+    HistoryFilter,
+    StoredVerdict,
+    StoreError,
+    VerdictStore,
+    public_url,
+    sqlite_url,
+)
 from pipeline.wire import Verdict, encode
 
 T0 = 1_764_748_800_000_000_000  # ns since the epoch, as on the wire
@@ -239,6 +247,29 @@ def test_passes_with_images_leave_out_rejects_plain_rows_and_expired_images(stor
     want = [v for v in passes[1:] if since <= v.verdict.t_decision_ns < until]
     assert store.passes_with_images(since, until) == want and len(want) >= 3
     assert store.passes_with_images(since, until, camera="cam0") == [v for v in want if v.verdict.camera_id == "cam0"]
+
+
+def test_verdict_counts_count_each_kind_the_filter_selects(store: VerdictStore) -> None:
+    stored = verdicts("run-a", 60) + verdicts("run-b", 30, start=100)
+    store.write(stored)
+    t = sorted(v.verdict.t_decision_ns for v in stored)
+    for f in (
+        HistoryFilter(limit=5),  # the limit does not apply to a count
+        HistoryFilter(since_ns=t[10], until_ns=t[50], camera="cam1"),
+        HistoryFilter(run="run-b", verdict="pass"),
+    ):
+        counts = Counter(v.verdict.verdict for v in store.search(dataclasses.replace(f, limit=None)))
+        assert store.verdict_counts(f) == dict(counts) and sum(counts.values()) > 5
+    assert store.verdict_counts(HistoryFilter(camera="cam9")) == {}
+
+
+def test_a_store_url_is_written_down_without_its_password() -> None:
+    assert public_url("postgresql+psycopg://line:s3cret@db.example/linewatch") == (
+        "postgresql+psycopg://line:***@db.example/linewatch"
+    )
+    assert public_url("sqlite:////srv/line3/linewatch-data/verdicts.sqlite") == (
+        "sqlite:////srv/line3/linewatch-data/verdicts.sqlite"
+    )
 
 
 # Version 1 of the schema, as its stores were made: the tables without verdicts.image_expired_ns.
