@@ -17,7 +17,7 @@ line's reject rate over the same period estimates FPR(t0) from above: with a sha
 FPR(t0) * (1 - d) + recall * d, at least FPR(t0) whenever t0 catches defects more often than it rejects good
 parts.
 
-The archive keeps JPEG frames (quality 90). Their scores differ from those of the frames as captured, more on
+The archive keeps JPEG frames (quality 95). Their scores differ from those of the frames as captured, more on
 fine, high-contrast texture, where the compression noise mostly raises them (measured in
 tests/pipeline/test_recalibrate.py and docs/calibration.md): the bound is on the archived frames' scores.
 """

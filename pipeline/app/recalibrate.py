@@ -156,7 +156,7 @@ def summary_lines(r: StoreRecalibration, out: Path) -> list[str]:
         f" current threshold's own false-reject rate, which the period's reject rate ({rate}) estimates from above."
     )
     lines.append(
-        "  archived frames are JPEG (quality 90): their scores differ from the live ones (docs/calibration.md)"
+        "  archived frames are JPEG (quality 95): their scores differ from the live ones (docs/calibration.md)"
     )
     lines.append(f"bundle {out} (hash {r.digest[:12]})")
     return lines

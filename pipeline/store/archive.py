@@ -23,7 +23,7 @@ import numpy as np
 
 from pipeline.store.keys import KINDS, SUFFIXES, ImageKind, image_key, image_path
 
-JPEG_QUALITY = 90
+JPEG_QUALITY = 95  # the frames feed `calibrate --from-store`: at 90 scores moved up to 13 % of the threshold
 OVERLAY_ALPHA = 0.45  # share of the heat map in the overlay: the part stays recognisable under it
 PARTIAL_SUFFIX = ".part"  # a file being written; renamed to its final name once complete
 STALE_PARTIAL_NS = 600 * 10**9  # a write takes milliseconds: a temporary this old was left by a killed writer

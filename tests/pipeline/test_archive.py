@@ -44,7 +44,7 @@ def test_a_frame_and_its_overlay_round_trip(tmp_path: Path) -> None:
     assert archive_files(tmp_path / "images") == {f"{key}.jpg", f"{key}.overlay.jpg"}
     saved = cv2.imread(str(archive.path(key)))
     assert saved.shape == (H, W, 3)
-    assert np.abs(saved[..., ::-1].astype(int) - rgb.astype(int)).mean() < 4  # RGB in, JPEG quality 90
+    assert np.abs(saved[..., ::-1].astype(int) - rgb.astype(int)).mean() < 4  # RGB in, JPEG quality 95
     overlay = cv2.imread(str(archive.path(key, "overlay"))).astype(float)
     red, blue = overlay[..., 2], overlay[..., 0]
     assert red[:, W // 2 + 4 :].mean() > red[:, : W // 2 - 4].mean() + 30

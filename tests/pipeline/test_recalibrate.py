@@ -173,7 +173,7 @@ def test_the_threshold_is_rechosen_on_the_archived_passed_frames(
     assert f"period: 3 rejects of {line.verdicts} verdicts = {3 / line.verdicts:.2%} reject rate" in stdout
     assert "caveat: the frames are only parts the current threshold passed" in stdout
     assert "by up to the current threshold's own false-reject rate" in stdout
-    assert "JPEG (quality 90)" in stdout
+    assert "JPEG (quality 95)" in stdout
     assert lines[-1] == f"bundle {out} (hash {new.hash[:12]})"
 
 
@@ -254,19 +254,17 @@ def test_the_forms_of_calibrate_are_not_mixed(line: Line, tmp_path: Path, capsys
 
 
 def test_the_archives_jpeg_moves_scores_a_little_against_the_threshold(line: Line) -> None:
-    """The frames as captured against their archived JPEG (quality 90), scored by the same model.
+    """The frames as captured against their archived JPEG (quality 95), scored by the same model.
 
-    Measured on this category (generated brick texture, 128 px, PatchCore on efficientnet_lite0): the JPEG
-    moves the good frames' scores by -2.3 % to +8.4 % of the threshold, +4.1 % on average (the compression
-    noise mostly reads as a little anomaly). Brick is the worst of the generated textures (grass and gravel:
-    within +-7 %, about 0 on average), and fine, high-contrast texture like it is where JPEG loses most. 15 %
-    leaves room for another seed or a torch release without hiding a broken archive (a frame saved in BGR order
-    or at the wrong size moves scores by far more than the threshold).
+    Measured on generated textures (PatchCore on efficientnet_lite0, 128 and 256 px; docs/calibration.md): at
+    quality 95 the JPEG moves good frames' scores by -3.5 % to +4.5 % of the threshold, at most +1.7 % on
+    average. 8 % leaves room for another seed or a torch release without hiding a broken archive (a frame saved
+    in BGR order or at the wrong size moves scores by far more than the threshold).
     """
     bundle = load_bundle(line.bundle)
     t = bundle.threshold or 0.0
     live = scores_of(line.bundle, line.originals)
     jpeg = scores_of(line.bundle, archived(line, line.good))
     moved = (jpeg - live) / t
-    assert np.abs(moved).max() < 0.15, moved
-    assert abs(moved.mean()) < 0.08, moved
+    assert np.abs(moved).max() < 0.08, moved
+    assert abs(moved.mean()) < 0.04, moved
