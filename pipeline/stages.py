@@ -601,6 +601,11 @@ def recorder_main(ctx: StageContext, args: RecorderArgs) -> None:  # pragma: no 
     from pipeline.store.verdicts import VerdictStore
 
     state = _enter(ctx)
+    if hasattr(os, "SCHED_IDLE"):
+        # Runs only on a core nothing else wants: on a small box a recorder waking mid-inference would take a
+        # core from one of the model's threads, and the whole inference waits for that thread. When it cannot
+        # keep up, the buffer and the spool hold the backlog.
+        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
     records, images = FrameRing.attach(args.records), FrameRing.attach(args.images)
     store = VerdictStore(args.url, check=False)  # checked at start by the supervisor; may be away by now
     archive = ImageArchive(Path(args.archive), args.max_bytes, args.max_days)

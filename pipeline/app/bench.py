@@ -206,6 +206,16 @@ def synthetic_frames(folder: Path, size: tuple[int, int], n: int = 32, seed: int
     return folder
 
 
+@dataclass
+class Replay:
+    """What a timed looping replay measured."""
+
+    fps: float
+    e2e_ms: np.ndarray  # capture to verdict published, per verdict
+    decide_ms: np.ndarray  # inference done to verdict published (and, with the store on, left for the recorder)
+    cpu: dict[str, float]  # CPU cores used, per process
+
+
 def pipeline_fps(
     config: Config,
     bundle: Path,
@@ -214,10 +224,21 @@ def pipeline_fps(
     rate_ppm: float = 0.0,
     log_settings: LogSettings | None = None,
 ) -> tuple[float, np.ndarray, dict[str, float]]:
-    """(fps, end-to-end latencies in ms, CPU cores used per process) of a looping replay of `data`.
+    """(fps, end-to-end latencies in ms, CPU cores used per process) of a looping replay of `data`."""
+    r = timed_replay(config, bundle, data, seconds, rate_ppm, log_settings)
+    return r.fps, r.e2e_ms, r.cpu
 
-    Measured over `seconds` after the first verdict plus a quarter of that for warm-up.
-    """
+
+def timed_replay(
+    config: Config,
+    bundle: Path,
+    data: Path,
+    seconds: float,
+    rate_ppm: float = 0.0,
+    log_settings: LogSettings | None = None,
+) -> Replay:
+    """A looping replay of `data`, measured over `seconds` after the first verdict plus a quarter of that for
+    warm-up."""
     with tempfile.TemporaryDirectory(prefix="linewatch-bench-store-") as tmp:
         ports = {"publisher.address": f"tcp://127.0.0.1:{free_port()}", "metrics.port": 0}
         ports["publisher.replay_address"] = f"tcp://127.0.0.1:{free_port()}"
@@ -228,16 +249,17 @@ def pipeline_fps(
 
 def _timed_replay(
     config: Config, bundle: Path, data: Path, seconds: float, rate_ppm: float, log_settings: LogSettings | None
-) -> tuple[float, np.ndarray, dict[str, float]]:
+) -> Replay:
     source = SourceConfig(spec=f"folder:{data}", loop=True, rate_ppm=rate_ppm)
-    stamps: list[tuple[float, int]] = []
+    stamps: list[tuple[float, int, int]] = []
     cpu: dict[str, float] = {}
     started, measuring = threading.Event(), threading.Event()
 
     def on_verdict(rec: np.void) -> None:
         started.set()
         if measuring.is_set():
-            stamps.append((time.monotonic(), int(rec["m_decide_ns"]) - int(rec["m_capture_ns"])))
+            decided = int(rec["m_decide_ns"])
+            stamps.append((time.monotonic(), decided - int(rec["m_capture_ns"]), decided - int(rec["m_infer_ns"])))
 
     pipeline = Pipeline(config, bundle, (source,), on_verdict, config.model.backbone_weights, log_settings=log_settings)
 
@@ -259,9 +281,10 @@ def _timed_replay(
 
     threading.Thread(target=measure, daemon=True).start()
     pipeline.run(install_signals=False)
-    times = np.array([t for t, _ in stamps])
+    table = np.array(stamps, dtype=np.float64).reshape(-1, 3)
+    times = table[:, 0]
     fps = (len(times) - 1) / (times[-1] - times[0]) if len(times) > 1 else 0.0
-    return fps, np.array([v for _, v in stamps], dtype=np.float64) / 1e6, cpu
+    return Replay(fps, table[:, 1] / 1e6, table[:, 2] / 1e6, cpu)
 
 
 def run_bench(
@@ -342,16 +365,20 @@ def _store_bench(
     sqlite = recorder_throughput(sqlite_in(data), input_size, seconds / 4)
     postgresql = recorder_throughput(store_url, input_size, seconds / 4) if store_url else None
 
-    def replay(store_on: bool, rate_ppm: float) -> np.ndarray:
+    def replay(store_on: bool, rate_ppm: float) -> Replay:
         run_config = with_overrides(config, {"store.enabled": store_on})
-        return pipeline_fps(run_config, bundle, folder, seconds / 2, rate_ppm, log_settings)[1]
+        return timed_replay(run_config, bundle, folder, seconds / 2, rate_ppm, log_settings)
 
     off, on = latency_with_and_without_store(replay, rate_ppm=max(fps, 1.0) * 60 / 2)
+    off_e2e, on_e2e = np.concatenate([r.e2e_ms for r in off]), np.concatenate([r.e2e_ms for r in on])
+    off_decide, on_decide = np.concatenate([r.decide_ms for r in off]), np.concatenate([r.decide_ms for r in on])
     return StoreBench(
         sqlite,
         postgresql,
-        float(np.percentile(off, 50)),
-        float(np.percentile(off, 99)),
-        float(np.percentile(on, 50)),
-        float(np.percentile(on, 99)),
+        float(np.percentile(off_e2e, 50)),
+        float(np.percentile(off_e2e, 99)),
+        float(np.percentile(on_e2e, 50)),
+        float(np.percentile(on_e2e, 99)),
+        float(np.percentile(off_decide, 99)),
+        float(np.percentile(on_decide, 99)),
     )

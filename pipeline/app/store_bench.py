@@ -2,8 +2,9 @@
 
 - recorder throughput: verdict records (every 50th with a kept frame and map to archive, as rejects are)
   taken from a record ring and written by the real `Recorder`, into SQLite and, given a URL, PostgreSQL;
-- the pipeline's end-to-end latency with the store off and on, in the same run, on a paced replay at half
-  the pipeline's measured throughput, in the order off, on, on, off so drift on a noisy box hits both alike.
+- the pipeline's end-to-end latency, and the decide stage's, with the store off and on, in the same run, on
+  a paced replay at half the pipeline's measured throughput, in the order off, on, on, off so drift on a
+  noisy box hits both alike.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 
@@ -23,6 +25,7 @@ from pipeline.store.recorder import BATCH, Recorder, RunIdentity
 from pipeline.store.spool import SpoolReader
 from pipeline.store.verdicts import VerdictStore, sqlite_url
 
+R = TypeVar("R")
 IMAGE_EVERY = 50  # one verdict in 50 carries a frame to archive (2 % rejects)
 
 
@@ -34,6 +37,8 @@ class StoreBench:
     off_ms_p99: float
     on_ms_p50: float
     on_ms_p99: float
+    off_decide_ms_p99: float  # inference done to published: the stage the store adds work to
+    on_decide_ms_p99: float
 
     @property
     def p99_change(self) -> float:
@@ -91,15 +96,13 @@ def recorder_throughput(url: str, input_size: tuple[int, int], seconds: float) -
         images.close()
 
 
-def latency_with_and_without_store(
-    replay: Callable[[bool, float], np.ndarray], rate_ppm: float
-) -> tuple[np.ndarray, np.ndarray]:
-    """End-to-end latencies (ms) of paced replays with the store off and on, run off, on, on, off."""
-    off: list[np.ndarray] = []
-    on: list[np.ndarray] = []
+def latency_with_and_without_store(replay: Callable[[bool, float], R], rate_ppm: float) -> tuple[list[R], list[R]]:
+    """Paced replays with the store off and on, run off, on, on, off; their results as (off, on)."""
+    off: list[R] = []
+    on: list[R] = []
     for store_on in (False, True, True, False):
         (on if store_on else off).append(replay(store_on, rate_ppm))
-    return np.concatenate(off), np.concatenate(on)
+    return off, on
 
 
 def sqlite_in(folder: Path) -> str:
