@@ -530,7 +530,7 @@ def decide_main(ctx: StageContext, args: DecideArgs) -> None:  # pragma: no cove
                 scores.release(s)
     finally:
         if feed is not None:
-            feed.idle()
+            feed.idle(stopping=True)
         publisher.close()
 
 
@@ -572,9 +572,11 @@ class VerdictFeed:
         rec["image_slot"] = image_slot
         self.records.commit(slot, rec)
 
-    def idle(self) -> None:
-        if self.spool.open:
-            self.spool.seal()  # hand what was spooled to the recorder once the rush is over
+    def idle(self, stopping: bool = False) -> None:
+        """Hand the spooled verdicts to the recorder once its buffer has room again (or decide stops): one
+        segment per outage, not one per quiet moment between parts."""
+        if self.spool.open and (stopping or self.records.free_slot() is not None):
+            self.spool.seal()
             self._warned = False
 
     def _spool(self, rec: np.void, image: np.ndarray | None, body: bytes) -> None:
