@@ -142,6 +142,12 @@ def replay(workdir: Path, folder: Path, log_settings: LogSettings | None = None)
         f"against the ground truth: {listener.true_rejects} defects rejected, {missed} missed, "
         f"{listener.false_rejects} good parts rejected"
     )
+    if summary.stored is not None:
+        bundle = workdir / "line" / "line.pt"
+        print(
+            f"{summary.stored} verdicts recorded, with the images of every reject: "
+            f"linewatch history --bundle {bundle} --verdict reject"
+        )
 
 
 class RejectPrinter(threading.Thread):
