@@ -107,6 +107,12 @@ class Doorbell:
         """True when woken by a commit, False after `timeout_s` without one."""
         return self._semaphore.acquire(timeout=timeout_s)
 
+    def clear(self) -> None:
+        """Forget the posts pending: for a reader that takes everything at once and then sleeps on the bell,
+        so that commits it already took do not wake it again, one by one."""
+        while self._semaphore.acquire(False):
+            pass
+
 
 @dataclass(frozen=True)
 class RingSpec:

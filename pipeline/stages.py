@@ -592,6 +592,7 @@ class VerdictFeed:
 
 
 RECORDER_WAIT_S = 0.05  # the recorder writes at most this long after a verdict was published (unless busy)
+RECORDER_IDLE_S = 1.0  # longest an idle recorder sleeps before it looks at the spool, retention and stop flags
 FINAL_DRAIN_S = 20.0  # at stop, how long the recorder keeps trying to store what it has before spooling it
 
 
@@ -650,6 +651,11 @@ def _record_until_stopped(
             if taken < batch_size and final_deadline is None:
                 # Let verdicts gather: one transaction per interval, not one per part, costs the line far less CPU.
                 time.sleep(RECORDER_WAIT_S)
+                if not records.written().size and records.spec.doorbell is not None:
+                    # Nothing waiting: sleep until decide commits the next verdict rather than polling.
+                    records.spec.doorbell.clear()
+                    if not records.written().size:
+                        records.wait_for_commit(RECORDER_IDLE_S)
             continue
         if final_deadline is not None and time.monotonic() > final_deadline:
             # The store is still away: the next run's recorder takes what is left from the spool.

@@ -367,7 +367,7 @@ def _store_bench(
 
     def replay(store_on: bool, rate_ppm: float) -> Replay:
         run_config = with_overrides(config, {"store.enabled": store_on})
-        return timed_replay(run_config, bundle, folder, seconds / 2, rate_ppm, log_settings)
+        return timed_replay(run_config, bundle, folder, seconds / 4, rate_ppm, log_settings)
 
     off, on = latency_with_and_without_store(replay, rate_ppm=max(fps, 1.0) * 60 / 2)
     off_e2e, on_e2e = np.concatenate([r.e2e_ms for r in off]), np.concatenate([r.e2e_ms for r in on])

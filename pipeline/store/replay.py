@@ -19,7 +19,7 @@ from pipeline.store.verdicts import StoreError, VerdictStore
 from pipeline.wire import ReplayRequest, encode_replay_reply
 
 MAX_MESSAGES = 10_000  # per reply: a whole shift's gap is asked for in pieces
-POLL_MS = 100  # how often the serving loop looks at its stop event
+POLL_MS = 500  # how often the serving loop looks at its stop event (a request wakes it at once)
 
 log = logging.getLogger(__name__)
 
