@@ -33,7 +33,7 @@ import torch
 from calibration.datasets import normal_frames
 from edge.backends import check_backend, engine_cache_dir, prepare_backend
 from edge.bundle import load_bundle
-from pipeline.app.bench import completed, latencies_ms, paced_loop_latencies_ms, pipeline_fps, throughput
+from pipeline.app.bench import completed, latencies_ms, paced_loop_latencies_ms, throughput, timed_replay
 from pipeline.app.config import load_config, with_overrides
 
 
@@ -102,7 +102,8 @@ def main() -> None:
     ratios, fps_runs = [], []
     cpu: dict[str, float] = {}
     for _ in range(args.rounds):
-        fps, _, cpu = pipeline_fps(config, bundle_path, data, args.seconds)
+        full_speed = timed_replay(config, bundle_path, data, args.seconds)
+        fps, cpu = full_speed.fps, full_speed.cpu
         alone.append(model_alone())
         fps_runs.append(fps)
         ratios.append(fps / ((alone[-2] + alone[-1]) / 2))
@@ -141,7 +142,8 @@ def main() -> None:
         loop_first = i % 2 == 1  # whichever runs second may meet a box that has drifted
         if loop_first:
             loop, backlog_s = _paced_loop(model_single, rate, args.seconds)
-        paced_fps, lat, _ = pipeline_fps(config, bundle_path, data, args.seconds, rate)
+        paced = timed_replay(config, bundle_path, data, args.seconds, rate)
+        paced_fps, lat = paced.fps, paced.e2e_ms
         if not loop_first:
             loop, backlog_s = _paced_loop(model_single, rate, args.seconds)
         reference.append(model_batch1_ms()[1])

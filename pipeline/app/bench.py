@@ -216,19 +216,6 @@ class Replay:
     cpu: dict[str, float]  # CPU cores used, per process
 
 
-def pipeline_fps(
-    config: Config,
-    bundle: Path,
-    data: Path,
-    seconds: float,
-    rate_ppm: float = 0.0,
-    log_settings: LogSettings | None = None,
-) -> tuple[float, np.ndarray, dict[str, float]]:
-    """(fps, end-to-end latencies in ms, CPU cores used per process) of a looping replay of `data`."""
-    r = timed_replay(config, bundle, data, seconds, rate_ppm, log_settings)
-    return r.fps, r.e2e_ms, r.cpu
-
-
 def timed_replay(
     config: Config,
     bundle: Path,
@@ -329,7 +316,8 @@ def run_bench(
         folder = data or synthetic_frames(Path(tmp) / "frames", (h, w))
         # The bench's verdicts go to a store of its own, never into the bundle's data folder.
         config = with_overrides(config, {"pipeline.max_batch": batch, "store.path": str(Path(tmp) / "data")})
-        fps, _, cpu = pipeline_fps(config, bundle_path, folder, seconds, log_settings=log_settings)
+        full_speed = timed_replay(config, bundle_path, folder, seconds, log_settings=log_settings)
+        fps, cpu = full_speed.fps, full_speed.cpu
         store = None
         if store_section:
             store = _store_bench(config, bundle_path, folder, (h, w), fps, seconds, store_url, log_settings)

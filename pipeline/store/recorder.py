@@ -23,7 +23,6 @@ from pipeline.ring import FrameRing, verdict_of_record
 from pipeline.store.archive import ImageArchive
 from pipeline.store.spool import SpooledVerdict, SpoolReader, SpoolWriter
 from pipeline.store.verdicts import StoredVerdict, StoreError, VerdictStore
-from pipeline.wire import Verdict
 
 BATCH = 512  # rows per transaction at most
 RETENTION_EVERY_S = 10.0
@@ -53,27 +52,13 @@ class Batch:
     def __len__(self) -> int:
         return len(self.rows)
 
-
-def stored_from_message(message: dict[str, Any]) -> StoredVerdict:
-    """A published v1 body (as spooled; with `image_key` when its images were archived already) as a row."""
-    verdict = Verdict(
-        camera_id=str(message["camera_id"]),
-        frame_id=int(message["frame_id"]),
-        t_capture_ns=int(message["t_capture_ns"]),
-        t_decision_ns=int(message["t_decision_ns"]),
-        score=None if message["score"] is None else float(message["score"]),
-        threshold=float(message["threshold"]),
-        verdict=str(message["verdict"]),
-        trigger=None if message["trigger"] is None else int(message["trigger"]),
-    )
-    return StoredVerdict(
-        str(message["run"]),
-        int(message["seq"]),
-        int(message["topic_seq"]),
-        verdict,
-        str(message["bundle"]),
-        message.get("image_key"),
-    )
+    def free_slots(self, records: FrameRing, images: FrameRing) -> None:
+        """Give the ring slots it came from back to decide (its spool segments are the caller's)."""
+        for slot in self.image_slots:
+            images.release(slot, notify=False)
+        for slot in self.record_slots:
+            records.release(slot, notify=False)
+        records.notify_writer()
 
 
 class Recorder:
@@ -109,7 +94,7 @@ class Recorder:
                 if len(batch) >= BATCH:
                     break
                 entries = self.spool.read(segment)
-                batch.rows += [self._archived(stored_from_message(e.message), e.image) for e in entries]
+                batch.rows += [self._archived(StoredVerdict.from_message(e.message), e.image) for e in entries]
                 batch.segments.append((segment, entries))
         return batch
 
@@ -128,11 +113,7 @@ class Recorder:
         if self._failing_since is not None:
             log.warning("verdict store back after %.1fs", time.monotonic() - self._failing_since)
             self._failing_since = None
-        for slot in batch.image_slots:
-            images.release(slot, notify=False)
-        for slot in batch.record_slots:
-            records.release(slot, notify=False)
-        records.notify_writer()
+        batch.free_slots(records, images)
         for segment, entries in batch.segments:
             self.spool.remove(segment, entries)
             self.unspooled += len(entries)
@@ -166,10 +147,7 @@ class Recorder:
             if not more:
                 break
             rows += more.rows
-            for slot in more.image_slots:
-                images.release(slot, notify=False)
-            for slot in more.record_slots:
-                records.release(slot, notify=False)
+            more.free_slots(records, images)
         for row in rows:
             body = json.loads(row.message()[1])
             spool.append(json.dumps({**body, "image_key": row.image_key}).encode(), row.run, row.seq, None)

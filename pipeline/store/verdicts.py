@@ -69,6 +69,13 @@ class StoredVerdict:
         verdict = Verdict(**{f.name: getattr(row, f.name) for f in fields(Verdict)})
         return cls(row.run_id, row.seq, row.topic_seq, verdict, row.bundle, row.image_key, row.image_expired_ns)
 
+    @classmethod
+    def from_message(cls, message: dict[str, Any]) -> StoredVerdict:
+        """A published v1 body (as spooled; with `image_key` when its images were archived already)."""
+        verdict = Verdict(**{f.name: message[f.name] for f in fields(Verdict)})
+        run, seq, topic_seq = str(message["run"]), int(message["seq"]), int(message["topic_seq"])
+        return cls(run, seq, topic_seq, verdict, str(message["bundle"]), message.get("image_key"))
+
 
 @dataclass(frozen=True)
 class HistoryFilter:
@@ -211,16 +218,9 @@ class VerdictStore:
     def passes_with_images(self, since_ns: int, until_ns: int, camera: str | None = None) -> list[StoredVerdict]:
         """Passed parts decided in [since_ns, until_ns) whose frame is still archived, oldest first."""
         c = verdicts.c
-        query = select(verdicts).where(
-            c.verdict == "pass",
-            c.image_key.is_not(None),
-            c.image_expired_ns.is_(None),
-            c.t_decision_ns >= since_ns,
-            c.t_decision_ns < until_ns,
-        )
-        if camera is not None:
-            query = query.where(c.camera_id == camera)
-        query = query.order_by(c.t_decision_ns, c.run_id, c.seq)
+        period = HistoryFilter(since_ns, until_ns, camera, verdict="pass")
+        kept = (c.image_key.is_not(None), c.image_expired_ns.is_(None))
+        query = select(verdicts).where(*_conditions(period), *kept).order_by(c.t_decision_ns, c.run_id, c.seq)
         return self._read(lambda conn: [StoredVerdict.from_row(r) for r in conn.execute(query)])
 
     def mark_expired(self, keys: Sequence[str], t_ns: int) -> int:

@@ -14,6 +14,7 @@ import sys
 import threading
 import time
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +30,7 @@ from pipeline.app.config import Config, config_from_dict
 from pipeline.app.ports import free_port
 from pipeline.settings import SourceConfig
 from pipeline.store.verdicts import VerdictStore
-from pipeline.supervisor import Pipeline
+from pipeline.supervisor import Pipeline, RunSummary
 
 
 def store_config(data: Path, url: str | None = None, **store: Any) -> Config:
@@ -141,37 +142,49 @@ def scrape(port: int | None) -> dict[str, float]:
     return out
 
 
-def test_a_stopped_database_loses_nothing_and_the_backlog_is_bounded_and_visible(
-    bundle_path: Path, small_category: Path, tmp_path: Path, own_postgres: PostgresServer
-) -> None:
-    config = store_config(tmp_path / "data", own_postgres.url, buffer_slots=16, image_slots=4)
+def run_through_outage(
+    config: Config, bundle: Path, category: Path, outage: Callable[[], Callable[[], None]], duration_s: float
+) -> tuple[RunSummary, list[int], dict[str, float]]:
+    """A looping paced run whose store breaks once verdicts flow (`outage()` breaks it and returns what mends
+    it) and is mended 4 s later; returns the summary, the seqs a subscriber saw and /metrics during the outage."""
     listener = Subscriber(config.publisher.address)
     listener.start()
     scraped: list[dict[str, float]] = []
     flowing = threading.Event()
     pipeline: Pipeline
 
-    def outage() -> None:
+    def break_and_mend() -> None:
         flowing.wait(120)
-        own_postgres.stop()
+        mend = outage()
         time.sleep(4)
         scraped.append(scrape(pipeline.metrics_port))
-        own_postgres.start()
+        mend()
 
-    source = SourceConfig(spec=f"folder:{small_category}", rate_ppm=1200, loop=True)
-    pipeline = Pipeline(config, bundle_path, (source,), lambda rec: flowing.set() if rec["frame_id"] >= 20 else None)
-    thread = threading.Thread(target=outage)
+    source = SourceConfig(spec=f"folder:{category}", rate_ppm=1200, loop=True)
+    pipeline = Pipeline(config, bundle, (source,), lambda rec: flowing.set() if rec["frame_id"] >= 20 else None)
+    thread = threading.Thread(target=break_and_mend)
     thread.start()
-    summary = pipeline.run(duration_s=12, install_signals=False)
+    summary = pipeline.run(duration_s=duration_s, install_signals=False)
     thread.join()
     time.sleep(0.3)
     listener.stop()
+    return summary, [m["seq"] for m in listener.messages], scraped[0]
+
+
+def test_a_stopped_database_loses_nothing_and_the_backlog_is_bounded_and_visible(
+    bundle_path: Path, small_category: Path, tmp_path: Path, own_postgres: PostgresServer
+) -> None:
+    config = store_config(tmp_path / "data", own_postgres.url, buffer_slots=16, image_slots=4)
+
+    def outage() -> Callable[[], None]:
+        own_postgres.stop()
+        return own_postgres.start
+
+    summary, published, during = run_through_outage(config, bundle_path, small_category, outage, duration_s=12)
     # The line went on deciding and publishing through the outage ...
-    published = [m["seq"] for m in listener.messages]
     assert published == list(range(1, summary.verdicts + 1)) and summary.verdicts > 100
     # ... the buffer filled and the rest was spooled, which the metrics showed ...
     assert summary.spooled > 0 and summary.store_lost == 0
-    during = scraped[0]
     assert during["linewatch_store_backlog"] > 16 and during["linewatch_store_errors_total"] > 0
     assert during["linewatch_store_writes_total"] > 0 and during["linewatch_archive_bytes"] > 0
     assert during["linewatch_images_expired_total"] == 0 and during["linewatch_store_lost_total"] == 0
@@ -377,28 +390,11 @@ def test_a_full_disk_under_the_database_loses_nothing_once_space_is_back(
 ) -> None:
     url = f"sqlite:///{tiny_filesystem / 'verdicts.sqlite'}"
     config = store_config(tmp_path / "data", url, buffer_slots=16, image_slots=4)
-    listener = Subscriber(config.publisher.address)
-    listener.start()
-    flowing = threading.Event()
-    scraped: list[dict[str, float]] = []
-    pipeline: Pipeline
 
-    def disk_fills_up_and_is_freed() -> None:
-        flowing.wait(120)
-        filler = fill(tiny_filesystem)
-        time.sleep(4)
-        scraped.append(scrape(pipeline.metrics_port))
-        filler.unlink()
+    def outage() -> Callable[[], None]:
+        return fill(tiny_filesystem).unlink
 
-    source = SourceConfig(spec=f"folder:{small_category}", rate_ppm=1200, loop=True)
-    pipeline = Pipeline(config, bundle_path, (source,), lambda rec: flowing.set() if rec["frame_id"] >= 20 else None)
-    thread = threading.Thread(target=disk_fills_up_and_is_freed)
-    thread.start()
-    summary = pipeline.run(duration_s=9, install_signals=False)
-    thread.join()
-    time.sleep(0.3)
-    listener.stop()
-    published = [m["seq"] for m in listener.messages]
+    summary, published, during = run_through_outage(config, bundle_path, small_category, outage, duration_s=9)
     assert published == list(range(1, summary.verdicts + 1)) and summary.spooled > 0 and summary.store_lost == 0
-    assert scraped[0]["linewatch_store_backlog"] > 16 and scraped[0]["linewatch_store_errors_total"] > 0
+    assert during["linewatch_store_backlog"] > 16 and during["linewatch_store_errors_total"] > 0
     assert [m["seq"] for m in stored_messages(url, summary.run_id)] == published
