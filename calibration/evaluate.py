@@ -47,6 +47,12 @@ class ScoredSet:
     ms: np.ndarray  # (N,) scoring time at batch 1
     kinds: list[str]  # (N,) "good" or the defect type of each image
 
+    def subset(self, keep: np.ndarray) -> ScoredSet:
+        """The images where `keep` (N,) bool is true."""
+        masks = None if self.masks is None else self.masks[keep]
+        kinds = [k for k, kept in zip(self.kinds, keep, strict=True) if kept]
+        return ScoredSet(self.labels[keep], self.scores[keep], self.maps[keep], masks, self.ms[keep], kinds)
+
 
 def score_category(
     model: Scorer,

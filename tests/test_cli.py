@@ -169,11 +169,13 @@ def test_bench_json_has_the_documented_keys(
         "store_p99_change",
         "store_off_decide_ms_p99",
         "store_on_decide_ms_p99",
+        "store_off_p99_spread",
     }
     assert result["store_sqlite_verdicts_per_s"] > 0 and result["store_postgresql_verdicts_per_s"] is None
     assert 0 < result["store_off_ms_p50"] <= result["store_off_ms_p99"]
     assert 0 < result["store_on_ms_p50"] <= result["store_on_ms_p99"]
     assert 0 < result["store_on_decide_ms_p99"] < result["store_on_ms_p99"]
+    assert result["store_off_p99_spread"] >= 0
     assert result["store_p99_change"] == pytest.approx(result["store_on_ms_p99"] / result["store_off_ms_p99"] - 1)
     assert not (bundle.parent / "linewatch-data").exists()  # the bench's verdicts never join the line's
     # Which of two timed figures is larger is the benchmark's finding, not the test's: only signs here.

@@ -28,7 +28,13 @@ from edge.backends import check_backend, engine_cache_dir, prepare_backend
 from edge.bundle import load_bundle
 from pipeline.app.config import Config, with_overrides
 from pipeline.app.ports import free_port
-from pipeline.app.store_bench import StoreBench, latency_with_and_without_store, recorder_throughput, sqlite_in
+from pipeline.app.store_bench import (
+    StoreBench,
+    latency_with_and_without_store,
+    p99_spread,
+    recorder_throughput,
+    sqlite_in,
+)
 from pipeline.logs import LogSettings
 from pipeline.settings import SourceConfig
 from pipeline.supervisor import Pipeline, detail, headline
@@ -369,4 +375,5 @@ def _store_bench(
         float(np.percentile(on_e2e, 99)),
         float(np.percentile(off_decide, 99)),
         float(np.percentile(on_decide, 99)),
+        p99_spread([r.e2e_ms for r in off]),
     )

@@ -319,6 +319,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
             f"latency at half the pipeline's rate: store off p50 {s.off_ms_p50:.1f} ms, p99 {s.off_ms_p99:.1f} ms;"
             f" store on p50 {s.on_ms_p50:.1f} ms, p99 {s.on_ms_p99:.1f} ms (p99 {s.p99_change:+.1%})"
         )
+        print(f"  p99 between two halves of the store-off runs (this box's noise): ±{s.off_p99_spread:.1%}")
         decide = f"p99 {s.off_decide_ms_p99:.2f} ms off, {s.on_decide_ms_p99:.2f} ms on"
         print(f"  decide stage (inference done to published): {decide}")
     return 0

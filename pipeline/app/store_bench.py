@@ -39,6 +39,7 @@ class StoreBench:
     on_ms_p99: float
     off_decide_ms_p99: float  # inference done to published: the stage the store adds work to
     on_decide_ms_p99: float
+    off_p99_spread: float  # |change| of p99 between two halves of the store-off runs: the box's own noise
 
     @property
     def p99_change(self) -> float:
@@ -94,6 +95,19 @@ def recorder_throughput(url: str, input_size: tuple[int, int], seconds: float) -
         store.close()
         records.close()
         images.close()
+
+
+def p99_spread(runs: list[np.ndarray]) -> float:
+    """|relative change| of the p99 between two halves of one setting's runs (in time order): runs i and
+    n-1-i go to the same half, alternately, so on a symmetric schedule both halves sit at the same mean time.
+    Nothing differs between the halves but the box's noise, which moves the store on/off change as much."""
+    halves: tuple[list[np.ndarray], list[np.ndarray]] = ([], [])
+    for i, run in enumerate(runs):
+        halves[min(i, len(runs) - 1 - i) % 2].append(run)
+    if not halves[0] or not halves[1]:
+        return 0.0
+    first, second = (float(np.percentile(np.concatenate(h), 99)) for h in halves)
+    return abs(second / first - 1.0) if first else 0.0
 
 
 def latency_with_and_without_store(replay: Callable[[bool, float], R], rate_ppm: float) -> tuple[list[R], list[R]]:
