@@ -1,6 +1,6 @@
 """Benchmark: detection quality over many photograph families, two defect generators and several seeds.
 
-    python bench/quality_bench.py [--families brick grass ...] [--seeds 5] [--set KEY=VALUE ...]
+    python bench/quality_bench.py [--families brick grass ...] [--seeds 5] [--set KEY=VALUE[,KEY=VALUE]]
                                   [--variant NAME KEY=VALUE[,KEY=VALUE]] [--anomalib] [--json OUT]
 
 Each (family, seed) is a category of `calibration.quality_sets` (100 training tiles, 30 good test tiles,

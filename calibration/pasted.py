@@ -18,7 +18,7 @@ from collections.abc import Sequence
 import cv2
 import numpy as np
 
-from calibration.synthetic import Defect
+from calibration.synthetic import Defect, blend
 
 PASTED_KINDS = ("patch", "recolour", "blur", "object", "hairline")
 
@@ -51,12 +51,6 @@ def _soft(region: np.ndarray, sigma: float) -> np.ndarray:
     return cv2.GaussianBlur(region, (0, 0), sigmaX=sigma)
 
 
-def _mix(image: np.ndarray, other: np.ndarray, alpha: np.ndarray) -> np.ndarray:
-    a = alpha[:, :, None] if image.ndim == 3 else alpha
-    out = image.astype(np.float32) * (1.0 - a) + other.astype(np.float32) * a
-    return np.clip(out, 0, 255).astype(np.uint8)
-
-
 def _donor_tile(donors: Sequence[np.ndarray], image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     """A random, randomly scaled and rotated crop of a random donor photograph, the size of `image`."""
     donor = _like(donors[int(rng.integers(len(donors)))], image)
@@ -78,18 +72,12 @@ class PastedDefects:
         self.donors = list(donors)
 
     def kinds(self) -> dict[str, Defect]:
-        return {
-            "patch": self.patch,
-            "recolour": self.recolour,
-            "blur": self.blur,
-            "object": self.object,
-            "hairline": self.hairline,
-        }
+        return {kind: getattr(self, kind) for kind in PASTED_KINDS}
 
     def patch(self, image: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
         region = _region(image.shape[0], rng, (0.06, 0.14))
         alpha = _soft(region, 1.0)
-        return _mix(image, _donor_tile(self.donors, image, rng), alpha), alpha > 0.5
+        return blend(image, alpha, _donor_tile(self.donors, image, rng)), alpha > 0.5
 
     def recolour(self, image: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
         region = _region(image.shape[0], rng, (0.08, 0.16))
@@ -99,21 +87,21 @@ class PastedDefects:
             shifted = shifted * rng.uniform(0.6, 1.4, 3) + rng.uniform(-40, 40, 3)
         else:
             shifted = 255.0 * (shifted / 255.0) ** rng.choice([rng.uniform(0.45, 0.65), rng.uniform(1.6, 2.4)])
-        return _mix(image, np.clip(shifted, 0, 255), alpha), alpha > 0.5
+        return blend(image, alpha, np.clip(shifted, 0, 255)), alpha > 0.5
 
     def blur(self, image: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
         region = _region(image.shape[0], rng, (0.1, 0.18))
         alpha = _soft(region, image.shape[0] * 0.01)
         smeared = cv2.GaussianBlur(image, (0, 0), sigmaX=float(rng.uniform(3.0, 6.0)))
-        return _mix(image, smeared, alpha), alpha > 0.5
+        return blend(image, alpha, smeared), alpha > 0.5
 
     def object(self, image: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
         size = image.shape[0]
         body = _region(size, rng, (0.05, 0.1))
         dx, dy = rng.uniform(0.01, 0.03, 2) * size * rng.choice([-1, 1], 2)
         shadow = cv2.warpAffine(_soft(body, size * 0.01), np.float32([[1, 0, dx], [0, 1, dy]]), (size, size))
-        darker = _mix(image, np.zeros_like(image), shadow * rng.uniform(0.4, 0.7))
-        out = _mix(darker, _donor_tile(self.donors, image, rng), body)
+        darker = blend(image, shadow * rng.uniform(0.4, 0.7), np.zeros_like(image))
+        out = blend(darker, body, _donor_tile(self.donors, image, rng))
         return out, (body > 0.5) | (shadow > 0.5)
 
     def hairline(self, image: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
@@ -127,6 +115,6 @@ class PastedDefects:
         cv2.polylines(line, [np.round(pts * 16).astype(np.int32)], False, 255, 1, cv2.LINE_AA, shift=4)
         alpha = line.astype(np.float32) / 255.0 * rng.uniform(0.45, 0.8)
         tone = rng.choice([rng.uniform(0, 40), rng.uniform(215, 255)])
-        out = _mix(image, np.full_like(image, int(tone)), alpha)
+        out = blend(image, alpha, np.full_like(image, int(tone)))
         # The mask covers the crack and the pixel either side, as an annotator's brush would.
         return out, cv2.dilate((line > 0).astype(np.uint8), np.ones((3, 3), np.uint8)) > 0

@@ -55,7 +55,7 @@ def normal_tile(photo: np.ndarray, size: int, rng: np.random.Generator) -> np.nd
     return np.clip(tile, 0, 255).astype(np.uint8)
 
 
-def _blend(image: np.ndarray, alpha: np.ndarray, value: np.ndarray | float) -> np.ndarray:
+def blend(image: np.ndarray, alpha: np.ndarray, value: np.ndarray | float) -> np.ndarray:
     """image * (1 - alpha) + value * alpha; alpha (H, W) broadcasts over colour channels."""
     if image.ndim == 3:
         alpha = alpha[:, :, None]
@@ -86,7 +86,7 @@ def scratch(image: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np
     cv2.polylines(mask, [pts], False, 255, thickness=int(rng.integers(3, 7)), lineType=cv2.LINE_AA)
     alpha = mask.astype(np.float32) / 255.0 * rng.uniform(0.85, 1.0)
     value = rng.choice([rng.uniform(0, 25), rng.uniform(230, 255)])
-    return _blend(image, alpha, value), mask > 64
+    return blend(image, alpha, value), mask > 64
 
 
 def stain(image: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
@@ -97,7 +97,7 @@ def stain(image: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.n
     cv2.ellipse(blob, center, axes, float(rng.uniform(0, 180)), 0, 360, 1.0, -1)
     soft = cv2.GaussianBlur(blob, (0, 0), sigmaX=max(axes) / 6.0)
     tone = rng.choice([rng.uniform(10, 50), rng.uniform(200, 240)])
-    return _blend(image, soft * rng.uniform(0.75, 0.95), tone), soft > 0.3
+    return blend(image, soft * rng.uniform(0.75, 0.95), tone), soft > 0.3
 
 
 def _random_walk(start: tuple[float, float], size: int, rng: np.random.Generator) -> np.ndarray:
@@ -123,7 +123,7 @@ def crack(image: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.n
         walks.append(_random_walk((float(mid[0]), float(mid[1])), size, rng))
     cv2.polylines(mask, walks, False, 255, thickness=int(rng.integers(3, 6)))
     alpha = mask.astype(np.float32) / 255.0 * rng.uniform(0.9, 1.0)
-    return _blend(image, alpha, rng.uniform(0, 15)), mask > 0
+    return blend(image, alpha, rng.uniform(0, 15)), mask > 0
 
 
 def missing(image: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
@@ -136,7 +136,7 @@ def missing(image: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np
     mask = np.zeros(image.shape[:2], np.uint8)
     cv2.fillPoly(mask, [poly], 255)
     fill = rng.choice([rng.uniform(0, 30), rng.uniform(225, 255)]) + rng.normal(0, 3, image.shape)
-    return _blend(image, (mask > 0).astype(np.float32), fill), mask > 0
+    return blend(image, (mask > 0).astype(np.float32), fill), mask > 0
 
 
 def twist(image: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
