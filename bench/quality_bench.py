@@ -29,7 +29,7 @@ from calibration.evaluate import score_category
 from calibration.fit import fit
 from calibration.photos import PHOTOS
 from calibration.quality_sets import GENERATORS, QualitySetSize, quality_figures, write_quality_category
-from pipeline.app.config import Config, load_config, with_overrides
+from pipeline.app.config import Config, ConfigError, load_config, with_overrides
 
 METRICS = ("image_auroc", "pixel_auroc", "pro") + tuple(f"image_auroc_{g}" for g in GENERATORS)
 
@@ -118,8 +118,14 @@ def main() -> None:
     parser.add_argument("--n-train", type=int, default=100)
     parser.add_argument("--json", type=Path, help="write every run's figures here")
     args = parser.parse_args()
-    default = with_overrides(load_config(args.config), parse_assignments(args.set))
-    configs = {"default": default} | {name: with_overrides(default, parse_assignments(a)) for name, a in args.variant}
+    if args.seeds < 1:
+        raise SystemExit(f"quality_bench: --seeds {args.seeds}: expected 1 or more")
+    try:
+        default = with_overrides(load_config(args.config), parse_assignments(args.set))
+        configs = {"default": default}
+        configs |= {name: with_overrides(default, parse_assignments(a)) for name, a in args.variant}
+    except ConfigError as exc:
+        raise SystemExit(f"quality_bench: {exc}") from None
     data = args.data or Path(tempfile.mkdtemp(prefix="linewatch-quality-"))
     seeds = list(range(args.seeds))
     runs: list[Run] = []
