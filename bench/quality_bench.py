@@ -2,6 +2,7 @@
 
     python bench/quality_bench.py [--families brick grass ...] [--seeds 5] [--set KEY=VALUE[,KEY=VALUE]]
                                   [--variant NAME KEY=VALUE[,KEY=VALUE]] [--anomalib] [--json OUT]
+                                  [--data DIR] [--baseline EARLIER.json]
 
 Each (family, seed) is a category of `calibration.quality_sets` (100 training tiles, 30 good test tiles,
 30 defective tiles from each generator); the seed moves the tiles, the split and the coreset. The default
@@ -10,7 +11,9 @@ categories, so its difference from the default is paired, seed by seed. Printed:
 and PRO as mean ± std over seeds per family, the overall mean (per seed, the mean over families; ± its
 std over seeds), image AUROC per generator, and each variant's paired difference. A difference counts only
 when its mean is beyond twice its standard error. `--anomalib` scores anomalib's PatchCore on the same
-tiles (see `anomalib_bench.py` for the set-up; it needs anomalib installed).
+tiles (see `anomalib_bench.py` for the set-up; it needs anomalib installed). `--baseline` takes the
+default's runs from an earlier `--json` (its default configuration must be this one's) instead of fitting
+them again; with `--data` pointing at the same categories, a variant then costs one fit per category.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from calibration.evaluate import score_category
 from calibration.fit import fit
 from calibration.photos import PHOTOS
 from calibration.quality_sets import GENERATORS, QualitySetSize, quality_figures, write_quality_category
+from edge.settings import to_dict
 from pipeline.app.config import Config, ConfigError, load_config, with_overrides
 
 METRICS = ("image_auroc", "pixel_auroc", "pro") + tuple(f"image_auroc_{g}" for g in GENERATORS)
@@ -51,6 +55,29 @@ def run_linewatch(config: Config, folder: Path, seed: int) -> tuple[dict[str, fl
     category = MVTecCategory(folder)
     scored = score_category(result.model.eval(), result.preprocessing, category, False, SkipReport())
     return quality_figures(scored), fit_s
+
+
+def fitted_settings(config: Config) -> dict[str, object]:
+    """The settings that decide a fit's figures, as "section.key": value (the seed is set per run)."""
+    sections = {"model": to_dict(config.model), "fit": to_dict(config.fit)}
+    flat = {f"{section}.{key}": value for section, values in sections.items() for key, value in values.items()}
+    flat.pop("fit.seed")
+    return flat
+
+
+def load_baseline(path: Path, default: Config) -> dict[tuple[str, int], Run]:
+    """The default's runs of an earlier `--json`, by (family, seed); SystemExit in one line when the file is
+    not such a record or its default was fitted with other settings."""
+    try:
+        data = json.loads(path.read_text())
+        recorded, rows = dict(data["configs"]["default"]), data["runs"]
+        runs = [Run(**row) for row in rows if row["variant"] == "default"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise SystemExit(f"quality_bench: --baseline {path}: expected a --json record of this script ({exc})") from None
+    current = fitted_settings(default)
+    if differing := sorted(k for k in current.keys() | recorded.keys() if current.get(k) != recorded.get(k)):
+        raise SystemExit(f"quality_bench: --baseline {path}: its default was fitted with other {', '.join(differing)}")
+    return {(r.family, r.seed): r for r in runs}
 
 
 def parse_assignments(text: str) -> dict[str, object]:
@@ -117,6 +144,7 @@ def main() -> None:
     parser.add_argument("--data", type=Path, help="folder to keep the generated categories in (reused if there)")
     parser.add_argument("--n-train", type=int, default=100)
     parser.add_argument("--json", type=Path, help="write every run's figures here")
+    parser.add_argument("--baseline", type=Path, help="an earlier --json whose default runs are reused")
     args = parser.parse_args()
     if args.seeds < 1:
         raise SystemExit(f"quality_bench: --seeds {args.seeds}: expected 1 or more")
@@ -126,6 +154,7 @@ def main() -> None:
         configs |= {name: with_overrides(default, parse_assignments(a)) for name, a in args.variant}
     except ConfigError as exc:
         raise SystemExit(f"quality_bench: {exc}") from None
+    reused = load_baseline(args.baseline, default) if args.baseline else {}
     data = args.data or Path(tempfile.mkdtemp(prefix="linewatch-quality-"))
     seeds = list(range(args.seeds))
     runs: list[Run] = []
@@ -135,6 +164,9 @@ def main() -> None:
             if not folder.exists():
                 write_quality_category(data, family, seed, QualitySetSize(n_train=args.n_train))
             for name, config in configs.items():
+                if name == "default" and (family, seed) in reused:
+                    runs.append(reused[(family, seed)])
+                    continue
                 figures, fit_s = run_linewatch(config, folder, seed)
                 runs.append(Run(name, family, seed, figures, fit_s))
                 print(f"{family}-s{seed} {name}: " + " ".join(f"{k} {v:.3f}" for k, v in figures.items()), flush=True)
@@ -143,7 +175,11 @@ def main() -> None:
     variants = list(configs) + (["anomalib"] if args.anomalib else [])
     report(runs, args.families, seeds, variants)
     if args.json:
-        args.json.write_text(json.dumps([r.__dict__ for r in runs], indent=1))
+        record = {
+            "configs": {name: fitted_settings(c) for name, c in configs.items()},
+            "runs": [r.__dict__ for r in runs],
+        }
+        args.json.write_text(json.dumps(record, indent=1))
 
 
 def run_anomalib(folder: Path, seed: int) -> Run:

@@ -20,7 +20,7 @@ import torch
 from calibration.datasets import MVTecCategory, Sample, SkipReport, fingerprint, iter_loaded
 from calibration.evaluate import ScoredSet, score_category
 from calibration.fit import FitResult, fit
-from calibration.metrics import auroc
+from calibration.metrics import auroc, weakness
 from calibration.progress import Progress
 from calibration.settings import OfflineConfig
 from calibration.synthetic import DEFECT_KINDS, add_defect
@@ -85,9 +85,25 @@ class Calibration:
     holdout_scores: np.ndarray
     synthetic_scores: dict[str, np.ndarray]
     synthetic_recall: list[Rate]
+    synthetic_auroc: float | None  # held-out good frames against the same frames with synthetic defects
     labelled: LabelledCheck | None
     examples: list[Example] = field(default_factory=list)
     skipped: SkipReport = field(default_factory=SkipReport)
+
+    def weakness(self) -> str | None:
+        """One line when the model separates defects from good frames poorly here (see metrics.weakness)."""
+        figures = {"image AUROC on synthetic defects": self.synthetic_auroc}
+        if self.labelled is not None:
+            figures["image AUROC on the test set"] = self.labelled.image_auroc
+        return weakness(self.manifest.model, figures)
+
+
+def separation(good: np.ndarray, defects: dict[str, np.ndarray]) -> float | None:
+    """Image AUROC of good frames' scores against defective ones' (None without both)."""
+    bad = np.concatenate([s for s in defects.values()] + [np.zeros(0)])
+    if not good.size or not bad.size:
+        return None
+    return auroc(np.r_[np.zeros(good.size), np.ones(bad.size)], np.r_[good, bad])
 
 
 def split_holdout(samples: list[Sample], fraction: float, seed: int) -> tuple[list[Sample], list[Sample]]:
@@ -219,6 +235,7 @@ def calibrate(
                 defects.add(score, f"synthetic {kind}", image)
             synthetic_scores[kind] = np.asarray(got)
     synthetic_recall = [Rate(kind, int((s > t).sum()), int(s.size)) for kind, s in synthetic_scores.items()]
+    synthetic_auroc = separation(holdout_scores, synthetic_scores)
 
     labelled = None
     if test_category is not None and test_category.test:
@@ -237,6 +254,7 @@ def calibrate(
             "config": to_dict(cc),
             "holdout": {"n_images": len(used_holdout), "fingerprint": fingerprint(used_holdout)},
             "synthetic_recall": [r.to_dict() for r in synthetic_recall],
+            "synthetic_image_auroc": synthetic_auroc,
             "labelled": None
             if labelled is None
             else {
@@ -254,6 +272,7 @@ def calibrate(
         holdout_scores=holdout_scores,
         synthetic_scores=synthetic_scores,
         synthetic_recall=synthetic_recall,
+        synthetic_auroc=synthetic_auroc,
         labelled=labelled,
         examples=examples,
         skipped=report,

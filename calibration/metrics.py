@@ -127,3 +127,18 @@ def pro_score(masks: np.ndarray, maps: np.ndarray, max_fpr: float = 0.3) -> floa
         x = np.r_[x, max_fpr]
         y = np.r_[y, np.interp(max_fpr, fpr[cut - 1 : cut + 1], pro[cut - 1 : cut + 1])]
     return float(np.trapezoid(y, x) / max_fpr)
+
+
+WEAK_AUROC = 0.9  # below this, no threshold both keeps false rejects low and catches most defects
+
+
+def weakness(model: str, figures: dict[str, float | None]) -> str | None:
+    """One line saying that `model` detects poorly on the data these figures (name -> AUROC) were measured on,
+    naming each figure below WEAK_AUROC; None when none is (or none could be measured)."""
+    weak = [f"{name} {value:.3f}" for name, value in figures.items() if value is not None and value < WEAK_AUROC]
+    if not weak:
+        return None
+    return (
+        f"{model} detects poorly on this data: {', '.join(weak)} (below {WEAK_AUROC:.2f}); "
+        "another model (model.name) may do far better"
+    )

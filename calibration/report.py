@@ -174,5 +174,7 @@ def _context(cal: Calibration, bundle_path: Path, bundle_hash: str, figures: set
         "synthetic_recall": rec,
         "synthetic_total": Rate("all synthetic defects", sum(r.hits for r in rec), sum(r.n for r in rec)),
         "labelled": cal.labelled,
+        "weakness": cal.weakness(),
+        "synthetic_auroc": cal.synthetic_auroc,
         "figure": {key: name for key, name in FIGURES.items() if name in figures},
     }

@@ -46,6 +46,27 @@ def test_fit_then_evaluate_json(bundle: Path, small_category: Path, capsys: pyte
     assert result["fpr_at_threshold"] is None and result["tpr_at_threshold"] is None  # fit sets no threshold
 
 
+def test_evaluate_names_a_model_weak_on_the_data_with_its_figures(
+    bundle: Path, small_category: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    cat = tmp_path / "invisible"
+    shutil.copytree(small_category, cat)
+    goods = sorted((cat / "test" / "good").glob("*.png"))
+    defects = sorted(p for p in (cat / "test").glob("*/*.png") if p.parent.name != "good")
+    for i, path in enumerate(defects):  # "defects" that are good frames: nothing to detect
+        shutil.copyfile(goods[i % len(goods)], path)
+    capsys.readouterr()
+    assert main(["evaluate", "--bundle", str(bundle), "--data", str(cat), "--json"]) == 0
+    captured = capsys.readouterr()
+    result = json.loads(captured.out)
+    assert result["image_auroc"] < 0.9
+    weak = [line for line in captured.err.splitlines() if "detects poorly" in line]
+    assert len(weak) == 1 and f"image AUROC {result['image_auroc']:.3f}" in weak[0] and "model.name" in weak[0]
+    # ...and on data where it separates well, nothing is said.
+    assert main(["evaluate", "--bundle", str(bundle), "--data", str(small_category), "--json"]) == 0
+    assert "detects poorly" not in capsys.readouterr().err
+
+
 def test_evaluate_without_masks_reports_null(
     bundle: Path, small_category: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -170,12 +191,16 @@ def test_bench_json_has_the_documented_keys(
         "store_off_decide_ms_p99",
         "store_on_decide_ms_p99",
         "store_off_p99_spread",
+        "store_p99_change_low",
+        "store_p99_change_high",
+        "store_runs",
     }
     assert result["store_sqlite_verdicts_per_s"] > 0 and result["store_postgresql_verdicts_per_s"] is None
     assert 0 < result["store_off_ms_p50"] <= result["store_off_ms_p99"]
     assert 0 < result["store_on_ms_p50"] <= result["store_on_ms_p99"]
     assert 0 < result["store_on_decide_ms_p99"] < result["store_on_ms_p99"]
-    assert result["store_off_p99_spread"] >= 0
+    assert result["store_off_p99_spread"] >= 0 and result["store_runs"] == 4
+    assert -1 < result["store_p99_change_low"] <= result["store_p99_change_high"]
     assert result["store_p99_change"] == pytest.approx(result["store_on_ms_p99"] / result["store_off_ms_p99"] - 1)
     assert not (bundle.parent / "linewatch-data").exists()  # the bench's verdicts never join the line's
     # Which of two timed figures is larger is the benchmark's finding, not the test's: only signs here.

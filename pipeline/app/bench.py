@@ -31,8 +31,10 @@ from pipeline.app.ports import free_port
 from pipeline.app.store_bench import (
     StoreBench,
     latency_with_and_without_store,
+    p99_change_interval,
     p99_spread,
     recorder_throughput,
+    rounds_for,
     sqlite_in,
 )
 from pipeline.logs import LogSettings
@@ -359,11 +361,13 @@ def _store_bench(
     sqlite = recorder_throughput(sqlite_in(data), input_size, seconds / 4)
     postgresql = recorder_throughput(store_url, input_size, seconds / 4) if store_url else None
 
+    rounds = rounds_for(seconds)
+
     def replay(store_on: bool, rate_ppm: float) -> Replay:
         run_config = with_overrides(config, {"store.enabled": store_on})
-        return timed_replay(run_config, bundle, folder, seconds / 4, rate_ppm, log_settings)
+        return timed_replay(run_config, bundle, folder, seconds / (2 * rounds), rate_ppm, log_settings)
 
-    off, on = latency_with_and_without_store(replay, rate_ppm=max(fps, 1.0) * 60 / 2)
+    off, on = latency_with_and_without_store(replay, max(fps, 1.0) * 60 / 2, rounds)
     off_e2e, on_e2e = np.concatenate([r.e2e_ms for r in off]), np.concatenate([r.e2e_ms for r in on])
     off_decide, on_decide = np.concatenate([r.decide_ms for r in off]), np.concatenate([r.decide_ms for r in on])
     return StoreBench(
@@ -376,4 +380,6 @@ def _store_bench(
         float(np.percentile(off_decide, 99)),
         float(np.percentile(on_decide, 99)),
         p99_spread([r.e2e_ms for r in off]),
+        *p99_change_interval([r.e2e_ms for r in off], [r.e2e_ms for r in on]),
+        len(off),
     )

@@ -205,6 +205,8 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         )
     lines.append(f"bundle {args.out} (hash {digest[:12]}), report {report_dir / 'report.html'}")
     print("\n".join(lines))
+    if (weak := cal.weakness()) is not None:
+        log.warning("%s", weak)
     return 0
 
 
@@ -227,12 +229,16 @@ def _calibrate_from_store(args: argparse.Namespace) -> int:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from calibration.datasets import MVTecCategory
     from calibration.evaluate import evaluate, format_metric
+    from calibration.metrics import weakness
     from edge.bundle import load_bundle
 
     bundle = load_bundle(args.bundle, args.backbone_weights)
     category = MVTecCategory(args.data)
     result, report = evaluate(bundle, category, skip_bad=args.skip_bad, progress=not (args.quiet or args.json))
     report.log()
+    figures = {"image AUROC": result.image_auroc, "pixel AUROC": result.pixel_auroc}
+    if (weak := weakness(bundle.manifest.model, figures)) is not None:
+        log.warning("%s", weak)
     if args.json:
         print(json.dumps(result.to_dict()))
         return 0
@@ -286,6 +292,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_bench(args: argparse.Namespace) -> int:
     from pipeline.app.bench import run_bench
+    from pipeline.app.store_bench import INTERVAL_LEVEL
 
     config = _config(args)
     r = run_bench(
@@ -319,6 +326,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
             f"latency at half the pipeline's rate: store off p50 {s.off_ms_p50:.1f} ms, p99 {s.off_ms_p99:.1f} ms;"
             f" store on p50 {s.on_ms_p50:.1f} ms, p99 {s.on_ms_p99:.1f} ms (p99 {s.p99_change:+.1%})"
         )
+        interval = f"{s.p99_change_low:+.1%} to {s.p99_change_high:+.1%}"
+        print(f"  p99 change, {INTERVAL_LEVEL:.0%} bootstrap interval over {s.runs} runs per setting: {interval}")
         print(f"  p99 between two halves of the store-off runs (this box's noise): ±{s.off_p99_spread:.1%}")
         decide = f"p99 {s.off_decide_ms_p99:.2f} ms off, {s.on_decide_ms_p99:.2f} ms on"
         print(f"  decide stage (inference done to published): {decide}")

@@ -3,8 +3,9 @@
 - recorder throughput: verdict records (every 50th with a kept frame and map to archive, as rejects are)
   taken from a record ring and written by the real `Recorder`, into SQLite and, given a URL, PostgreSQL;
 - the pipeline's end-to-end latency, and the decide stage's, with the store off and on, in the same run, on
-  a paced replay at half the pipeline's measured throughput, in the order off, on, on, off so drift on a
-  noisy box hits both alike (eight runs, each a quarter of `seconds`).
+  a paced replay at half the pipeline's measured throughput, in rounds of off, on, on, off so drift on a
+  noisy box hits both alike (one round per 50 s of `seconds`, at least two; `seconds` of replay per
+  setting in all), with a bootstrap interval over the runs for the p99's change.
 """
 
 from __future__ import annotations
@@ -27,6 +28,8 @@ from pipeline.store.verdicts import VerdictStore, sqlite_url
 
 R = TypeVar("R")
 IMAGE_EVERY = 50  # one verdict in 50 carries a frame to archive (2 % rejects)
+ROUND_S = 50.0  # replay seconds per round of off, on, on, off: more rounds, a truer picture of run-to-run noise
+INTERVAL_LEVEL = 0.9
 
 
 @dataclass
@@ -40,6 +43,9 @@ class StoreBench:
     off_decide_ms_p99: float  # inference done to published: the stage the store adds work to
     on_decide_ms_p99: float
     off_p99_spread: float  # |change| of p99 between two halves of the store-off runs: the box's own noise
+    p99_change_low: float  # INTERVAL_LEVEL bootstrap interval of p99_change over the runs
+    p99_change_high: float
+    runs: int  # paced replays per setting
 
     @property
     def p99_change(self) -> float:
@@ -110,11 +116,37 @@ def p99_spread(runs: list[np.ndarray]) -> float:
     return abs(second / first - 1.0) if first else 0.0
 
 
-def latency_with_and_without_store(replay: Callable[[bool, float], R], rate_ppm: float) -> tuple[list[R], list[R]]:
-    """Paced replays with the store off and on, run off, on, on, off twice; their results as (off, on)."""
+def p99_change_interval(
+    off: list[np.ndarray], on: list[np.ndarray], level: float = INTERVAL_LEVEL, draws: int = 2000, seed: int = 0
+) -> tuple[float, float]:
+    """Bootstrap interval of the p99's relative change (on / off - 1): each setting's runs drawn with
+    replacement and pooled. Runs, not verdicts, are drawn because the box's stalls come in bursts that
+    slow a whole run: that is the noise a change must stand out from."""
+    rng = np.random.default_rng(seed)
+    changes = np.empty(draws)
+    for i in range(draws):
+        off_p99, on_p99 = (
+            np.percentile(np.concatenate([runs[j] for j in rng.integers(0, len(runs), len(runs))]), 99)
+            for runs in (off, on)
+        )
+        changes[i] = on_p99 / off_p99 - 1.0 if off_p99 else 0.0
+    tail = (1.0 - level) / 2
+    low, high = np.quantile(changes, [tail, 1.0 - tail])
+    return float(low), float(high)
+
+
+def rounds_for(seconds: float) -> int:
+    """Rounds of off, on, on, off for `seconds` of replay per setting."""
+    return max(2, round(seconds / ROUND_S))
+
+
+def latency_with_and_without_store(
+    replay: Callable[[bool, float], R], rate_ppm: float, rounds: int = 2
+) -> tuple[list[R], list[R]]:
+    """Paced replays with the store off and on, in `rounds` rounds of off, on, on, off; results as (off, on)."""
     off: list[R] = []
     on: list[R] = []
-    for store_on in (False, True, True, False) * 2:
+    for store_on in (False, True, True, False) * rounds:
         (on if store_on else off).append(replay(store_on, rate_ppm))
     return off, on
 

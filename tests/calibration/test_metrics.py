@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 from sklearn import metrics as sklearn_metrics
 
-from calibration.metrics import auroc, best_f1, pixel_auroc, pro_score, roc_curve
+from calibration.metrics import auroc, best_f1, pixel_auroc, pro_score, roc_curve, weakness
 
 
 def test_auroc_hand_computed_with_ties() -> None:
@@ -156,3 +156,12 @@ def test_all_scores_tied_match_sklearn() -> None:
     assert auroc(labels, scores) == sklearn_metrics.roc_auc_score(labels, scores) == 0.5
     f1, t = best_f1(labels, scores)
     assert t == 0.25 and f1 == pytest.approx(sklearn_metrics.f1_score(labels, scores >= t), abs=1e-12)
+
+
+def test_weakness_names_each_figure_below_the_bar_and_nothing_else() -> None:
+    assert weakness("padim", {"image AUROC": 0.95, "pixel AUROC": None}) is None
+    assert weakness("padim", {}) is None
+    line = weakness("padim", {"image AUROC": 0.686, "pixel AUROC": 0.767, "PRO": 0.95})
+    assert line is not None and "\n" not in line
+    assert line.startswith("padim detects poorly on this data: image AUROC 0.686, pixel AUROC 0.767 (below 0.90)")
+    assert "PRO" not in line

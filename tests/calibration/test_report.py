@@ -13,7 +13,7 @@ import cv2
 import numpy as np
 import pytest
 
-from calibration.calibrate import Calibration, Example, LabelledCheck, Rate
+from calibration.calibrate import Calibration, Example, LabelledCheck, Rate, separation
 from calibration.evaluate import ScoredSet
 from calibration.metrics import auroc
 from calibration.plots import curve_figure, histogram_figure, save_figure
@@ -38,6 +38,7 @@ def build(
     model: str = "patchcore",
     kind: str = "stain",
     seed: int = 0,
+    defect_mean: float = 2.0,
 ) -> Calibration:
     """A Calibration as calibrate() returns it, with random scores; `fit` is not read by the report."""
     rng = np.random.default_rng(seed)
@@ -47,12 +48,12 @@ def build(
     else:  # 20 % at 80 % needs 8
         choice = choose_threshold(holdout, 0.2, 0.8)
     t = choice.threshold
-    synthetic_scores = {k: rng.normal(2.0, 0.6, 6) for k in ("scratch", kind)} if synthetic else {}
+    synthetic_scores = {k: rng.normal(defect_mean, 0.6, 6) for k in ("scratch", kind)} if synthetic else {}
     recall = [Rate(k, int((s > t).sum()), s.size) for k, s in synthetic_scores.items()]
     check = None
     if labelled:
         labels = np.r_[np.zeros(10, int), np.ones(12, int)]
-        scores = np.r_[rng.gamma(4.0, 0.25, 10), rng.normal(2.0, 0.6, 12)]
+        scores = np.r_[rng.gamma(4.0, 0.25, 10), rng.normal(defect_mean, 0.6, 12)]
         kinds = ["good"] * 10 + ["crack"] * 6 + ["hole"] * 6
         scored = ScoredSet(labels, scores, np.zeros((22, 8, 8), np.float32), None, np.ones(22), kinds)
         rejected = scores > t
@@ -88,6 +89,7 @@ def build(
         holdout_scores=holdout,
         synthetic_scores=synthetic_scores,
         synthetic_recall=recall,
+        synthetic_auroc=separation(holdout, synthetic_scores),
         labelled=check,
         examples=shown,
     )
@@ -168,6 +170,26 @@ def test_page_states_threshold_bound_and_split(tmp_path: Path) -> None:
         assert f"{r.label} {r.hits} / {r.n} {pct(r.value)}" in text
     assert f"Image AUROC on the test set: {lab.image_auroc:.3f}." in text
     assert "Weak bound" not in text
+    assert f"against synthetic defects: {cal.synthetic_auroc:.3f}." in text and "Weak model" not in text
+
+
+def test_a_model_that_separates_defects_poorly_is_named_weak_with_its_figures(tmp_path: Path) -> None:
+    cal = build(defect_mean=1.1)  # defects scored like good frames (whose median is about 0.9)
+    assert cal.synthetic_auroc is not None and cal.labelled is not None and cal.labelled.image_auroc is not None
+    assert cal.synthetic_auroc < 0.9 and cal.labelled.image_auroc < 0.9
+    text = Page(render(tmp_path, cal)[1]).text
+    weak = (
+        f"Weak model. patchcore detects poorly on this data: image AUROC on synthetic defects "
+        f"{cal.synthetic_auroc:.3f}, image AUROC on the test set {cal.labelled.image_auroc:.3f} (below 0.90)"
+    )
+    assert weak in text
+
+
+def test_separation_is_the_auroc_of_good_against_all_defects() -> None:
+    good = np.array([0.1, 0.2, 0.3, 0.4])
+    assert separation(good, {"a": np.array([0.5]), "b": np.array([0.6, 0.7])}) == 1.0
+    assert separation(good, {"a": np.array([0.25])}) == 0.5  # above two of four good frames
+    assert separation(good, {}) is None and separation(np.zeros(0), {"a": good}) is None
 
 
 def test_weak_bound_and_skipped_parts(tmp_path: Path) -> None:

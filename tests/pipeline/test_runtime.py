@@ -203,9 +203,10 @@ def test_bad_files_are_counted_and_a_missing_camera_does_not_stop_the_line(
 def test_sigterm_exits_cleanly_without_leaks(bundle_path: Path, small_category: Path, tmp_path: Path) -> None:
     before = set(os.listdir("/dev/shm"))
     config = tmp_path / "c.yaml"
+    address = f"tcp://127.0.0.1:{free_port()}"
     config.write_text(
         f"pipeline:\n  max_frame_height: 256\n  max_frame_width: 256\n  sources:\n    - spec: folder:{small_category}\n"
-        f"      loop: true\n      rate_ppm: 1200\npublisher:\n  address: tcp://127.0.0.1:{free_port()}\n"
+        f"      loop: true\n      rate_ppm: 1200\npublisher:\n  address: {address}\n"
         f"  replay_address: tcp://127.0.0.1:{free_port()}\n"
         "metrics:\n  port: 0\n"
     )
@@ -220,15 +221,18 @@ def test_sigterm_exits_cleanly_without_leaks(bundle_path: Path, small_category: 
         str(config),
         "--json",
     ]
+    sub = Subscriber(address)
+    sub.start()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 60  # start-up (torch import, model load) is slower on a loaded box
-    while len(children := [p for p in os.listdir("/proc") if p.isdigit() and _ppid(p) == proc.pid]) < 6:
-        if time.monotonic() > deadline or proc.poll() is not None:
-            break
-        time.sleep(0.5)
-    assert len(children) >= 5  # capture (started last), preprocess, infer, decide, recorder (+ resource tracker)
-    time.sleep(5)  # frames flow
-    proc.send_signal(signal.SIGTERM)
+    try:
+        deadline = time.monotonic() + 90  # start-up (torch import, model load) is slower on a loaded box
+        while len(sub.messages) < 5 and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.2)  # until verdicts flow
+        children = [p for p in os.listdir("/proc") if p.isdigit() and _ppid(p) == proc.pid]
+        proc.send_signal(signal.SIGTERM)
+    finally:
+        sub.stop()
+    assert len(children) >= 5  # capture, preprocess, infer, decide, recorder (+ resource tracker)
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 0, err
     summary = json.loads(out)

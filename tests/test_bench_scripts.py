@@ -1,0 +1,63 @@
+"""The benchmark scripts' own logic (their figures come from running them, not from tests)."""
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+
+from pipeline.app.config import Config, with_overrides
+
+BENCH = Path(__file__).resolve().parents[1] / "bench"
+
+
+def load(name: str) -> ModuleType:
+    sys.path.insert(0, str(BENCH))
+    try:
+        spec = importlib.util.spec_from_file_location(name, BENCH / f"{name}.py")
+        assert spec is not None and spec.loader is not None
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module  # dataclasses look their module up there
+        spec.loader.exec_module(module)
+        return module
+    finally:
+        sys.path.remove(str(BENCH))
+
+
+def record(qb: ModuleType, default: Config, path: Path) -> Path:
+    runs = [
+        qb.Run("default", "grass", 0, {"image_auroc": 0.9}, 10.0),
+        qb.Run("default", "grass", 1, {"image_auroc": 0.8}, 11.0),
+        qb.Run("sigma2", "grass", 0, {"image_auroc": 0.7}, 12.0),
+    ]
+    sigma2 = with_overrides(default, {"model.sigma": 2.0})
+    configs = {"default": qb.fitted_settings(default), "sigma2": qb.fitted_settings(sigma2)}
+    path.write_text(json.dumps({"configs": configs, "runs": [r.__dict__ for r in runs]}))
+    return path
+
+
+def test_baseline_gives_back_the_default_runs_of_an_earlier_record(tmp_path: Path) -> None:
+    qb = load("quality_bench")
+    default = Config()
+    reused = qb.load_baseline(record(qb, default, tmp_path / "r.json"), with_overrides(default, {"fit.seed": 7}))
+    assert set(reused) == {("grass", 0), ("grass", 1)}  # the seed is set per run: it does not count
+    assert reused[("grass", 1)].figures == {"image_auroc": 0.8} and reused[("grass", 0)].variant == "default"
+
+
+def test_baseline_fitted_otherwise_or_not_a_record_is_refused_in_one_line(tmp_path: Path) -> None:
+    qb = load("quality_bench")
+    path = record(qb, Config(), tmp_path / "r.json")
+    with pytest.raises(
+        SystemExit,
+        match=r"^quality_bench: --baseline .*r\.json: its default was fitted with other "
+        r"model\.patchcore, model\.sigma$",
+    ):
+        qb.load_baseline(path, with_overrides(Config(), {"model.sigma": 2.0, "model.patchcore.num_neighbors": 3}))
+    old = tmp_path / "old.json"
+    old.write_text(json.dumps([{"variant": "default", "family": "grass", "seed": 0, "figures": {}, "fit_s": 1.0}]))
+    with pytest.raises(SystemExit, match=r"old\.json: expected a --json record of this script"):
+        qb.load_baseline(old, Config())
+    with pytest.raises(SystemExit, match=r"missing\.json: expected a --json record"):
+        qb.load_baseline(tmp_path / "missing.json", Config())
