@@ -84,7 +84,7 @@ def resolve_train_precision(precision: str, device: str) -> str:
     return "bfloat16" if bfloat16_on(precision, resolved, torch.device(device)) else "float32"
 
 
-def _autocast(device: str, precision: str) -> torch.autocast:
+def train_autocast(device: str, precision: str) -> torch.autocast:
     kind = "cuda" if device.startswith("cuda") else "cpu"
     return torch.autocast(kind, dtype=torch.bfloat16, enabled=precision == "bfloat16")
 
@@ -211,7 +211,7 @@ def distill_teacher(
     target = DistillationTarget(backbone, teacher.output_size((h, w))).to(device).eval()
     readout = nn.Conv2d(TEACHER_CHANNELS, target.channels, 1).to(device)
     space, bb_space = ImageSpace(pre, device), ImageSpace(backbone_pre, device)
-    with torch.inference_mode(), _autocast(device, precision):
+    with torch.inference_mode(), train_autocast(device, precision):
         target.fit_statistics(
             [bb_space.from_unit(space.to_unit(images[i : i + 8].to(device))) for i in range(0, len(images), 8)]
         )
@@ -224,9 +224,9 @@ def distill_teacher(
         for _ in range(steps):
             idx = torch.randint(0, len(images), (batch_size,), generator=gen)
             rgb = random_view(space.to_unit(images[idx].to(device)), gen)
-            with torch.no_grad(), _autocast(device, precision):
+            with torch.no_grad(), train_autocast(device, precision):
                 y = target(bb_space.from_unit(rgb))
-            with _autocast(device, precision):
+            with train_autocast(device, precision):
                 out = readout(teacher(space.from_unit(rgb).contiguous(memory_format=torch.channels_last)))
             loss = F.mse_loss(out.float(), y)
             opt.zero_grad(set_to_none=True)
@@ -246,7 +246,7 @@ def channel_statistics(
     count = 0
     with torch.inference_mode():
         for i in range(0, len(images), 4):
-            with _autocast(device, precision):
+            with train_autocast(device, precision):
                 y = teacher(images[i : i + 4].to(device).contiguous(memory_format=torch.channels_last))
             y = y.double().transpose(0, 1).flatten(1)
             s1 = y.sum(dim=1) if s1 is None else s1 + y.sum(dim=1)
@@ -303,11 +303,11 @@ def training_step(
     if penalty_image is not None:
         p = space.from_unit(random_grayscale(space.to_unit(penalty_image), gen))
         inputs.append(p.contiguous(memory_format=torch.channels_last))
-    with torch.no_grad(), _autocast(device, precision):
+    with torch.no_grad(), train_autocast(device, precision):
         y = teacher(torch.cat([x, x_ae]))
     y = (y.float() - mean) / std
     y_st, y_ae = y[:1], y[1:]
-    with _autocast(device, precision):
+    with train_autocast(device, precision):
         s = state.student(torch.cat(inputs))
         a = state.autoencoder(x_ae)
     s, a = s.float(), a.float()

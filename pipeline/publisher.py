@@ -40,16 +40,23 @@ class RejectPublisher:
         )
         self.run, self.bundle, self.counters = run, bundle, counters
 
+    def next_seqs(self, verdict: str) -> tuple[int, int]:
+        """The seq and topic_seq that the next `publish` of a `verdict` will take."""
+        return int(self.counters[0]) + 1, int(self.counters[1 + VERDICT_NAMES.index(verdict)]) + 1
+
     def publish(self, v: Verdict) -> tuple[int, int, bytes]:
         """Send one verdict; returns its seq, topic_seq and the message body (for the spool). Never blocks (a
-        full subscriber queue drops for that subscriber)."""
-        self.counters[0] += 1
-        topic = 1 + VERDICT_NAMES.index(v.verdict)
-        self.counters[topic] += 1
-        seq, topic_seq = int(self.counters[0]), int(self.counters[topic])
-        frames = encode(self.run, seq, topic_seq, v, self.bundle)
-        self._send(frames)
-        return seq, topic_seq, frames[1]
+        full subscriber queue drops for that subscriber). The counters move before the send: a seq that
+        was sent is never given again."""
+        seq, topic_seq = self.next_seqs(v.verdict)
+        self.counters[0], self.counters[1 + VERDICT_NAMES.index(v.verdict)] = seq, topic_seq
+        body = self.body(seq, topic_seq, v)
+        self._send([v.verdict.encode(), body])
+        return seq, topic_seq, body
+
+    def body(self, seq: int, topic_seq: int, v: Verdict) -> bytes:
+        """The message body of a verdict under the given seqs."""
+        return encode(self.run, seq, topic_seq, v, self.bundle)[1]
 
     def heartbeat(self, interval_ms: float, problems: tuple[str, ...]) -> None:
         """Say what was published so far and how the pipeline is, so silence never reads as "all parts good"."""

@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import cv2
 import numpy as np
@@ -29,6 +29,7 @@ from pipeline.ring import (
     VERDICT_ERROR,
     VERDICT_PASS,
     VERDICT_REJECT,
+    WRITTEN,
     FrameRing,
     RingSpec,
     verdict_of_record,
@@ -47,6 +48,9 @@ from pipeline.state import (
     StateSpec,
 )
 from pipeline.store.spool import SpoolWriter
+
+if TYPE_CHECKING:
+    from pipeline.publisher import RejectPublisher
 
 # A frame in hand when its stage died is retried once; if the retry dies too it becomes an `error` verdict.
 MAX_ATTEMPTS = 2
@@ -488,6 +492,9 @@ def decide_main(ctx: StageContext, args: DecideArgs) -> None:  # pragma: no cove
     publisher = RejectPublisher(args.address, args.send_hwm, args.run_id, args.bundle_hash, state.publisher)
     feed = None if args.feed is None else VerdictFeed(args.feed, args.run_id, state)
     threshold, cameras = args.threshold, args.cameras
+    pending = PendingVerdict(state.pending)
+    pending.finish(state, scores, out, publisher, feed, cameras, threshold)
+    die_after_seq = failpoint("decide_after_publish") if not state.restarts[ctx.process_index] else None
     if state.restarts[ctx.process_index]:
         # Subscribers of the crashed publisher reconnect within ZeroMQ's reconnect interval (100 ms);
         # publishing the backlog before they are back would lose it for them.
@@ -521,17 +528,74 @@ def decide_main(ctx: StageContext, args: DecideArgs) -> None:  # pragma: no cove
                 if rec["verdict"] != VERDICT_ERROR:
                     rec["verdict"] = VERDICT_REJECT if rec["score"] > threshold else VERDICT_PASS
                 rec["t_decision_ns"] = time.time_ns()
-                rec["pub_seq"], rec["topic_seq"], body = publisher.publish(verdict_of_record(rec, cameras, threshold))
+                verdict = verdict_of_record(rec, cameras, threshold)
+                rec["pub_seq"], rec["topic_seq"] = publisher.next_seqs(verdict.verdict)
+                pending.begin(s, rec)
+                _, _, body = publisher.publish(verdict)
+                if rec["pub_seq"] == die_after_seq:
+                    os.kill(os.getpid(), signal.SIGKILL)
                 rec["m_decide_ns"] = time.monotonic_ns()
                 if feed is not None:  # after publishing: the record never delays the reject
                     feed.put(rec, scores.payloads[s] if rec["keep"] else None, body)
                 out.commit(target, rec)
                 state.last_decided[camera] = frame_id
+                pending.end()
                 scores.release(s)
     finally:
         if feed is not None:
             feed.idle(stopping=True)
         publisher.close()
+
+
+def failpoint(name: str) -> int | None:
+    """The seq after which a fault test asks this stage to kill itself (LINEWATCH_FAILPOINT=name:seq): the
+    window between two steps of one verdict is too short for a signal from outside to hit on purpose."""
+    point, _, seq = os.environ.get("LINEWATCH_FAILPOINT", "").partition(":")
+    return int(seq) if point == name and seq.isdigit() else None
+
+
+class PendingVerdict:
+    """Decide's write-ahead, in shared memory, of the verdict it is publishing: written before the seq is
+    taken, cleared once the verdict is in the recorder's buffer and forwarded. A decide stage killed in
+    between leaves it to its successor, which records and forwards the verdict under the seq it was
+    published with, instead of deciding the frame again under a new one (and leaving a published seq that
+    the store never gets)."""
+
+    def __init__(self, cells: np.ndarray) -> None:
+        self.cells = cells
+
+    def begin(self, slot: int, rec: np.void) -> None:
+        fields = ("camera", "frame_id", "pub_seq", "topic_seq", "verdict", "t_decision_ns")
+        self.cells[1:] = (slot, *(int(rec[f]) for f in fields))
+        self.cells[0] = 1
+
+    def end(self) -> None:
+        self.cells[0] = 0
+
+    def finish(
+        self, state: RunState, scores: FrameRing, out: FrameRing, publisher: RejectPublisher, feed: VerdictFeed | None,
+        cameras: tuple[str, ...], threshold: float,
+    ) -> None:  # fmt: skip
+        """Complete what a killed predecessor left between publishing and forwarding (nothing if it left none)."""
+        if not self.cells[0]:
+            return
+        slot, camera, frame_id, seq, topic_seq, verdict, t_decision_ns = (int(v) for v in self.cells[1:])
+        rec = scores.headers[slot].copy()
+        published = int(publisher.counters[0]) >= seq  # else it died before taking the seq: decide it anew
+        forwarded = frame_id <= state.last_decided[camera]
+        here = rec["state"] == WRITTEN and (int(rec["camera"]), int(rec["frame_id"])) == (camera, frame_id)
+        if published and not forwarded and here and (target := out.wait_free_slot(state.stopping)) is not None:
+            rec["verdict"], rec["t_decision_ns"] = verdict, t_decision_ns
+            rec["pub_seq"], rec["topic_seq"], rec["m_decide_ns"] = seq, topic_seq, time.monotonic_ns()
+            if feed is not None:
+                body = publisher.body(seq, topic_seq, verdict_of_record(rec, cameras, threshold))
+                feed.put(rec, scores.payloads[slot] if rec["keep"] else None, body)
+            out.commit(target, rec)
+            state.last_decided[camera] = frame_id
+            scores.release(slot)
+            log.warning("verdict seq %d (camera %s, frame %d), published before a crash, recorded now", seq,
+                        cameras[camera], frame_id)  # fmt: skip
+        self.end()
 
 
 def health_problems(state: RunState, cameras: tuple[str, ...]) -> tuple[str, ...]:

@@ -22,6 +22,8 @@ FLAG_STOP_SOURCES, FLAG_STOP_ALL = 0, 1
 # Cells of `RunState.spool` (written by decide) and `RunState.store` (written by the recorder).
 SPOOLED, SPOOL_LOST = 0, 1
 STORE_WRITTEN, STORE_ERRORS, STORE_UNSPOOLED, STORE_ARCHIVE_BYTES, STORE_EXPIRED, STORE_FAILING = range(6)
+# Cells of `RunState.pending` (written by decide): the verdict it is publishing, until it is in the buffer.
+PENDING_CELLS = ("flag", "slot", "camera", "frame_id", "seq", "topic_seq", "verdict", "t_decision_ns")
 
 
 class PipelineError(RuntimeError):
@@ -67,10 +69,12 @@ class RunState:
         self.publisher = take(4)  # decide: [seq, seq per verdict pass/reject/error]
         self.spool = take(2)  # decide: verdicts spooled to disk (the recorder's buffer was full), and lost
         self.store = take(6)  # recorder: rows written, errors, taken back from the spool, archive bytes, ... (STORE_*)
+        self.pending = take(len(PENDING_CELLS))  # decide: see PENDING_CELLS and stages.PendingVerdict
 
     @staticmethod
     def cells(cameras: int, processes: int) -> int:
-        return 2 + cameras * (len(RunState.FIELDS_PER_CAMERA) + len(DROP_REASONS)) + 3 * processes + 4 + 2 + 6
+        per_camera = cameras * (len(RunState.FIELDS_PER_CAMERA) + len(DROP_REASONS))
+        return 2 + per_camera + 3 * processes + 4 + 2 + 6 + len(PENDING_CELLS)
 
     @classmethod
     def create(cls, cameras: int, processes: int) -> RunState:
@@ -106,5 +110,5 @@ class RunState:
     def close(self) -> None:
         del self.flags, self.captured, self.connected, self.reconnects, self.done, self.position
         del self.next_frame_id, self.drops, self.heartbeat_ns, self.restarts, self.ready, self.publisher
-        del self.spool, self.store, self._arr
+        del self.spool, self.store, self.pending, self._arr
         release_block(self._shm, self._owner)

@@ -406,3 +406,23 @@ def test_log_format_json_gives_one_object_a_line(
     assert records and {"time", "level", "stage", "logger", "message"} <= set(records[0])
     assert {r["stage"] for r in records} == {"evaluate"} and all(r["level"] == "info" for r in records)
     assert records[-1]["message"].startswith("evaluate: 14/14 (100%)")
+
+
+def test_distil_teacher_writes_a_teacher_file_and_refuses_bad_options(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "teacher.pt"
+    argv = ["distil-teacher", "--out", str(out), "--side", "64", "--steps", "2", "--batch", "2", "--quiet"]
+    assert main(argv) == 0
+    text = capsys.readouterr().out
+    assert f"teacher {out} (sha256 " in text and "step 2 of 2" in text
+    assert re.search(r"held-out distillation loss \d+\.\d{4} at step 0, \d+\.\d{4} at step 2", text)
+    assert torch.load(out, weights_only=True)["record"]["steps_done"] == 2
+    for bad, message in (
+        (["--checkpoint-every", "0"], "--checkpoint-every 0: expected 1 or more"),
+        (["--side", "100"], "side = 100: expected a multiple of 32"),
+        (["--device", "cuda:99"], "cuda:99"),
+    ):
+        assert main([*argv, *bad]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("linewatch: error: ") and message in err[0]

@@ -23,6 +23,7 @@ from edge.scoring import AnomalyMapSmoother, ScoreResult
 
 PDN_SIZES = ("small", "medium")
 TEACHER_CHANNELS = 384  # channels of T's output and of each of S's two heads (paper: 384)
+TEACHER_FILE_FORMAT = "linewatch-teacher"  # a distilled teacher's file: {"format", "size", "weights", "record"}
 RECEPTIVE_FIELD = 33  # pixels of input seen by one PDN output cell (both sizes)
 PDN_STRIDE = 4
 # Quantiles of the held-out normal maps mapped to 0 and 0.1 (paper: q_a = 0.9, q_b = 0.995).
@@ -159,6 +160,8 @@ def load_pdn_weights(module: PatchDescriptionNetwork, source: str | Path | Mappi
             raise ValueError(f"{where}: not a teacher weights file ({reason})") from exc
         if isinstance(source, nn.Module):  # pragma: no cover - weights_only refuses modules
             source = source.state_dict()
+    if isinstance(source, Mapping) and source.get("format") == TEACHER_FILE_FORMAT:
+        source = source["weights"]
     if not isinstance(source, Mapping):
         raise ValueError(f"{where}: expected a state dict of PDN weights, got {type(source).__name__}")
     weights = [(k, v) for k, v in source.items() if k.endswith("weight") and getattr(v, "ndim", 0) == 4]

@@ -256,6 +256,33 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_distil_teacher(args: argparse.Namespace) -> int:
+    from calibration.teacher_distillation import DistillationSettings, distil
+    from edge.backbones import file_sha256
+
+    settings = DistillationSettings(
+        size=args.size,
+        side=args.side,
+        steps=args.steps,
+        batch_size=args.batch,
+        learning_rate=args.learning_rate,
+        seed=args.seed,
+    )
+    for name, least in (("checkpoint_every", 1), ("eval_every", 1), ("stop_after", 1), ("workers", 0)):
+        if (value := getattr(args, name)) is not None and value < least:
+            raise ValueError(f"--{name.replace('_', '-')} {value}: expected {least} or more")
+    d = distil(
+        settings, args.out, args.checkpoint, args.device, args.precision, args.checkpoint_every, args.eval_every,
+        args.stop_after, progress=not args.quiet, workers=args.workers,
+    )  # fmt: skip
+    losses = d.held_out_loss
+    print(f"teacher {args.out} (sha256 {file_sha256(args.out)[:16]}): step {d.step} of {settings.steps}")
+    if losses:
+        print(f"  held-out distillation loss {losses[0][1]:.4f} at step {losses[0][0]}, {losses[-1][1]:.4f} at step"
+              f" {losses[-1][0]}")  # fmt: skip
+    return 0
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from pipeline.app.config import ConfigError
     from pipeline.settings import SourceConfig
@@ -459,6 +486,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backbone-weights", help="path to the backbone's .pth weights")
     _add_common(p)
     p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser(
+        "distil-teacher",
+        help="distil an EfficientAD teacher on the offline corpus (procedural images and packaged photographs)"
+        " into a file for model.efficientad.teacher; resumable",
+    )
+    p.add_argument("--out", required=True, type=Path, help="teacher file to write")
+    p.add_argument("--size", default="small", help="PDN size: small or medium")
+    p.add_argument("--steps", type=int, default=60_000, help="batches in the whole distillation (cosine schedule)")
+    p.add_argument("--batch", type=int, default=16, help="images per batch")
+    p.add_argument("--side", type=int, default=256, help="image side in pixels (a multiple of 32)")
+    p.add_argument("--learning-rate", type=float, default=1e-3, help="Adam's starting rate")
+    p.add_argument("--seed", type=int, default=0, help="seeds the networks and the corpus")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+    p.add_argument("--precision", default="auto", help="float32, bfloat16 or auto (bf16 on CPUs with AMX)")
+    p.add_argument("--checkpoint", type=Path, help="resume from and save to this file")
+    p.add_argument("--checkpoint-every", type=int, default=200, help="steps between checkpoints")
+    p.add_argument("--eval-every", type=int, default=1000, help="steps between held-out loss measurements")
+    p.add_argument("--stop-after", type=int, help="end this run after so many steps (resume it later)")
+    p.add_argument("--workers", type=int, default=0, help="processes drawing the corpus images (0: in this one)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_distil_teacher)
 
     p = sub.add_parser("run", help="run the streaming pipeline: sources -> model -> rejects over ZeroMQ")
     p.add_argument("--config", type=Path, help="config file (default: built-in defaults, as in config.yaml)")
