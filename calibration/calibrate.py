@@ -100,7 +100,7 @@ class Calibration:
 
 def separation(good: np.ndarray, defects: dict[str, np.ndarray]) -> float | None:
     """Image AUROC of good frames' scores against defective ones' (None without both)."""
-    bad = np.concatenate([s for s in defects.values()] + [np.zeros(0)])
+    bad = np.concatenate([*defects.values(), np.zeros(0)])
     if not good.size or not bad.size:
         return None
     return auroc(np.r_[np.zeros(good.size), np.ones(bad.size)], np.r_[good, bad])

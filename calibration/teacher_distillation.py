@@ -10,6 +10,7 @@ statistics and a held-out loss come from two other streams of the same corpus.
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
@@ -107,8 +108,9 @@ def fit_target_statistics(d: Distillation, photos: tuple[np.ndarray, ...], devic
         d.target.fit_statistics([bb.from_unit(_unit(stats.batch(i, min(16, n - i)), device)) for i in range(0, n, 16)])
 
 
+@functools.lru_cache(maxsize=8)
 def _spaces(settings: DistillationSettings, device: str) -> tuple[ImageSpace, ImageSpace]:
-    """(the PDN's input space, the backbone's)."""
+    """(the PDN's input space, the backbone's); made once per settings and device, not on every step."""
     pdn = efficientad_preprocessing(settings.side)
     return ImageSpace(pdn, device), ImageSpace(get_spec(settings.backbone).preprocessing(settings.side), device)
 
