@@ -44,7 +44,7 @@ def _ordinal(k: int) -> str:
 
 
 @cache
-def _environment() -> jinja2.Environment:
+def report_environment() -> jinja2.Environment:
     env = jinja2.Environment(
         loader=jinja2.FileSystemLoader(TEMPLATES),
         autoescape=True,  # always: the template's name ends in .j2, which select_autoescape would not match
@@ -152,7 +152,7 @@ def write_report(out_dir: Path, cal: Calibration, bundle_path: Path, bundle_hash
 
 def render_html(cal: Calibration, bundle_path: Path, bundle_hash: str, figures: set[str]) -> str:
     """report.html's text; `figures` are the PNG file names written next to it (only those are shown)."""
-    return _environment().get_template(TEMPLATE).render(_context(cal, bundle_path, bundle_hash, figures))
+    return report_environment().get_template(TEMPLATE).render(_context(cal, bundle_path, bundle_hash, figures))
 
 
 def _context(cal: Calibration, bundle_path: Path, bundle_hash: str, figures: set[str]) -> dict[str, Any]:

@@ -40,6 +40,7 @@ from calibration.threshold import (
     bounded_order,
     choose_threshold,
     min_calibration_frames,
+    proportion_interval,
 )
 from edge.backends import OnDevice
 from edge.bundle import Bundle
@@ -51,6 +52,78 @@ class LineFrame(NamedTuple):
 
     image: np.ndarray
     bundle: str
+
+
+@dataclass(frozen=True)
+class ScoredFrames:
+    scores: np.ndarray  # (n,) of the frames at the model's input size, in the order they came
+    skipped: int  # frames of another size
+    by_bundle: dict[str, int]  # frames scored, by the hash of the bundle that decided them
+
+
+@dataclass(frozen=True)
+class ReviewedRecall:
+    """How many of the defects people confirmed on the line the new threshold rejects, with a 95 % interval."""
+
+    scores: np.ndarray  # (n,) of the confirmed defects' archived frames
+    caught: int  # of them with score > the new threshold
+    low: float
+    high: float
+
+    @property
+    def n(self) -> int:
+        return int(self.scores.size)
+
+    @property
+    def recall(self) -> float:
+        return self.caught / self.n
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"n": self.n, "caught": self.caught, "recall": self.recall, "interval_95": [self.low, self.high]}
+
+
+def score_line_frames(bundle: Bundle, frames: Iterable[LineFrame], config: OfflineConfig) -> ScoredFrames:
+    """Scores of `frames` with `bundle`'s model on fit.device; frames of another size are skipped and counted.
+    ValueError for a frame that is not RGB uint8."""
+    size = bundle.preprocessing.input_size
+    by_bundle: dict[str, int] = {}
+    skipped = 0
+
+    def at_input_size() -> Iterator[np.ndarray]:
+        nonlocal skipped
+        for frame in frames:
+            image = frame.image
+            if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
+                raise ValueError(f"frame: expected an (h, w, 3) uint8 RGB array, got {image.shape} {image.dtype}")
+            if image.shape[:2] != size:
+                skipped += 1
+                continue
+            by_bundle[frame.bundle] = by_bundle.get(frame.bundle, 0) + 1
+            yield image
+
+    # Scored on fit.device: the threshold is chosen in the arithmetic of the device the line runs on.
+    device = config.fit.device
+    model = OnDevice(bundle.model.to(device), device)
+    try:
+        scores = np.asarray(
+            [s for s, _ in score_images(model, bundle.preprocessing, at_input_size(), config.fit.batch_size)],
+            dtype=np.float64,
+        )
+    finally:
+        bundle.model.cpu()
+    return ScoredFrames(scores, skipped, dict(sorted(by_bundle.items())))
+
+
+def reviewed_recall(
+    bundle: Bundle, defects: Iterable[LineFrame], threshold: float, config: OfflineConfig
+) -> ReviewedRecall | None:
+    """The recall at `threshold` on archived frames of defects people confirmed; None when there are none."""
+    scores = score_line_frames(bundle, defects, config).scores
+    if scores.size == 0:
+        return None
+    caught = int((scores > threshold).sum())
+    low, high = proportion_interval(caught, int(scores.size))
+    return ReviewedRecall(scores, caught, low, high)
 
 
 @dataclass(frozen=True)
@@ -81,30 +154,9 @@ def rethreshold(
     previous = bundle.manifest.threshold.value
     cc, device = config.calibration, config.fit.device
     size = bundle.preprocessing.input_size
-    by_bundle: dict[str, int] = {}
-    skipped = 0
-
-    def at_input_size() -> Iterator[np.ndarray]:
-        nonlocal skipped
-        for frame in frames:
-            image = frame.image
-            if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
-                raise ValueError(f"frame: expected an (h, w, 3) uint8 RGB array, got {image.shape} {image.dtype}")
-            if image.shape[:2] != size:
-                skipped += 1
-                continue
-            by_bundle[frame.bundle] = by_bundle.get(frame.bundle, 0) + 1
-            yield image
-
-    # Scored on fit.device: the threshold is chosen in the arithmetic of the device the line runs on.
-    model = OnDevice(bundle.model.to(device), device)
-    try:
-        scores = np.asarray(
-            [s for s, _ in score_images(model, bundle.preprocessing, at_input_size(), config.fit.batch_size)]
-        )
-    finally:
-        bundle.model.cpu()
-    by_bundle = dict(sorted(by_bundle.items()))
+    scored = score_line_frames(bundle, frames, config)
+    scores, skipped = scored.scores, scored.skipped
+    by_bundle = scored.by_bundle
     n = int(scores.size)
     if n == 0 or (not cc.allow_weak_bound and bounded_order(n, cc.target_fpr, cc.confidence) is None):
         needed = min_calibration_frames(cc.target_fpr, cc.confidence)

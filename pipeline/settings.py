@@ -1,4 +1,4 @@
-"""Settings of the streaming runtime: pipeline, sources, publisher, metrics.
+"""Settings of the streaming runtime: pipeline, sources, publisher, metrics, store and the operator page.
 
 The application shell fills these from `config.yaml` and passes them to `Pipeline`; nothing here
 reads a file. Field metadata states what each value may be.
@@ -112,10 +112,26 @@ class MetricsConfig:
 
 
 @dataclass(frozen=True)
+class UiConfig:
+    enabled: bool = True
+    """Serve the operator page (live view, history, review) while `linewatch run` runs; needs store.enabled."""
+    host: str = "127.0.0.1"
+    """Address the page listens on. On 127.0.0.1 (or ::1, localhost) anyone on the box may look without
+    logging in and reviewing needs a user; on any other address every page needs a login."""
+    port: int = field(default=8080, metadata=bounded(0, 65535))
+    """HTTP port of the page; 0 = any free port (logged)."""
+    feed_address: str = "tcp://127.0.0.1:5558"
+    """ZeroMQ endpoint where the recorder announces what it has stored, for the page's live view."""
+    window_min: float = field(default=5.0, metadata=bounded(0.1, 1440.0))
+    """Minutes the live view's counts and reject rate cover."""
+
+
+@dataclass(frozen=True)
 class RuntimeConfig:
-    """What the streaming runtime reads: the `pipeline`, `publisher`, `metrics` and `store` sections."""
+    """What the streaming runtime reads: the `pipeline`, `publisher`, `metrics`, `store` and `ui` sections."""
 
     pipeline: PipelineConfig = PipelineConfig()
     publisher: PublisherConfig = PublisherConfig()
     metrics: MetricsConfig = MetricsConfig()
     store: StoreConfig = StoreConfig()
+    ui: UiConfig = UiConfig()

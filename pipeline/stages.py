@@ -1,4 +1,5 @@
-"""The stage processes: capture (one per source), preprocess, infer (one per device), decide.
+"""The stage processes: capture (one per source), preprocess, infer (one per device), decide, and the
+recorder and operator page when the store is on.
 
 Each `*_main` runs in its own spawned process and talks only through rings and the shared run
 state (`StageContext`). Stages ignore SIGINT/SIGTERM: the supervisor owns shutdown and tells them
@@ -13,6 +14,7 @@ import multiprocessing
 import os
 import signal
 import sys
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -51,6 +53,8 @@ from pipeline.store.spool import SpoolWriter
 
 if TYPE_CHECKING:
     from pipeline.publisher import RejectPublisher
+    from pipeline.station.health import StageSlot
+    from pipeline.station.settings import StationSettings
 
 # A frame in hand when its stage died is retried once; if the retry dies too it becomes an `error` verdict.
 MAX_ATTEMPTS = 2
@@ -146,6 +150,15 @@ class RecorderArgs:
     cameras: tuple[str, ...]
     bundle_hash: str
     threshold: float
+    feed_address: str | None = None  # where committed rows are announced (the operator station); None: nowhere
+
+
+@dataclass(frozen=True)
+class StationArgs:
+    settings: StationSettings
+    stages: tuple[StageSlot, ...]  # every stage, for the page's health panel
+    cameras: tuple[str, ...]
+    heartbeat_timeout_s: float
 
 
 def _enter(ctx: StageContext) -> RunState:
@@ -677,7 +690,8 @@ def recorder_main(ctx: StageContext, args: RecorderArgs) -> None:  # pragma: no 
     store = VerdictStore(args.url, check=False)  # checked at start by the supervisor; may be away by now
     archive = ImageArchive(Path(args.archive), args.max_bytes, args.max_days)
     identity = RunIdentity(args.run, args.cameras, args.bundle_hash, args.threshold)
-    recorder = Recorder(store, archive, SpoolReader(Path(args.spool)), identity)
+    feed = _open_feed(args.feed_address)
+    recorder = Recorder(store, archive, SpoolReader(Path(args.spool)), identity, feed.announce if feed else None)
     # A restarted recorder goes on counting where its predecessor stopped (the metrics are counters).
     recorder.written, recorder.errors = int(state.store[STORE_WRITTEN]), int(state.store[STORE_ERRORS])
     recorder.unspooled, recorder.expired = int(state.store[STORE_UNSPOOLED]), int(state.store[STORE_EXPIRED])
@@ -688,6 +702,21 @@ def recorder_main(ctx: StageContext, args: RecorderArgs) -> None:  # pragma: no 
     finally:
         replay.stop()
         store.close()
+        if feed is not None:
+            feed.close()
+
+
+def _open_feed(address: str | None) -> Any:
+    """The live feed, or None: a feed that cannot bind costs the operator page its live view, never a verdict."""
+    from pipeline.store.feed import StoredFeed
+
+    if address is None:
+        return None
+    try:
+        return StoredFeed(address)
+    except OSError as exc:
+        log.error("%s; the operator page shows stored verdicts without a live feed", exc)
+        return None
 
 
 def _record_until_stopped(
@@ -738,3 +767,27 @@ def _publish_store_counts(state: RunState, recorder: Any) -> None:
     state.store[STORE_FAILING] = int(recorder.failing)
     if recorder.archive is not None:
         state.store[STORE_ARCHIVE_BYTES] = recorder.archive.bytes_used
+
+
+STATION_NICE = 10  # the page takes what the line leaves: inference and decide go first on a busy box
+
+
+def station_main(ctx: StageContext, args: StationArgs) -> None:  # pragma: no cover - child process
+    from pipeline.station.health import RunHealth
+    from pipeline.station.process import serve
+
+    state = _enter(ctx)
+    os.nice(STATION_NICE)
+    state.ready[ctx.process_index] = 1
+    beating = threading.Event()
+
+    def beat() -> None:  # the process is alive while it serves, whatever a page request is doing
+        while not beating.wait(0.5):
+            state.heartbeat_ns[ctx.process_index] = time.monotonic_ns()
+
+    threading.Thread(target=beat, name="heartbeat", daemon=True).start()
+    health = RunHealth(ctx.state, args.stages, args.cameras, args.heartbeat_timeout_s)
+    try:
+        serve(args.settings, health, state.stopping, lambda port: None)
+    finally:
+        beating.set()

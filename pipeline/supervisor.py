@@ -46,12 +46,14 @@ from pipeline.stages import (
     RecorderArgs,
     RecorderFeed,
     StageContext,
+    StationArgs,
     capture_main,
     decide_main,
     freeze_startup_heap,
     infer_main,
     preprocess_main,
     recorder_main,
+    station_main,
 )
 from pipeline.state import (
     DROP_REASONS,
@@ -62,6 +64,8 @@ from pipeline.state import (
     PipelineError,
     RunState,
 )
+from pipeline.station.health import StageSlot
+from pipeline.station.settings import StationSettings, bundle_summary
 from pipeline.store.paths import StorePaths
 from pipeline.store.verdicts import StoreError, VerdictStore
 from pipeline.wire import VERDICT_NAMES
@@ -118,9 +122,9 @@ class RunSummary:
 @dataclass
 class StageProcess:
     name: str
-    kind: str  # capture | preprocess | infer | decide | recorder
+    kind: str  # capture | preprocess | infer | decide | recorder | station
     target: Callable[..., None]
-    args: CaptureArgs | PreprocessArgs | InferArgs | DecideArgs | RecorderArgs
+    args: CaptureArgs | PreprocessArgs | InferArgs | DecideArgs | RecorderArgs | StationArgs
     camera: int | None = None
     process: BaseProcess | None = None
 
@@ -335,7 +339,30 @@ class Pipeline:
         stages.append(StageProcess("decide", "decide", decide_main, decide))
         if (recorder := self._recorder_args(rings)) is not None:
             stages.append(StageProcess("recorder", "recorder", recorder_main, recorder))
+            if self.config.ui.enabled:
+                stages.append(StageProcess("station", "station", station_main, self._station_args(stages)))
         return stages
+
+    def _station_args(self, stages: list[StageProcess]) -> StationArgs:
+        """The operator page's settings; `stages` are those before it (it is the last)."""
+        assert self.store_paths is not None
+        ui, paths = self.config.ui, self.store_paths
+        slots = tuple(StageSlot(st.name, i, st.camera) for i, st in enumerate(stages))
+        slots += (StageSlot("station", len(stages)),)
+        settings = StationSettings(
+            store_url=paths.url,
+            archive=str(paths.images),
+            data=str(paths.root),
+            host=ui.host,
+            port=ui.port,
+            feed_address=ui.feed_address,
+            heartbeat_address=self.config.publisher.address,
+            window_min=ui.window_min,
+            bundle=bundle_summary(self.bundle_path, self.manifest, self.bundle_hash),
+            cameras=tuple(self.cameras),
+            run=self.run_id,
+        )
+        return StationArgs(settings, slots, tuple(self.cameras), self.config.pipeline.heartbeat_timeout_s)
 
     def _recorder_feed(self, rings: Rings) -> RecorderFeed | None:
         if rings.records is None or rings.images is None or self.store_paths is None:
@@ -361,6 +388,7 @@ class Pipeline:
             tuple(self.cameras),
             self.bundle_hash,
             self.threshold,
+            self.config.ui.feed_address if self.config.ui.enabled else None,
         )
 
     def _start_metrics(self, cleanup: contextlib.ExitStack) -> PipelineMetrics:

@@ -38,7 +38,7 @@ from pipeline.app.store_bench import (
     sqlite_in,
 )
 from pipeline.logs import LogSettings
-from pipeline.settings import SourceConfig
+from pipeline.settings import SourceConfig, UiConfig
 from pipeline.supervisor import Pipeline, detail, headline
 
 
@@ -237,6 +237,9 @@ def timed_replay(
     with tempfile.TemporaryDirectory(prefix="linewatch-bench-store-") as tmp:
         ports = {"publisher.address": f"tcp://127.0.0.1:{free_port()}", "metrics.port": 0}
         ports["publisher.replay_address"] = f"tcp://127.0.0.1:{free_port()}"
+        ports["ui.feed_address"] = f"tcp://127.0.0.1:{free_port()}"
+        if config.ui.port == UiConfig.port:  # a bench beside a running line must not take its page's port
+            ports["ui.port"] = free_port()
         if config.store.path is None:  # a bench's verdicts never join those of the line beside the bundle
             ports["store.path"] = tmp
         return _timed_replay(with_overrides(config, ports), bundle, data, seconds, rate_ppm, log_settings)
@@ -364,7 +367,7 @@ def _store_bench(
     rounds = rounds_for(seconds)
 
     def replay(store_on: bool, rate_ppm: float) -> Replay:
-        run_config = with_overrides(config, {"store.enabled": store_on})
+        run_config = with_overrides(config, {"store.enabled": store_on, "ui.enabled": False})  # the store alone
         return timed_replay(run_config, bundle, folder, seconds / (2 * rounds), rate_ppm, log_settings)
 
     off, on = latency_with_and_without_store(replay, max(fps, 1.0) * 60 / 2, rounds)

@@ -132,7 +132,6 @@ _FIT_ONLY = (
     ("steps", "--steps"),
     ("checkpoint", "--checkpoint"),
     ("holdout", "--holdout"),
-    ("report_dir", "--report-dir"),
     ("skip_bad", "--skip-bad"),
 )
 _STORE_ONLY = (
@@ -213,7 +212,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
 def _calibrate_from_store(args: argparse.Namespace) -> int:
     from edge.bundle import load_bundle
     from pipeline.app.history import locate
-    from pipeline.app.recalibrate import period_of, recalibrate_from_store, summary_lines
+    from pipeline.app.recalibrate import period_of, recalibrate_from_store, summary_lines, write_store_report
 
     if args.out.resolve() == args.bundle.resolve():
         raise ValueError(f"--out {args.out}: the same file as --bundle (write the new bundle beside it)")
@@ -222,7 +221,8 @@ def _calibrate_from_store(args: argparse.Namespace) -> int:
     location = locate(config.store, args.bundle, None, args.store_url)
     bundle = load_bundle(args.bundle, config.model.backbone_weights)
     r = recalibrate_from_store(bundle, args.out, location, period, config, progress=not args.quiet)
-    print("\n".join(summary_lines(r, args.out)))
+    report = write_store_report(args.report_dir or args.out.parent, r, args.out)
+    print("\n".join(summary_lines(r, args.out, report)))
     return 0
 
 
@@ -404,6 +404,32 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_user(args: argparse.Namespace) -> int:
+    from pipeline.app.operators import add_user, list_users, read_password
+    from pipeline.store.verdicts import public_url
+
+    location = _store_location(args)
+    if args.action == "list":
+        for name in list_users(location):
+            print(name)
+        return 0
+    if not args.name:
+        raise ValueError("user add: expected a user NAME")
+    new = add_user(location, args.name, read_password(args.password_stdin))
+    print(f"user {args.name}: {'added' if new else 'password changed'} in {public_url(location.url)}")
+    return 0
+
+
+def cmd_station(args: argparse.Namespace) -> int:
+    from pipeline.app.config import load_config, with_overrides
+    from pipeline.app.operators import serve_station, station_settings
+
+    config = with_overrides(load_config(args.config), {"ui.host": args.host, "ui.port": args.port})
+    bundle = args.bundle or (Path(config.pipeline.bundle) if config.pipeline.bundle else None)
+    serve_station(station_settings(_store_location(args), config.ui, bundle))
+    return 0
+
+
 # A relative time starts with '-', which argparse would read as an option: `--since -15m` is glued into
 # `--since=-15m` before parsing.
 _TIME_FLAGS = ("--since", "--until")
@@ -454,7 +480,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--out",
         required=True,
         type=Path,
-        help="bundle file to write (report.html goes next to it, not with --from-store)",
+        help="bundle file to write (report.html goes next to it)",
     )
     p.add_argument(
         "--from-store",
@@ -564,6 +590,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run", required=True, help="run id (linewatch history shows them)")
     p.add_argument("--out", required=True, type=Path, help="new or empty folder to write")
     p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("user", help="add a reviewer of the operator page (or change a password), or list them")
+    _add_store_options(p)
+    p.add_argument("action", choices=("add", "list"))
+    p.add_argument("name", nargs="?", help="user name (add)")
+    p.add_argument("--password-stdin", action="store_true", help="read the password as one line from stdin")
+    p.set_defaults(func=cmd_user)
+
+    p = sub.add_parser("station", help="serve the operator page over a store, with no run on this box")
+    _add_store_options(p)
+    p.add_argument("--host", help="address to listen on (ui.host; not 127.0.0.1: login for every page)")
+    p.add_argument("--port", type=int, help="port (ui.port)")
+    p.set_defaults(func=cmd_station)
     return parser
 
 

@@ -2,7 +2,7 @@
 
 Each layer declares its own settings next to the code that uses them (`calibration.settings` for
 model, fit and calibration; `pipeline.settings` for the runtime); `Config` composes them into the
-file's seven sections. Unknown keys, wrong types and out-of-range values fail at load time with a message
+file's eight sections. Unknown keys, wrong types and out-of-range values fail at load time with a message
 naming the key, the value and what is allowed. Command-line flags are applied with `with_overrides`,
 which validates the same way.
 """
@@ -27,7 +27,7 @@ class ConfigError(ValueError):
 @dataclass(frozen=True)
 class Config(RuntimeConfig, OfflineConfig):
     """The whole file: `model`, `fit`, `calibration` (offline) and `pipeline`, `publisher`, `metrics`,
-    `store` (runtime). Being both, it is passed as either layer's settings as it is."""
+    `store`, `ui` (runtime). Being both, it is passed as either layer's settings as it is."""
 
 
 def config_from_dict(data: dict[str, Any] | None) -> Config:

@@ -9,46 +9,23 @@ is looked for is an error naming the place, never created empty.
 
 from __future__ import annotations
 
-import csv
 import json
 import logging
-import re
 import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, TextIO
 
 from pipeline.settings import StoreConfig
 from pipeline.store.keys import KINDS, image_path
 from pipeline.store.paths import DATABASE_FILE, StorePaths
+from pipeline.store.records import local_time, parse_time, write_csv, write_json_lines
 from pipeline.store.verdicts import HistoryFilter, StoredVerdict, VerdictStore, sqlite_url
 
-# The history CSV's and JSON's fields: the published message's, the image's, and the decision time as text.
-FIELDS = (
-    "time",
-    "run",
-    "seq",
-    "topic_seq",
-    "camera_id",
-    "frame_id",
-    "trigger",
-    "t_capture_ns",
-    "t_decision_ns",
-    "score",
-    "threshold",
-    "verdict",
-    "bundle",
-    "image_key",
-    "image_expired_ns",
-)
 TABLE = ("time", "camera", "frame", "trigger", "run", "seq", "verdict", "score", "threshold", "image")
 RIGHT_ALIGNED = frozenset({"frame", "trigger", "seq", "score", "threshold"})
 LAST_SEQ = 2**63 - 1  # the largest seq a BIGINT holds: "to the end of the run"
-_RELATIVE = re.compile(r"-(\d+(?:\.\d+)?)([smhd])")
-_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86_400}
-_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 log = logging.getLogger(__name__)
 
@@ -94,24 +71,6 @@ def open_store(location: StoreLocation) -> VerdictStore:
     return VerdictStore(location.url, create=False)
 
 
-def parse_time(text: str, flag: str, now_ns: int) -> int:
-    """ns since the epoch of ISO 8601 `text` (local time unless it gives a zone) or of a relative time
-    (-15m, -2h, -1d, -30s: that long before now_ns); ValueError naming `flag`."""
-    relative = _RELATIVE.fullmatch(text.strip())
-    if relative is not None:
-        return now_ns - round(float(relative[1]) * _SECONDS[relative[2]] * 1e9)
-    try:
-        moment = datetime.fromisoformat(text.strip())
-    except ValueError:
-        raise ValueError(
-            f"{flag} {text!r}: expected an ISO 8601 time (2026-12-03T10:00, local unless a zone is given) "
-            "or a time before now (-15m, -2h, -1d)"
-        ) from None
-    if moment.tzinfo is None:
-        moment = moment.astimezone()  # a naive time is the local one
-    return (moment - _EPOCH) // timedelta(microseconds=1) * 1000
-
-
 def history_filter(
     since: str | None,
     until: str | None,
@@ -136,38 +95,6 @@ def history_filter(
         run=run,
         limit=limit or None,
     )
-
-
-def local_time(t_ns: int) -> datetime:
-    """The local time of ns since the epoch, to the microsecond (exact: no float in between)."""
-    seconds, ns = divmod(t_ns, 1_000_000_000)
-    return (datetime.fromtimestamp(seconds, UTC) + timedelta(microseconds=ns // 1000)).astimezone()
-
-
-def record(v: StoredVerdict) -> dict[str, Any]:
-    """One stored verdict as the CSV and JSON fields (FIELDS), the time as local ISO 8601 with its offset."""
-    values = {
-        "time": local_time(v.verdict.t_decision_ns).isoformat(timespec="milliseconds"),
-        "run": v.run,
-        "seq": v.seq,
-        "topic_seq": v.topic_seq,
-        **vars(v.verdict),
-        "bundle": v.bundle,
-        "image_key": v.image_key,
-        "image_expired_ns": v.image_expired_ns,
-    }
-    return {name: values[name] for name in FIELDS}
-
-
-def write_csv(rows: Sequence[StoredVerdict], out: TextIO) -> None:
-    writer = csv.DictWriter(out, fieldnames=FIELDS, lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(record(v) for v in rows)
-
-
-def write_json_lines(rows: Sequence[StoredVerdict], out: TextIO) -> None:
-    for v in rows:
-        out.write(json.dumps(record(v)) + "\n")
 
 
 def write_table(rows: Sequence[StoredVerdict], out: TextIO) -> None:

@@ -16,14 +16,17 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from calibration.progress import Progress
-from calibration.rethreshold import LineFrame, Rethreshold, rethreshold
+from calibration.rethreshold import LineFrame, Rethreshold, ReviewedRecall, rethreshold, reviewed_recall
+from calibration.rethreshold_report import RethresholdContext, write_rethreshold_report
 from calibration.settings import OfflineConfig
 from calibration.threshold import InsufficientCalibrationData
 from edge.bundle import Bundle, save_bundle
 from edge.images import ImageError, read_image
-from pipeline.app.history import StoreLocation, local_time, open_store, parse_time
+from pipeline.app.history import StoreLocation, open_store, parse_time
 from pipeline.store.keys import image_path
-from pipeline.store.verdicts import HistoryFilter, StoredVerdict, public_url
+from pipeline.store.records import local_time
+from pipeline.store.reviews import Reviews
+from pipeline.store.verdicts import HistoryFilter, StoredVerdict, VerdictStore, public_url
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +54,8 @@ class StoreRecalibration:
     counts: dict[str, int]  # the period's verdicts by kind (pass, reject, error)
     missing: int  # rows whose archived frame was not found or could not be read
     digest: str  # content hash of the bundle written
+    false_rejects: int = 0  # rejects reviewed as good, among the frames
+    recall: ReviewedRecall | None = None  # on the period's reviewed defects, at the new threshold
 
     @property
     def verdicts(self) -> int:
@@ -86,20 +91,55 @@ def read_frames(rows: Sequence[StoredVerdict], images: Path, missing: list[str],
             bar.update()
 
 
+@dataclass(frozen=True)
+class Reviewed:
+    """The period's reviews that change what the frames are: passes found defective are left out of the good
+    frames, rejects found good join them, and every confirmed defect measures the recall."""
+
+    false_rejects: list[StoredVerdict]
+    defects: list[StoredVerdict]  # confirmed defects (rejects) and missed defects (passes)
+    missed: set[tuple[str, int]]  # passes labelled missed_defect
+
+    @classmethod
+    def read(cls, store: VerdictStore, period: Period) -> Reviewed:
+        reviews = Reviews(store)
+
+        def labelled(label: str) -> list[StoredVerdict]:
+            rows = reviews.labelled(label, period.since_ns, period.until_ns)
+            return [v for v in rows if period.camera in (None, v.verdict.camera_id)]
+
+        missed = labelled("missed_defect")
+        defects = sorted(labelled("confirmed_defect") + missed, key=lambda v: (v.verdict.t_decision_ns, v.run, v.seq))
+        false_rejects = [v for v in labelled("false_reject") if _kept(v)]
+        return cls(false_rejects, [v for v in defects if _kept(v)], {(v.run, v.seq) for v in missed})
+
+    def good_frames(self, passes: list[StoredVerdict]) -> list[StoredVerdict]:
+        """The archived passes less those found defective, with the rejects found good, oldest first."""
+        rows = [v for v in passes if (v.run, v.seq) not in self.missed] + self.false_rejects
+        return sorted(rows, key=lambda v: (v.verdict.t_decision_ns, v.run, v.seq))
+
+
+def _kept(v: StoredVerdict) -> bool:
+    return v.image_key is not None and v.image_expired_ns is None
+
+
 def recalibrate_from_store(
     bundle: Bundle, out: Path, location: StoreLocation, period: Period, config: OfflineConfig, progress: bool
 ) -> StoreRecalibration:
-    """Choose `bundle`'s threshold anew on the period's archived passed frames and write the new bundle to `out`."""
+    """Choose `bundle`'s threshold anew on the period's archived good frames (passes, and rejects reviewed as
+    false rejects), measure its recall on the reviewed defects, and write the new bundle to `out`."""
     if location.images is None:
         raise ValueError(
             "store.path: the archived frames are in the data folder: set store.path or keep it beside --bundle"
         )
     store = open_store(location)
     try:
-        rows = store.passes_with_images(period.since_ns or 0, period.until_ns, period.camera)
+        passes = store.passes_with_images(period.since_ns or 0, period.until_ns, period.camera)
         counts = store.verdict_counts(HistoryFilter(period.since_ns, period.until_ns, period.camera, limit=None))
+        reviewed = Reviewed.read(store, period)
     finally:
         store.close()
+    rows = reviewed.good_frames(passes)
     missing: list[str] = []
     source = {
         "source": "store",
@@ -109,6 +149,8 @@ def recalibrate_from_store(
         "until_ns": period.until_ns,
         "camera": period.camera,
         "period_verdicts": dict(sorted(counts.items())),
+        "reviewed_false_rejects": len(reviewed.false_rejects),
+        "missed_defects_left_out": sum((v.run, v.seq) in reviewed.missed for v in passes),
     }
     frames = read_frames(rows, location.images, missing, progress)
     try:
@@ -116,15 +158,21 @@ def recalibrate_from_store(
     except InsufficientCalibrationData as exc:
         lost = f"; {len(missing)} archived frames not found" if missing else ""
         raise InsufficientCalibrationData(f"period {period.describe()}: {exc}{lost}") from None
+    defects = read_frames(reviewed.defects, location.images, missing, progress)
+    recall = reviewed_recall(bundle, defects, result.choice.threshold, config)
     if missing:
         log.warning("%d archived frames were not found or not readable (first: %s)", len(missing), missing[0])
-    calibration = {**(result.manifest.calibration or {}), "missing": len(missing)}  # known once all were read
+    calibration = {  # known once all were read
+        **(result.manifest.calibration or {}),
+        "missing": len(missing),
+        "reviewed_recall": None if recall is None else recall.to_dict(),
+    }
     result = replace(result, manifest=replace(result.manifest, calibration=calibration))
     digest = save_bundle(out, bundle.model, result.manifest)
-    return StoreRecalibration(result, period, counts, len(missing), digest)
+    return StoreRecalibration(result, period, counts, len(missing), digest, len(reviewed.false_rejects), recall)
 
 
-def summary_lines(r: StoreRecalibration, out: Path) -> list[str]:
+def summary_lines(r: StoreRecalibration, out: Path, report: Path) -> list[str]:
     """What `calibrate --from-store` prints: old and new threshold, the bound, the caveat, the period's rejects."""
     c, res = r.result.choice, r.result
     bound = "meets" if c.meets_target else "MISSES"
@@ -149,6 +197,16 @@ def summary_lines(r: StoreRecalibration, out: Path) -> list[str]:
     else:
         rate = "unknown"
         lines.append("  period: no verdicts")
+    if r.false_rejects:
+        lines.append(f"  reviewed: {r.false_rejects} rejects marked false rejects are among the good frames")
+    if r.recall is not None:
+        rr = r.recall
+        lines.append(
+            f"  recall on {rr.n} reviewed defects at the new threshold: {rr.caught} rejected = {rr.recall:.1%}"
+            f" (95 % interval {rr.low:.1%} to {rr.high:.1%})"
+        )
+    else:
+        lines.append("  recall: no reviewed defects in the period (mark rejects on the operator page to measure it)")
     lower = "as here" if c.threshold < res.previous_threshold else "not the case here"
     lines.append(
         "  caveat: the frames are only parts the current threshold passed; normal parts it rejected are not among"
@@ -158,5 +216,20 @@ def summary_lines(r: StoreRecalibration, out: Path) -> list[str]:
     lines.append(
         "  archived frames are JPEG (quality 95): their scores differ from the live ones (docs/calibration.md)"
     )
-    lines.append(f"bundle {out} (hash {r.digest[:12]})")
+    lines.append(f"bundle {out} (hash {r.digest[:12]}), report {report}")
     return lines
+
+
+def write_store_report(out_dir: Path, r: StoreRecalibration, bundle_path: Path) -> Path:
+    """report.html of the re-chosen threshold, with the recall on reviewed defects; returns its path."""
+    calibration = r.result.manifest.calibration or {}
+    context = RethresholdContext(
+        bundle_path=bundle_path,
+        bundle_hash=r.digest,
+        period=r.period.describe(),
+        verdicts=r.counts,
+        false_rejects=r.false_rejects,
+        missed_left_out=int(calibration.get("missed_defects_left_out", 0)),
+        missing=r.missing,
+    )
+    return write_rethreshold_report(out_dir, r.result, r.recall, context)[-1]

@@ -19,7 +19,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import BigInteger, Column, Connection, Engine, text
+from sqlalchemy import BigInteger, Column, Connection, Engine, Index, Integer, MetaData, String, Table, Text, text
 from sqlalchemy.schema import CreateColumn
 
 from pipeline.store.schema import SCHEMA_VERSION, store_meta
@@ -44,13 +44,45 @@ def add_column(table: str, column: Column[Any]) -> Callable[[Connection], None]:
     return change
 
 
-# The column is declared here as it was added, apart from schema.py: a later change there must not
-# rewrite what this step did to stores already upgraded.
+def create_review_tables(conn: Connection) -> None:
+    """Step 3: the `users` and `labels` tables and the verdicts' (verdict, time) index, as they were added."""
+    added = MetaData()
+    Table(
+        "users",
+        added,
+        Column("name", String(64), primary_key=True),
+        Column("password_hash", Text, nullable=False),
+        Column("created_ns", BigInteger, nullable=False),
+    )
+    Table(
+        "labels",
+        added,
+        Column("label_id", Integer, primary_key=True, autoincrement=True),
+        Column("run_id", String(64), nullable=False),
+        Column("seq", BigInteger, nullable=False),
+        Column("label", String(32), nullable=False),
+        Column("note", Text, nullable=False),
+        Column("user_name", String(64), nullable=False),
+        Column("t_ns", BigInteger, nullable=False),
+        Index("ix_labels_verdict", "run_id", "seq"),
+        Index("ix_labels_label_time", "label", "t_ns"),
+    )
+    added.create_all(conn)
+    conn.execute(text("CREATE INDEX ix_verdicts_verdict_time ON verdicts (verdict, t_decision_ns)"))
+
+
+# The columns and tables are declared here as they were added, apart from schema.py: a later change there must not
+# rewrite what a step did to stores already upgraded.
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(
         2,
         "verdicts.image_expired_ns: when the image archive deleted a row's frame and overlay",
         add_column("verdicts", Column("image_expired_ns", BigInteger)),
+    ),
+    Migration(
+        3,
+        "users and labels: operators' reviews of verdicts, with who and when; an index on (verdict, time)",
+        create_review_tables,
     ),
 )
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -63,9 +64,16 @@ class Batch:
 
 class Recorder:
     def __init__(
-        self, store: VerdictStore, archive: ImageArchive | None, spool: SpoolReader, identity: RunIdentity
+        self,
+        store: VerdictStore,
+        archive: ImageArchive | None,
+        spool: SpoolReader,
+        identity: RunIdentity,
+        on_stored: Callable[[Sequence[StoredVerdict]], None] | None = None,
     ) -> None:
+        """`on_stored` is told of each batch once it is committed (the live feed)."""
         self.store, self.archive, self.spool, self.identity = store, archive, spool, identity
+        self.on_stored = on_stored
         self.written = 0  # rows new to the store
         self.unspooled = 0  # verdicts taken back from the spool and stored
         self.errors = 0
@@ -117,6 +125,8 @@ class Recorder:
         for segment, entries in batch.segments:
             self.spool.remove(segment, entries)
             self.unspooled += len(entries)
+        if self.on_stored is not None:
+            self.on_stored(batch.rows)
         return True
 
     def retention(self, now_ns: int, force: bool = False) -> None:

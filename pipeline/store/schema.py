@@ -4,15 +4,17 @@ One row per published verdict, keyed by (run_id, seq): the same message can be w
 recorder restarted after writing but before acknowledging) and is stored once. One row per run with
 the bundle and the configuration that ran. Times are integer nanoseconds since the epoch, as on the
 wire. A row outlives its images: when the archive deletes them, `image_expired_ns` says when, and the row
-stays. `store_meta` holds the schema version, so a store made by this version is recognised, upgraded
-by a later one (`pipeline.store.migrations`), and refused by an older one.
+stays. Operators' reviews go to `labels`, one row per review and never updated, so a later label adds
+to the audit trail instead of overwriting it; `users` holds who may review, with a password hash
+(`pipeline.store.reviews`). `store_meta` holds the schema version, so a store made by this version is
+recognised, upgraded by a later one (`pipeline.store.migrations`), and refused by an older one.
 """
 
 from __future__ import annotations
 
-from sqlalchemy import BigInteger, Column, Double, Index, MetaData, String, Table, Text
+from sqlalchemy import BigInteger, Column, Double, Index, Integer, MetaData, String, Table, Text
 
-SCHEMA_VERSION = 2  # the last step in pipeline.store.migrations reaches it
+SCHEMA_VERSION = 3  # the last step in pipeline.store.migrations reaches it
 
 metadata = MetaData()
 
@@ -53,6 +55,29 @@ verdicts = Table(
     Column("image_expired_ns", BigInteger),  # when the archive deleted them; null while they are kept
     Index("ix_verdicts_time", "t_decision_ns"),
     Index("ix_verdicts_camera_time", "camera_id", "t_decision_ns"),
+    Index("ix_verdicts_verdict_time", "verdict", "t_decision_ns"),
+)
+
+users = Table(
+    "users",
+    metadata,
+    Column("name", String(64), primary_key=True),
+    Column("password_hash", Text, nullable=False),  # scrypt, with its parameters and salt (reviews.hash_password)
+    Column("created_ns", BigInteger, nullable=False),
+)
+
+labels = Table(
+    "labels",
+    metadata,
+    Column("label_id", Integer, primary_key=True, autoincrement=True),
+    Column("run_id", String(64), nullable=False),
+    Column("seq", BigInteger, nullable=False),
+    Column("label", String(32), nullable=False),  # reviews.LABELS
+    Column("note", Text, nullable=False),
+    Column("user_name", String(64), nullable=False),
+    Column("t_ns", BigInteger, nullable=False),
+    Index("ix_labels_verdict", "run_id", "seq"),
+    Index("ix_labels_label_time", "label", "t_ns"),
 )
 
 # Tables every linewatch store has, whatever its version: a database without them is not a store.

@@ -91,6 +91,7 @@ class HistoryFilter:
     run: str | None = None
     limit: int | None = 1000
     newest_first: bool = True
+    offset: int = 0  # rows of the order skipped first (a page of a long history)
 
 
 def sqlite_url(path: str | Path) -> str:
@@ -205,7 +206,7 @@ class VerdictStore:
             if f.newest_first
             else (c.t_decision_ns, c.run_id, c.seq)
         )
-        query = select(verdicts).where(*_conditions(f)).order_by(*order).limit(f.limit)
+        query = select(verdicts).where(*_conditions(f)).order_by(*order).limit(f.limit).offset(f.offset or None)
         return self._read(lambda conn: [StoredVerdict.from_row(r) for r in conn.execute(query)])
 
     def verdict_counts(self, f: HistoryFilter) -> dict[str, int]:
@@ -268,12 +269,12 @@ class VerdictStore:
         return dialect.insert(table).on_conflict_do_nothing(index_elements=keys)
 
     def _read(self, work: Any) -> Any:
-        return self._transact(work, write=False)
+        return self.transact(work, write=False)
 
     def _write(self, work: Any) -> Any:
-        return self._transact(work, write=True)
+        return self.transact(work, write=True)
 
-    def _transact(self, work: Any, write: bool) -> Any:
+    def transact(self, work: Any, write: bool) -> Any:
         """Run `work(connection)`; a write in one transaction. Driver errors become one-line StoreErrors."""
         try:
             with self.engine.begin() if write else self.engine.connect() as conn:

@@ -15,6 +15,7 @@ from calibration.settings import CalibrationConfig, OfflineConfig
 from calibration.threshold import InsufficientCalibrationData, choose_threshold
 from edge.bundle import Bundle, load_bundle
 from edge.images import list_images, read_image
+from edge.precision import native_bfloat16_matmul
 from edge.preprocessing import to_rgb8
 
 LOOSE = OfflineConfig(calibration=CalibrationConfig(target_fpr=0.2, confidence=0.8))  # needs 8 frames
@@ -47,7 +48,9 @@ def test_the_threshold_is_chosen_on_the_frames_at_input_size_and_the_rest_counte
     assert (r.skipped, r.by_bundle, r.previous_threshold) == (3, {OTHER: 8, bundle.hash: 12}, bundle.threshold)
     m = r.manifest
     assert m.threshold is not None and m.threshold.value == r.choice.threshold
-    assert m.threshold.backbone_arithmetic == "float32" and m.threshold.choice == r.choice.to_dict()
+    # What `auto` runs on this CPU: bf16 with AVX512-BF16 or AMX, float32 otherwise.
+    arithmetic = "bfloat16" if native_bfloat16_matmul() else "float32"
+    assert m.threshold.backbone_arithmetic == arithmetic and m.threshold.choice == r.choice.to_dict()
     assert m.normalization == {
         "method": "holdout_median_to_threshold",
         "center": float(np.median(expected)),

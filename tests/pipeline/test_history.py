@@ -17,9 +17,9 @@ import numpy as np
 import pytest
 
 from pipeline.app.cli import main
-from pipeline.app.history import FIELDS
 from pipeline.store.archive import ImageArchive
 from pipeline.store.paths import DATA_FOLDER, DATABASE_FILE
+from pipeline.store.records import FIELDS
 from pipeline.store.verdicts import StoredVerdict, VerdictStore, sqlite_url
 from pipeline.wire import Verdict
 

@@ -17,13 +17,14 @@ import pytest
 import torch
 
 from calibration.calibrate import score_images
-from calibration.threshold import choose_threshold
+from calibration.threshold import choose_threshold, proportion_interval
 from edge.bundle import load_bundle, read_bundle_file
 from edge.images import list_images, read_image
 from edge.preprocessing import to_rgb8
 from pipeline.app.cli import main
 from pipeline.store.archive import ImageArchive
 from pipeline.store.paths import DATA_FOLDER, DATABASE_FILE
+from pipeline.store.reviews import Reviews
 from pipeline.store.verdicts import StoredVerdict, VerdictStore, sqlite_url
 from pipeline.wire import Verdict
 
@@ -149,6 +150,9 @@ def test_the_threshold_is_rechosen_on_the_archived_passed_frames(
         "previous_threshold": old.threshold,
         "previous_bundle": old.hash,
         "missing": 1,
+        "reviewed_false_rejects": 0,
+        "missed_defects_left_out": 0,
+        "reviewed_recall": None,
     }
     assert line.now_ns <= cal["until_ns"] <= time.time_ns()
     json.dumps(new.manifest.to_dict())  # the record is plain JSON
@@ -174,7 +178,58 @@ def test_the_threshold_is_rechosen_on_the_archived_passed_frames(
     assert "caveat: the frames are only parts the current threshold passed" in stdout
     assert "by up to the current threshold's own false-reject rate" in stdout
     assert "JPEG (quality 95)" in stdout
-    assert lines[-1] == f"bundle {out} (hash {new.hash[:12]})"
+    assert lines[-1] == f"bundle {out} (hash {new.hash[:12]}), report {tmp_path / 'report.html'}"
+    page = (tmp_path / "report.html").read_text()
+    assert f"above {choice.threshold:.4g}</b> (before: {old.threshold:.4g})" in page
+    assert "No parts of this period were reviewed as defects" in page
+    assert (tmp_path / "rethreshold_scores.png").is_file()
+
+
+def test_reviews_on_the_operator_page_change_the_good_frames_and_measure_recall(
+    line: Line, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    data = tmp_path / DATA_FOLDER
+    shutil.copytree(line.data, data)  # the module's store stays unreviewed
+    config = tmp_path / "config.yaml"
+    config.write_text(f"store:\n  path: {data}\n")
+    store = VerdictStore(sqlite_url(data / DATABASE_FILE))
+    reviews = Reviews(store)
+    rejects = [v for v in store.range("run-1", 1, 100) if v.verdict.verdict == "reject" and v.image_key]
+    assert len(rejects) == 2
+    good_reject, defect = rejects
+    missed = line.good[4]
+    t = time.time_ns()
+    reviews.add_label("run-1", good_reject.seq, "false_reject", "dust", "qa", t)
+    reviews.add_label("run-1", defect.seq, "false_reject", "", "qa", t)
+    reviews.add_label("run-1", defect.seq, "confirmed_defect", "looked again", "qa", t + 1)  # the newest counts
+    reviews.add_label("run-1", missed.seq, "missed_defect", "", "qa", t)
+    store.close()
+    out = tmp_path / "reviewed.pt"
+    argv = ["calibrate", "--from-store", "--bundle", str(line.bundle), "--config", str(config), "--out", str(out)]
+    rc, stdout, err = cli([*argv, *LOOSE], capsys)
+    assert rc == 0, err
+
+    def in_time(rows: list[StoredVerdict]) -> list[StoredVerdict]:
+        return sorted(rows, key=lambda v: (v.verdict.t_decision_ns, v.run, v.seq))
+
+    good = in_time([v for v in line.good if v.seq != missed.seq] + [good_reject])
+    choice = choose_threshold(scores_of(line.bundle, archived(line, good)), 0.2, 0.8)
+    new = load_bundle(out)
+    assert new.threshold == choice.threshold
+    defect_scores = scores_of(line.bundle, archived(line, in_time([defect, missed])))
+    caught = int((defect_scores > choice.threshold).sum())
+    cal = new.manifest.calibration or {}
+    assert cal["frames"] == 20 and cal["reviewed_false_rejects"] == 1 and cal["missed_defects_left_out"] == 1
+    assert cal["reviewed_recall"] == {
+        "n": 2,
+        "caught": caught,
+        "recall": caught / 2,
+        "interval_95": list(proportion_interval(caught, 2)),
+    }
+    assert "reviewed: 1 rejects marked false rejects are among the good frames" in stdout
+    assert f"recall on 2 reviewed defects at the new threshold: {caught} rejected = {caught / 2:.1%}" in stdout
+    page = (tmp_path / "report.html").read_text()
+    assert "Of <b>2</b> parts reviewed as defective" in page and f"the new threshold rejects <b>{caught}</b>" in page
 
 
 def test_camera_and_period_select_the_frames(line: Line, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
