@@ -9,8 +9,12 @@ from __future__ import annotations
 import csv
 import io
 import re
+import signal
 import socket
+import subprocess
+import sys
 import time
+import urllib.request
 import zipfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,14 +26,17 @@ from test_recording import store_config
 from test_store import verdicts
 
 from calibration.datasets import MVTecCategory
+from pipeline.app.cli import main
 from pipeline.app.config import with_overrides
 from pipeline.app.ports import free_port
 from pipeline.settings import SourceConfig
 from pipeline.state import STORE_WRITTEN, RunState
 from pipeline.station.app import create_app
 from pipeline.station.health import NoRun, RunHealth, StageSlot
+from pipeline.station.live import RECENT_PER_CAMERA, LiveHub
 from pipeline.station.settings import BundleSummary, StationSettings
 from pipeline.store.archive import ImageArchive
+from pipeline.store.feed import StoredFeed, decode_feed
 from pipeline.store.records import FIELDS
 from pipeline.store.reviews import Label, ReviewError, Reviews, hash_password, verify_password
 from pipeline.store.verdicts import StoredVerdict, VerdictStore
@@ -347,3 +354,86 @@ def test_a_taken_port_costs_the_page_not_the_line(
     n = len(MVTecCategory(small_category).test)
     assert summary.verdicts == n and summary.stored == n and summary.restarts == 0
     assert f"ui.host/ui.port = 127.0.0.1:{port}: cannot listen" in capfd.readouterr().err
+
+
+def test_user_commands_add_list_and_refuse_in_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    data = tmp_path / "data"
+    monkeypatch.setattr("sys.stdin", io.StringIO("a long password\n"))
+    assert main(["user", "add", "carol", "--password-stdin", "--data", str(data)]) == 0
+    monkeypatch.setattr("sys.stdin", io.StringIO("short\n"))
+    assert main(["user", "add", "dave", "--password-stdin", "--data", str(data)]) == 2
+    monkeypatch.setattr("sys.stdin", io.StringIO("another long one\n"))
+    assert main(["user", "add", "carol", "--password-stdin", "--data", str(data)]) == 0
+    out, err = capsys.readouterr()
+    assert "user carol: added in" in out and "user carol: password changed in" in out
+    assert err.strip() == "linewatch: error: password of dave: expected at least 8 characters"
+    assert main(["user", "list", "--data", str(data)]) == 0
+    assert capsys.readouterr().out.split() == ["carol"]
+    store = VerdictStore(f"sqlite:///{data / 'verdicts.sqlite'}")
+    assert Reviews(store).authenticate("carol", "another long one")
+    store.close()
+    assert main(["user", "list", "--data", str(tmp_path / "nowhere")]) == 2
+    assert "no verdict store here" in capsys.readouterr().err
+
+
+def test_the_station_command_serves_a_store_until_sigterm(line: tuple[VerdictStore, list[StoredVerdict], Path]) -> None:
+    store, rows, data = line
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pipeline.app.cli", "station", "--data", str(data), "--port", str(port)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        assert proc.stdout.readline().strip() == f"operator page on http://127.0.0.1:{port}/"
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/history?verdict=reject", timeout=10) as page:
+            text = page.read().decode()
+        assert sorted(int(s) for s in re.findall(r'href="/part/run-a/(\d+)"', text)) == sorted(
+            r.seq for r in rows if r.verdict.verdict == "reject"
+        )
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(15) == 0
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_the_recorders_feed_reaches_the_live_hub_with_image_keys(tmp_path: Path) -> None:
+    address = f"tcp://127.0.0.1:{free_port()}"
+    feed = StoredFeed(address)
+    hub = LiveHub(address.replace("127.0.0.1", "*"), None).start()  # a wildcard bind address is connectable
+    try:
+        rows = [
+            StoredVerdict(v.run, v.seq, v.topic_seq, v.verdict, v.bundle, f"k{v.seq}") for v in verdicts("run-a", 200)
+        ]
+        deadline = time.monotonic() + 10
+        while not hub.snapshot() and time.monotonic() < deadline:  # PUB/SUB: sent before the join is lost
+            feed.announce(rows[:1])
+            time.sleep(0.05)
+        feed.announce(rows[1:])
+        while len(hub.snapshot()) < 2 * RECENT_PER_CAMERA and time.monotonic() < deadline:
+            time.sleep(0.05)
+        parts = hub.snapshot()
+        assert len(parts) == 2 * RECENT_PER_CAMERA  # the newest of each camera
+        assert {p["seq"] for p in parts} == {r.seq for r in rows[-2 * RECENT_PER_CAMERA :]}
+        assert all(p["image_key"] == f"k{p['seq']}" for p in parts)
+        assert parts == sorted(parts, key=lambda p: p["t_decision_ns"])
+    finally:
+        hub.stop()
+        feed.close()
+    with pytest.raises(ValueError, match="not a stored-verdicts feed message"):
+        decode_feed([b"reject", b"{}"])
+    with pytest.raises(ValueError, match="expected a JSON list of objects"):
+        decode_feed([b"stored", b'{"seq": 1}'])
+
+
+def test_a_reviewers_note_is_shown_as_text(line: tuple[VerdictStore, list[StoredVerdict], Path]) -> None:
+    store, rows, data = line
+    reject = next(r for r in rows if r.verdict.verdict == "reject")
+    Reviews(store).add_label("run-a", reject.seq, "confirmed_defect", "<script>alert(1)</script>", "alice", 1)
+    page = client_for(store, data).get(f"/part/run-a/{reject.seq}").text
+    assert "<script>alert(1)</script>" not in page and "&lt;script&gt;alert(1)&lt;/script&gt;" in page
