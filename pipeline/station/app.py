@@ -70,6 +70,7 @@ class Station:
         self.reviews = Reviews(store)
         self.archive = Path(settings.archive)
         self.login_to_read = not access.is_loopback(settings.host)
+        self.closing = asyncio.Event()  # set when the page stops: live views end their streams themselves
         self.templates = Jinja2Templates(directory=HERE / "templates")
         self.templates.env.filters["iso"] = iso
 
@@ -147,7 +148,9 @@ class Station:
                 next_stats = time.monotonic() + STATS_EVERY_S
                 while True:
                     wait = max(0.0, next_stats - time.monotonic())
-                    items = await _next_batch(queue, wait)
+                    items = await _next_batch(queue, wait, self.closing)
+                    if items is None:
+                        return  # the page is stopping: the browser reconnects to the next one
                     if items:
                         yield _event("parts", items)
                     if time.monotonic() >= next_stats:
@@ -284,16 +287,23 @@ class Station:
         return RedirectResponse("/", status_code=303)
 
 
-async def _next_batch(queue: asyncio.Queue[list[dict[str, Any]]] | None, wait_s: float) -> list[dict[str, Any]]:
-    """Everything the live feed has queued, waiting up to `wait_s` for the first batch."""
-    if queue is None:
-        await asyncio.sleep(wait_s)
+async def _next_batch(
+    queue: asyncio.Queue[list[dict[str, Any]]] | None, wait_s: float, closing: asyncio.Event
+) -> list[dict[str, Any]] | None:
+    """Everything the live feed has queued, waiting up to `wait_s` for the first batch; None once `closing`."""
+    waits = {asyncio.ensure_future(closing.wait())}
+    getter = asyncio.ensure_future(queue.get()) if queue is not None else None
+    if getter is not None:
+        waits.add(getter)
+    done, pending = await asyncio.wait(waits, timeout=wait_s, return_when=asyncio.FIRST_COMPLETED)
+    for task in pending:
+        task.cancel()
+    if closing.is_set():
+        return None
+    if getter is None or getter not in done:
         return []
-    try:
-        items = list(await asyncio.wait_for(queue.get(), wait_s))
-    except TimeoutError:
-        return []
-    while not queue.empty():
+    items = list(getter.result())
+    while queue is not None and not queue.empty():
         items += queue.get_nowait()
     return items
 

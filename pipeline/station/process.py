@@ -69,17 +69,21 @@ def serve(
         port = sock.getsockname()[1]
         log.info("operator page on http://%s:%d/", settings.host, port)
         on_listening(port)
-        asyncio.run(_serve_until(server, sock, stop))
+        asyncio.run(_serve_until(server, sock, stop, app.state.station.closing))
     finally:
         hub.stop()
         store.close()
         sock.close()
 
 
-async def _serve_until(server: uvicorn.Server, sock: socket.socket, stop: Callable[[], bool]) -> None:
+async def _serve_until(
+    server: uvicorn.Server, sock: socket.socket, stop: Callable[[], bool], closing: asyncio.Event
+) -> None:
     async def watch() -> None:
         while not stop():
             await asyncio.sleep(STOP_POLL_S)
+        closing.set()  # open live views end their streams, so the shutdown has no request to cancel
+        await asyncio.sleep(STOP_POLL_S)
         server.should_exit = True
 
     watcher = asyncio.create_task(watch())

@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import csv
 import io
+import logging
 import re
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 import zipfile
@@ -34,6 +36,7 @@ from pipeline.state import STORE_WRITTEN, RunState
 from pipeline.station.app import create_app
 from pipeline.station.health import NoRun, RunHealth, StageSlot
 from pipeline.station.live import RECENT_PER_CAMERA, LiveHub
+from pipeline.station.process import serve
 from pipeline.station.settings import BundleSummary, StationSettings
 from pipeline.store.archive import ImageArchive
 from pipeline.store.feed import StoredFeed, decode_feed
@@ -437,3 +440,26 @@ def test_a_reviewers_note_is_shown_as_text(line: tuple[VerdictStore, list[Stored
     Reviews(store).add_label("run-a", reject.seq, "confirmed_defect", "<script>alert(1)</script>", "alice", 1)
     page = client_for(store, data).get(f"/part/run-a/{reject.seq}").text
     assert "<script>alert(1)</script>" not in page and "&lt;script&gt;alert(1)&lt;/script&gt;" in page
+
+
+def test_stopping_the_page_ends_open_live_views_cleanly(
+    line: tuple[VerdictStore, list[StoredVerdict], Path], caplog: pytest.LogCaptureFixture
+) -> None:
+    _, _, data = line
+    port, stop = free_port(), threading.Event()
+    settings = StationSettings(
+        store_url=f"sqlite:///{data / 'verdicts.sqlite'}", archive=str(data / "images"), data=str(data), port=port
+    )
+    listening = threading.Event()
+    server = threading.Thread(target=serve, args=(settings, NoRun(), stop.is_set, lambda _: listening.set()))
+    server.start()
+    assert listening.wait(10)
+    stream = urllib.request.urlopen(f"http://127.0.0.1:{port}/live/events", timeout=10)
+    assert stream.readline() == b"event: snapshot\n"
+    stopped_at = time.monotonic()
+    stop.set()
+    server.join(10)
+    assert not server.is_alive() and time.monotonic() - stopped_at < 3
+    rest = stream.read()  # the stream was ended by the page, not cut
+    assert rest.endswith(b"\n\n")
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]

@@ -2,6 +2,9 @@
 "use strict";
 const STRIP = 80;      // parts shown per camera
 const REJECTS = 24;    // reject cards shown
+const DRAW_MS = 250;   // parts are drawn in batches this often: a browser on the line's box takes less CPU
+let waiting = [];      // parts received, not drawn yet
+let drawTimer = null;
 const camerasEl = document.getElementById("cameras");
 const rejectsEl = document.getElementById("rejects");
 const healthEl = document.getElementById("health");
@@ -101,10 +104,21 @@ for (const camera of JSON.parse(camerasEl.dataset.cameras || "[]")) panel(camera
 const source = new EventSource("/live/events");
 source.addEventListener("snapshot", (e) => {  // also after a reconnect: start over from what the server has
   const d = JSON.parse(e.data);
+  waiting = [];
   for (const p of panels.values()) p.strip.replaceChildren();
   rejectsEl.replaceChildren();
   d.parts.forEach(addPart);
   showStats(d.stats);
 });
-source.addEventListener("parts", (e) => JSON.parse(e.data).forEach(addPart));
+function draw() {
+  drawTimer = null;
+  const parts = waiting;
+  waiting = [];
+  parts.forEach(addPart);
+}
+
+source.addEventListener("parts", (e) => {
+  waiting.push(...JSON.parse(e.data));
+  if (drawTimer === null) drawTimer = setTimeout(draw, DRAW_MS);
+});
 source.addEventListener("stats", (e) => showStats(JSON.parse(e.data)));
