@@ -1,6 +1,6 @@
 """Benchmark: detection quality over many photograph families, two defect generators and several seeds.
 
-    python bench/quality_bench.py [--families brick grass ...] [--seeds 5] [--set KEY=VALUE[,KEY=VALUE]]
+    python bench/quality_bench.py [--families brick grass ...] [--seeds 5] [--first-seed 0] [--set KEY=VALUE[,...]]
                                   [--variant NAME KEY=VALUE[,KEY=VALUE]] [--anomalib] [--json OUT]
                                   [--data DIR] [--baseline EARLIER.json]
 
@@ -137,6 +137,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--families", nargs="+", default=list(PHOTOS), choices=list(PHOTOS))
     parser.add_argument("--seeds", type=int, default=5)
+    parser.add_argument("--first-seed", type=int, default=0, help="seeds first-seed .. first-seed + seeds - 1")
     parser.add_argument("--config", type=Path, help="config file the default starts from")
     parser.add_argument("--set", default="", help="KEY=VALUE[,KEY=VALUE]: overrides of the default")
     parser.add_argument("--variant", nargs=2, action="append", default=[], metavar=("NAME", "KEY=VALUE[,...]"))
@@ -156,7 +157,7 @@ def main() -> None:
         raise SystemExit(f"quality_bench: {exc}") from None
     reused = load_baseline(args.baseline, default) if args.baseline else {}
     data = args.data or Path(tempfile.mkdtemp(prefix="linewatch-quality-"))
-    seeds = list(range(args.seeds))
+    seeds = list(range(args.first_seed, args.first_seed + args.seeds))
     runs: list[Run] = []
     for family in args.families:
         for seed in seeds:
@@ -171,7 +172,8 @@ def main() -> None:
                 runs.append(Run(name, family, seed, figures, fit_s))
                 print(f"{family}-s{seed} {name}: " + " ".join(f"{k} {v:.3f}" for k, v in figures.items()), flush=True)
             if args.anomalib:
-                runs.append(run_anomalib(folder, seed))
+                runs.append(theirs := run_anomalib(folder, seed))
+                print(f"{family}-s{seed} anomalib: " + " ".join(f"{k} {v:.3f}" for k, v in theirs.figures.items()))
     variants = list(configs) + (["anomalib"] if args.anomalib else [])
     report(runs, args.families, seeds, variants)
     if args.json:

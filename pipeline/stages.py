@@ -55,6 +55,7 @@ if TYPE_CHECKING:
     from pipeline.publisher import RejectPublisher
     from pipeline.station.health import StageSlot
     from pipeline.station.settings import StationSettings
+    from pipeline.store.feed import StoredFeed
 
 # A frame in hand when its stage died is retried once; if the retry dies too it becomes an `error` verdict.
 MAX_ATTEMPTS = 2
@@ -706,7 +707,7 @@ def recorder_main(ctx: StageContext, args: RecorderArgs) -> None:  # pragma: no 
             feed.close()
 
 
-def _open_feed(address: str | None) -> Any:
+def _open_feed(address: str | None) -> StoredFeed | None:
     """The live feed, or None: a feed that cannot bind costs the operator page its live view, never a verdict."""
     from pipeline.store.feed import StoredFeed
 

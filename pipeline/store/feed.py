@@ -41,8 +41,8 @@ class StoredFeed:
         body = json.dumps([feed_item(r) for r in rows], separators=(",", ":")).encode()
         try:
             self._sock.send_multipart([FEED_TOPIC, body], flags=zmq.NOBLOCK)
-        except zmq.Again:
-            pass  # no reader keeps up: it reads the store instead
+        except zmq.ZMQError:
+            pass  # no reader keeps up (or the socket is closing): readers read the store; the rows are stored
 
     def close(self) -> None:
         self._sock.close()
