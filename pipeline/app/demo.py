@@ -148,6 +148,7 @@ def replay(workdir: Path, folder: Path, log_settings: LogSettings | None = None)
             f"{summary.stored} verdicts recorded, with the images of every reject: "
             f"linewatch history --bundle {bundle} --verdict reject"
         )
+        print(f"review them on the operator page: linewatch station --bundle {bundle} (http://127.0.0.1:8080/)")
 
 
 class RejectPrinter(threading.Thread):
