@@ -147,7 +147,7 @@ def export_run(store: VerdictStore, images: Path | None, run: str, out: Path) ->
         known = [r["run_id"] for r in store.runs_list()[:5]]
         latest = f"; the latest are {', '.join(known)}" if known else "; it has no runs"
         raise ValueError(f"--run {run}: no such run in {store.where}{latest}")
-    kept = [v for v in rows if v.image_key is not None and v.image_expired_ns is None]
+    kept = [v for v in rows if v.images_kept]
     if kept and images is None:
         raise ValueError(f"--data: run {run} has archived images but no data folder is known (give --data DIR)")
     out.mkdir(parents=True, exist_ok=True)

@@ -109,18 +109,14 @@ class Reviewed:
             return [v for v in rows if period.camera in (None, v.verdict.camera_id)]
 
         missed = labelled("missed_defect")
-        defects = sorted(labelled("confirmed_defect") + missed, key=lambda v: (v.verdict.t_decision_ns, v.run, v.seq))
-        false_rejects = [v for v in labelled("false_reject") if _kept(v)]
-        return cls(false_rejects, [v for v in defects if _kept(v)], {(v.run, v.seq) for v in missed})
+        defects = sorted(labelled("confirmed_defect") + missed, key=StoredVerdict.decision_order)
+        false_rejects = [v for v in labelled("false_reject") if v.images_kept]
+        return cls(false_rejects, [v for v in defects if v.images_kept], {(v.run, v.seq) for v in missed})
 
     def good_frames(self, passes: list[StoredVerdict]) -> list[StoredVerdict]:
         """The archived passes less those found defective, with the rejects found good, oldest first."""
         rows = [v for v in passes if (v.run, v.seq) not in self.missed] + self.false_rejects
-        return sorted(rows, key=lambda v: (v.verdict.t_decision_ns, v.run, v.seq))
-
-
-def _kept(v: StoredVerdict) -> bool:
-    return v.image_key is not None and v.image_expired_ns is None
+        return sorted(rows, key=StoredVerdict.decision_order)
 
 
 def recalibrate_from_store(

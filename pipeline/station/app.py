@@ -100,6 +100,9 @@ class Station:
     def error(self, request: Request, status: int, message: str) -> Response:
         return self.page(request, "message.html", status, title="Not possible", message=message)
 
+    def stale_form(self, request: Request) -> Response:
+        return self.error(request, 403, "the form is out of date (CSRF token missing or wrong): reload the page")
+
     # -- live view ---------------------------------------------------------------------------------------
 
     async def live(self, request: Request) -> Response:
@@ -183,10 +186,9 @@ class Station:
         )  # fmt: skip
 
     async def export_csv(self, request: Request) -> Response:
-        try:
-            f, _ = history_filter({**request.query_params, "page": "1"}, limit=EXPORT_ROWS)
-        except QueryError as exc:
-            return PlainTextResponse(str(exc), status_code=400)
+        f = _export_filter(request)
+        if isinstance(f, Response):
+            return f
         rows = await run_in_threadpool(self.store.search, f)
         out = io.StringIO()
         write_csv(rows, out)
@@ -194,10 +196,9 @@ class Station:
         return Response(out.getvalue(), media_type="text/csv", headers=headers)
 
     async def export_zip(self, request: Request) -> Response:
-        try:
-            f, _ = history_filter({**request.query_params, "page": "1"}, limit=EXPORT_ROWS)
-        except QueryError as exc:
-            return PlainTextResponse(str(exc), status_code=400)
+        f = _export_filter(request)
+        if isinstance(f, Response):
+            return f
 
         def build() -> bytes:
             with tempfile.SpooledTemporaryFile(max_size=64 << 20) as out:
@@ -224,7 +225,7 @@ class Station:
         run, seq = request.path_params["run"], request.path_params["seq"]
         form = await request.form()
         if not access.csrf_ok(request, form.get("csrf")):
-            return self.error(request, 403, "the form is out of date (CSRF token missing or wrong): reload the page")
+            return self.stale_form(request)
         user = access.user_of(request)
         if user is None:
             return self.error(request, 403, "reviewing needs a user: log in first")
@@ -272,7 +273,7 @@ class Station:
         form = await request.form()
         target = access.local_path(str(form.get("next", "/")))
         if not access.csrf_ok(request, form.get("csrf")):
-            return self.error(request, 403, "the form is out of date (CSRF token missing or wrong): reload the page")
+            return self.stale_form(request)
         name, password = str(form.get("user", "")), str(form.get("password", ""))
         if not await run_in_threadpool(self.reviews.authenticate, name, password):
             return self.page(request, "login.html", 401, next=target, failed=True)
@@ -282,9 +283,17 @@ class Station:
     async def logout(self, request: Request) -> Response:
         form = await request.form()
         if not access.csrf_ok(request, form.get("csrf")):
-            return self.error(request, 403, "the form is out of date (CSRF token missing or wrong): reload the page")
+            return self.stale_form(request)
         request.session.clear()
         return RedirectResponse("/", status_code=303)
+
+
+def _export_filter(request: Request) -> HistoryFilter | Response:
+    """The whole search an export URL asks for (no page), or the 400 naming the bad parameter."""
+    try:
+        return history_filter({**request.query_params, "page": "1"}, limit=EXPORT_ROWS)[0]
+    except QueryError as exc:
+        return PlainTextResponse(str(exc), status_code=400)
 
 
 async def _next_batch(

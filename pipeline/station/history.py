@@ -74,7 +74,7 @@ def write_zip(rows: list[StoredVerdict], archive: Path, out: IO[bytes]) -> None:
     write_csv(rows, text)
     with zipfile.ZipFile(out, "w", zipfile.ZIP_STORED) as z:  # JPEGs do not compress further
         z.writestr("verdicts.csv", text.getvalue())
-        kept = [r for r in rows if r.image_key and r.image_expired_ns is None][:EXPORT_IMAGES]
+        kept = [r for r in rows if r.images_kept][:EXPORT_IMAGES]
         for r in kept:
             assert r.image_key is not None
             for kind in KINDS:

@@ -150,7 +150,7 @@ class Reviews:
         found = [v for run, seq in keys for v in self.store.range(run, seq, seq)]
         lo, hi = since_ns if since_ns is not None else -(2**63), until_ns if until_ns is not None else 2**63
         found = [v for v in found if lo <= v.verdict.t_decision_ns < hi]
-        return sorted(found, key=lambda v: (v.verdict.t_decision_ns, v.run, v.seq))
+        return sorted(found, key=StoredVerdict.decision_order)
 
 
 def _label(row: Any) -> Label:

@@ -48,6 +48,15 @@ class StoredVerdict:
     image_key: str | None = None
     image_expired_ns: int | None = None  # when the archive deleted the image; the row stays
 
+    @property
+    def images_kept(self) -> bool:
+        """Whether the archive holds this verdict's frame (and overlay) now: kept, and not expired since."""
+        return self.image_key is not None and self.image_expired_ns is None
+
+    def decision_order(self) -> tuple[int, str, int]:
+        """Sort key: by decision time, then (run, seq), as the store's searches order them."""
+        return self.verdict.t_decision_ns, self.run, self.seq
+
     def message(self) -> list[bytes]:
         """The v1 wire message as it was published."""
         return encode(self.run, self.seq, self.topic_seq, self.verdict, self.bundle)
