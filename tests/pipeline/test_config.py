@@ -81,3 +81,49 @@ def test_border_left_open_is_each_models_own(model: str, settings: dict, border:
 def test_unknown_border_mode_names_the_field() -> None:
     with pytest.raises(ConfigError, match="model.border_mode"):
         config_from_dict({"model": {"border_mode": "mirror"}})
+
+
+def test_environment_overrides_the_file_and_is_validated_the_same(tmp_path: Path) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text("metrics:\n  port: 9200\n  host: 127.0.0.1\nmodel:\n  patchcore:\n    coreset_ratio: 0.3\n")
+    env = {
+        "LINEWATCH_METRICS__HOST": "0.0.0.0",
+        "LINEWATCH_MODEL__PATCHCORE__CORESET_RATIO": "0.2",
+        "LINEWATCH_STORE__ENABLED": "false",
+        "LINEWATCH_PIPELINE__SOURCES": '[{spec: "camera:0", id: top}]',
+        "LINEWATCH_FAILPOINT": "not a config key",  # no "__": not read as a setting
+    }
+    config = load_config(path, env)
+    assert (config.metrics.host, config.metrics.port) == ("0.0.0.0", 9200)
+    assert config.model.patchcore.coreset_ratio == 0.2 and config.store.enabled is False
+    assert config.pipeline.sources[0].spec == "camera:0" and config.pipeline.sources[0].id == "top"
+    # The command line still wins over the environment.
+    assert with_overrides(config, {"metrics.port": 9300}).metrics.port == 9300
+
+
+def test_linewatch_config_names_the_file_unless_one_is_given(tmp_path: Path) -> None:
+    env_file, flag_file = tmp_path / "env.yaml", tmp_path / "flag.yaml"
+    env_file.write_text("metrics:\n  port: 9201\n")
+    flag_file.write_text("metrics:\n  port: 9202\n")
+    assert load_config(None, {"LINEWATCH_CONFIG": str(env_file)}).metrics.port == 9201
+    assert load_config(flag_file, {"LINEWATCH_CONFIG": str(env_file)}).metrics.port == 9202
+    assert load_config(None, {}) == Config()
+    with pytest.raises(ConfigError, match=r"^/nowhere/c\.yaml: config file does not exist$"):
+        load_config(None, {"LINEWATCH_CONFIG": "/nowhere/c.yaml"})
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        ({"LINEWATCH_METRICS__PORT": "abc"}, "LINEWATCH_METRICS__PORT: metrics.port = 'abc': expected int"),
+        ({"LINEWATCH_METRICS__PROT": "1"}, "LINEWATCH_METRICS__PROT: metrics.prot: unknown key"),
+        ({"LINEWATCH_METRIX__PORT": "1"}, "LINEWATCH_METRIX__PORT: metrix: unknown key"),
+        ({"LINEWATCH_UI__PORT": "70000"}, "LINEWATCH_UI__PORT: ui.port = 70000: out of range"),
+        ({"LINEWATCH_UI__PORT": "[1"}, "LINEWATCH_UI__PORT: not a valid YAML value"),
+    ],
+)
+def test_bad_environment_values_name_the_variable(env: dict[str, str], message: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        load_config(None, env)
+    assert str(err.value).startswith(message)
+    assert "\n" not in str(err.value)
