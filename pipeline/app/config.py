@@ -23,7 +23,6 @@ from calibration.settings import OfflineConfig
 from edge.settings import SettingsError, record_from_dict, to_dict
 from pipeline.settings import RuntimeConfig
 
-
 ENV_PREFIX = "LINEWATCH_"
 ENV_CONFIG = "LINEWATCH_CONFIG"
 ENV_SEPARATOR = "__"
