@@ -48,6 +48,12 @@ class ThresholdRecord:
     backbone_arithmetic: str | None = None  # what the held-out frames were scored in (float32, bfloat16)
     choice: dict[str, Any] = field(default_factory=dict)
 
+    def false_reject_bound(self) -> float | None:
+        """The false-reject rate this threshold stays under with the calibration's confidence: the target when it
+        was met, the weaker bound reached when it was not; None for a threshold set without calibration."""
+        known = [float(self.choice[k]) for k in ("target_fpr", "fpr_bound") if self.choice.get(k) is not None]
+        return max(known) if known else None
+
 
 @dataclass(frozen=True)
 class DatasetRecord:

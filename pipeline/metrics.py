@@ -2,16 +2,21 @@
 
 Stages do not touch Prometheus: the supervisor sees every verdict record (with the stage timestamps
 it carries) and reads the shared counters, so one registry in one process covers all processes.
-Names and buckets follow the design notes; base units (seconds); never a frame id in a label.
+Names and buckets follow the design notes; base units (seconds); never a frame id in a label. Scores
+are recorded as score / threshold, so that histograms of boxes running different bundles add up. The
+registry also carries the box's liveness (`linewatch_up`, from the supervisor loop's last pass), its
+readiness, a build info and the standard `process_*` series.
 """
 
 from __future__ import annotations
 
-from typing import Any
+import platform
+from importlib import metadata
 
 import numpy as np
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, PlatformCollector, ProcessCollector
 
+from pipeline.endpoints import EndpointServer, RunProbe
 from pipeline.state import (
     DROP_REASONS,
     SPOOL_LOST,
@@ -27,14 +32,17 @@ from pipeline.wire import VERDICT_NAMES
 
 LATENCY_BUCKETS = tuple(ms / 1000.0 for ms in (0.5, 1, 2, 3, 5, 7.5, 10, 15, 20, 30, 50, 75, 100, 150, 250, 500, 1000))
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
+# score / threshold: fine around 1 (the reject boundary), the same on every box whatever its bundle.
+SCORE_RATIO_BUCKETS = (0.25, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 1.0, 1.05, 1.1, 1.25, 1.5, 2.0, 3.0, 5.0)
 
 
 class PipelineMetrics:
-    def __init__(self, cameras: list[str], stages: list[str], score_buckets: tuple[float, ...]) -> None:
+    def __init__(self, cameras: list[str], stages: list[str], probe: RunProbe) -> None:
         """`stages`: stage kinds (capture, preprocess, infer, decide), the label of restarts."""
         self.registry = CollectorRegistry()
         r = self.registry
-        self.cameras, self.stages = cameras, stages
+        self.cameras, self.stages, self.probe = cameras, stages, probe
+        self._threshold = 1.0
         self.e2e = Histogram(
             "linewatch_e2e_latency_seconds", "Capture to verdict published", buckets=LATENCY_BUCKETS, registry=r
         )
@@ -47,8 +55,14 @@ class PipelineMetrics:
         )
         self.occupancy = Gauge("linewatch_ring_occupancy", "Frames waiting in a ring", ["ring"], registry=r)
         self.batch = Histogram("linewatch_batch_size", "Inference batch size", buckets=BATCH_BUCKETS, registry=r)
-        self.score = Histogram("linewatch_anomaly_score", "Anomaly scores", buckets=score_buckets, registry=r)
+        self.score_ratio = Histogram(
+            "linewatch_score_ratio", "Anomaly score / reject threshold", buckets=SCORE_RATIO_BUCKETS, registry=r
+        )
         self.threshold = Gauge("linewatch_threshold", "Current reject threshold", registry=r)
+        self.false_reject_bound = Gauge(
+            "linewatch_false_reject_bound", "False-reject rate the bundle's threshold was calibrated to stay under",
+            registry=r,
+        )  # fmt: skip
         self.restarts = Counter("linewatch_stage_restarts", "Stage process restarts", ["stage"], registry=r)
         self.connected = Gauge("linewatch_camera_connected", "1 while the camera delivers", ["camera"], registry=r)
         self.reconnects = Counter("linewatch_camera_reconnects", "Camera reconnect attempts", ["camera"], registry=r)
@@ -67,6 +81,10 @@ class PipelineMetrics:
         self.images_expired = Counter(
             "linewatch_images_expired", "Archived images deleted by retention (rows kept)", registry=r
         )
+        self.heartbeat_age = Gauge(
+            "linewatch_stage_heartbeat_age_seconds", "Time since the stage's last heartbeat", ["stage"], registry=r
+        )
+        self._health_gauges(r)
         for stage in stages:  # zero series from the start, so dashboards show 0 rather than "no data"
             self.restarts.labels(stage)
         for cam in cameras:
@@ -80,21 +98,36 @@ class PipelineMetrics:
         self._seen_restarts: dict[str, int] = {}
         self._seen_reconnects = np.zeros(len(cameras), dtype=np.int64)
         self._seen_store = np.zeros(4, dtype=np.int64)  # written, errors, expired, lost
-        self._server: Any = None
+        self._server = EndpointServer(self.registry, probe)
+
+    def _health_gauges(self, r: CollectorRegistry) -> None:
+        probe = self.probe
+        up = Gauge("linewatch_up", "1 while the supervisor loop runs (what /healthz answers)", registry=r)
+        up.set_function(lambda: float(probe.live()[0]))
+        ready = Gauge("linewatch_ready", "1 while the run can inspect parts (what /readyz answers)", registry=r)
+        ready.set_function(lambda: float(probe.ready()[0]))
+        age = Gauge("linewatch_supervisor_loop_age_seconds", "Time since the supervisor loop's last pass", registry=r)
+        age.set_function(probe.loop_age_s)
+        build = Info("linewatch_build", "linewatch and the versions it runs on", registry=r)
+        build.info({"version": _version("linewatch"), "python": platform.python_version(), "torch": _version("torch")})
+        ProcessCollector(registry=r)
+        PlatformCollector(registry=r)
 
     def serve(self, host: str, port: int) -> int:
-        """Start the /metrics HTTP server; returns the bound port (useful with port 0)."""
+        """Serve /metrics, /healthz and /readyz; returns the bound port (useful with port 0)."""
         try:
-            self._server, _thread = start_http_server(port, addr=host, registry=self.registry)
+            return self._server.serve(host, port)
         except OSError as exc:
             raise OSError(f"metrics.port = {port}: cannot serve /metrics on {host}:{port} ({exc.strerror})") from None
-        return int(self._server.server_port)
 
     def close(self) -> None:
-        if self._server is not None:
-            self._server.shutdown()
-            self._server.server_close()
-            self._server = None
+        self._server.close()
+
+    def set_threshold(self, threshold: float, false_reject_bound: float | None) -> None:
+        self._threshold = threshold
+        self.threshold.set(threshold)
+        if false_reject_bound is not None:
+            self.false_reject_bound.set(false_reject_bound)
 
     def observe(self, rec: np.void) -> None:
         """One verdict record (RECORD) with its stage timestamps."""
@@ -106,13 +139,17 @@ class PipelineMetrics:
         for stage, (a, b) in zip(("preprocess", "infer", "decide"), zip(stamps, stamps[1:], strict=False), strict=True):
             if rec[a] and rec[b]:
                 self.stage.labels(stage).observe(max(0, int(rec[b]) - int(rec[a])) / 1e9)
-        if verdict != "error":
-            self.score.observe(float(rec["score"]))
+        if verdict != "error" and self._threshold > 0:
+            self.score_ratio.observe(float(rec["score"]) / self._threshold)
         if rec["batch"] > 0:  # set on the first record of each inference batch only
             self.batch.observe(int(rec["batch"]))
 
-    def sync(self, state: RunState, rings: dict[str, int], restarts: dict[str, int]) -> None:
+    def sync(
+        self, state: RunState, rings: dict[str, int], restarts: dict[str, int], heartbeat_ages: dict[str, float]
+    ) -> None:
         """Bring counters and gauges up to date with the shared state (counters move by their deltas)."""
+        for stage, age in heartbeat_ages.items():
+            self.heartbeat_age.labels(stage).set(age)
         drops = state.drops.copy()
         for c, cam in enumerate(self.cameras):
             for j, reason in enumerate(DROP_REASONS):
@@ -148,3 +185,10 @@ class PipelineMetrics:
         spooled = max(0, int(state.spool[SPOOLED]) - int(store[STORE_UNSPOOLED]))
         self.store_backlog.set(buffered + spooled)
         self.archive_bytes.set(int(store[STORE_ARCHIVE_BYTES]))
+
+
+def _version(distribution: str) -> str:
+    try:
+        return metadata.version(distribution)
+    except metadata.PackageNotFoundError:
+        return "unknown"

@@ -59,8 +59,20 @@ class PipelineConfig:
     """When the backend cannot run here, log why and run eager torch instead of refusing to start."""
     engine_cache: str | None = None
     """Folder for compiled TensorRT engines; default: an `engines` folder next to the bundle."""
-    heartbeat_timeout_s: float = field(default=30.0, metadata=bounded(1.0, 3600.0))
-    """A stage silent for this long is restarted like a crashed one."""
+    heartbeat_timeout_s: float = field(default=2.0, metadata=bounded(0.2, 3600.0))
+    """A stage on the verdict path (preprocess, infer, decide) silent for this long is restarted like a crashed
+    one. They beat every 50 ms; at 80 parts/s, 2 s is 160 uninspected parts before the restart begins."""
+    background_heartbeat_timeout_s: float = field(default=60.0, metadata=bounded(1.0, 3600.0))
+    """The same for the recorder and the operator page, off the verdict path: a slow database write or a
+    long page request must not cost them a restart."""
+    max_restarts: int = field(default=5, metadata=bounded(1, 1000))
+    """Restarts of one stage within `restart_window_s` after which the run stops with a non-zero exit, so that
+    systemd / Kubernetes restart the whole box process and alert."""
+    restart_window_s: float = field(default=600.0, metadata=bounded(1.0, 86400.0))
+    restart_backoff_s: float = field(default=1.0, metadata=bounded(0.0, 600.0))
+    """Wait before a stage's second restart within the window; doubled for each further one. The first
+    restart is immediate: a single crash should cost as few parts as possible."""
+    restart_backoff_max_s: float = field(default=30.0, metadata=bounded(0.0, 3600.0))
     decide_priority: int = field(default=10, metadata=bounded(0, 99))
     """SCHED_FIFO priority of the decide stage, which thresholds and publishes (0: normal scheduling). A
     verdict then goes out as soon as its score exists; at normal priority it could wait 2-10 ms behind the
@@ -108,7 +120,9 @@ class MetricsConfig:
     enabled: bool = True
     host: str = "127.0.0.1"
     port: int = field(default=9108, metadata=bounded(0, 65535))
-    """Prometheus /metrics port; 0 = any free port."""
+    """Port of /metrics (Prometheus), /healthz and /readyz; 0 = any free port."""
+    stall_s: float = field(default=10.0, metadata=bounded(0.5, 3600.0))
+    """/healthz fails, and `linewatch_up` reads 0, when the supervisor loop has not passed for this long."""
 
 
 @dataclass(frozen=True)

@@ -159,7 +159,6 @@ class StationArgs:
     settings: StationSettings
     stages: tuple[StageSlot, ...]  # every stage, for the page's health panel
     cameras: tuple[str, ...]
-    heartbeat_timeout_s: float
 
 
 def _enter(ctx: StageContext) -> RunState:
@@ -787,7 +786,7 @@ def station_main(ctx: StageContext, args: StationArgs) -> None:  # pragma: no co
             state.heartbeat_ns[ctx.process_index] = time.monotonic_ns()
 
     threading.Thread(target=beat, name="heartbeat", daemon=True).start()
-    health = RunHealth(ctx.state, args.stages, args.cameras, args.heartbeat_timeout_s)
+    health = RunHealth(ctx.state, args.stages, args.cameras)
     try:
         serve(args.settings, health, state.stopping, lambda port: None)
     finally:

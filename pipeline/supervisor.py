@@ -32,10 +32,13 @@ from edge.backends import check_backend, engine_cache_dir
 from edge.bundle import BundleError, read_bundle_file
 from edge.manifest import BundleManifest
 from edge.settings import to_dict
+from pipeline.endpoints import RunProbe
 from pipeline.logs import LogSettings
 from pipeline.metrics import PipelineMetrics
+from pipeline.restarts import RestartSchedule
 from pipeline.ring import Doorbell, FrameRing
-from pipeline.settings import RuntimeConfig, SourceConfig
+from pipeline.service import ServiceNotifier
+from pipeline.settings import PipelineConfig, RuntimeConfig, SourceConfig
 from pipeline.sources import default_policy, parse_spec
 from pipeline.stages import (
     FINAL_DRAIN_S,
@@ -61,6 +64,7 @@ from pipeline.state import (
     FLAG_STOP_SOURCES,
     SPOOL_LOST,
     SPOOLED,
+    STORE_FAILING,
     PipelineError,
     RunState,
 )
@@ -71,11 +75,13 @@ from pipeline.store.verdicts import StoreError, VerdictStore
 from pipeline.wire import VERDICT_NAMES
 
 DRAIN_TIMEOUT_S = 30.0
+DRAIN_AFTER_FAILURE_S = 5.0  # a run ended by a stage that keeps failing: frames in flight get this long
 JOIN_TIMEOUT_S = 5.0
 RECORDER_JOIN_TIMEOUT_S = FINAL_DRAIN_S + 10.0  # it stores what is left (or spools it) before it exits
 # Longest the supervisor sleeps on the verdict ring between its checks (restarts, metrics, stop requests).
 SUPERVISOR_WAIT_S = 0.05
 SYNC_EVERY_S = 0.25  # restarts checked and gauges synced this often
+BACKGROUND_STAGES = ("recorder", "station")  # off the verdict path: pipeline.background_heartbeat_timeout_s
 LATENCY_WINDOW = 100_000  # frames behind the summary's latency percentiles (Prometheus has the full history)
 
 log = logging.getLogger(__name__)
@@ -102,6 +108,7 @@ class RunSummary:
     latency_ms_p50: float | None  # p50/p99 over the last LATENCY_WINDOW verdicts
     latency_ms_p99: float | None
     fps: float
+    failure: str | None = None  # why the run ended as a failure (a stage that kept failing, no frame at all)
     cameras: dict[str, dict[str, int]] = detail(default_factory=dict)
     drops_by_reason: dict[str, int] = detail(default_factory=dict)
     restarts_by_stage: dict[str, int] = detail(default_factory=dict)
@@ -213,6 +220,8 @@ class Pipeline:
         self._stop_requested = False
         self.stages: list[StageProcess] = []
         self.metrics_port: int | None = None
+        self.probe = RunProbe(config.metrics.stall_s)  # what /healthz and /readyz answer
+        self.service = ServiceNotifier()  # systemd's READY / WATCHDOG, when run as a Type=notify unit
         self.store_paths: StorePaths | None = None
         self.store: VerdictStore | None = None
         if config.store.enabled:
@@ -234,9 +243,12 @@ class Pipeline:
                 cleanup.enter_context(self._stop_on_signals())
             live = _LiveRun(self, ctx, state, rings, metrics)
             cleanup.callback(live.kill_all)  # before the rings and state go, however the run ends
+            cleanup.callback(self.service.close)
             self._record_run_start(cleanup)
             self._start_stages(live)
+            self.service.ready()
             self._supervise(live, duration_s)
+            self.service.stopping()
             self._drain(live)
             return self._summarise(live)
 
@@ -347,8 +359,9 @@ class Pipeline:
         """The operator page's settings; `stages` are those before it (it is the last)."""
         assert self.store_paths is not None
         ui, paths = self.config.ui, self.store_paths
-        slots = tuple(StageSlot(st.name, i, st.camera) for i, st in enumerate(stages))
-        slots += (StageSlot("station", len(stages)),)
+        pc = self.config.pipeline
+        slots = tuple(StageSlot(st.name, i, st.camera, heartbeat_timeout_s(pc, st.kind)) for i, st in enumerate(stages))
+        slots += (StageSlot("station", len(stages), timeout_s=heartbeat_timeout_s(pc, "station")),)
         settings = StationSettings(
             store_url=paths.url,
             archive=str(paths.images),
@@ -362,7 +375,7 @@ class Pipeline:
             cameras=tuple(self.cameras),
             run=self.run_id,
         )
-        return StationArgs(settings, slots, tuple(self.cameras), self.config.pipeline.heartbeat_timeout_s)
+        return StationArgs(settings, slots, tuple(self.cameras))
 
     def _recorder_feed(self, rings: Rings) -> RecorderFeed | None:
         if rings.records is None or rings.images is None or self.store_paths is None:
@@ -392,8 +405,9 @@ class Pipeline:
         )
 
     def _start_metrics(self, cleanup: contextlib.ExitStack) -> PipelineMetrics:
-        metrics = PipelineMetrics(self.cameras, sorted({s.kind for s in self.stages}), _score_buckets(self.threshold))
-        metrics.threshold.set(self.threshold)
+        metrics = PipelineMetrics(self.cameras, sorted({s.kind for s in self.stages}), self.probe)
+        assert self.manifest.threshold is not None  # bundle_threshold refused a bundle without one
+        metrics.set_threshold(self.threshold, self.manifest.threshold.false_reject_bound())
         metrics.bundle.info(
             {"hash": self.bundle_hash[:16], "model": self.manifest.model, "backbone": self.manifest.feature_extractor}
         )
@@ -415,6 +429,8 @@ class Pipeline:
                     raise PipelineError(f"stage {st.name} failed to start (exit code {p.exitcode}); see its log above")
             if self._stop_requested:
                 break
+            self.probe.passed()  # loading a model (or building an engine) is the loop at work, not a stall
+            self.service.watchdog()
             time.sleep(0.01)
         freeze_startup_heap()  # this process drains every verdict: no collector stalls here either
         for i, st in enumerate(self.stages):
@@ -428,10 +444,14 @@ class Pipeline:
         while True:
             busy = live.drain_verdicts()
             now = time.monotonic()
+            self.probe.passed()
             if now - last_sync > SYNC_EVERY_S:
                 live.restart_failed()
                 live.sync_metrics()
                 last_sync = now
+            if live.failure is not None:
+                log.error("%s", live.failure)
+                return
             if live.sources_done() and live.all_accounted():
                 return
             if self._stop_requested or (duration_s is not None and now - t_start >= duration_s):
@@ -444,8 +464,10 @@ class Pipeline:
         state = live.state
         state.flags[FLAG_STOP_SOURCES] = 1
         live.join(kind="capture")
-        deadline = time.monotonic() + DRAIN_TIMEOUT_S
+        deadline = time.monotonic() + (DRAIN_TIMEOUT_S if live.failure is None else DRAIN_AFTER_FAILURE_S)
         while not live.all_accounted() and time.monotonic() < deadline:
+            self.probe.passed()
+            self.service.watchdog()
             if not live.drain_verdicts():
                 live.restart_failed()
                 time.sleep(0.002)
@@ -485,6 +507,7 @@ class Pipeline:
             fps=(n_verdicts - 1) / span if span > 0 else 0.0,
             cameras=cameras,
             drops_by_reason={r: int(state.drops[:, j].sum()) for j, r in enumerate(DROP_REASONS)},
+            failure=live.failure or self._no_frame(state),
             restarts_by_stage=restarts,
             metrics_port=self.metrics_port,
             run_id=self.run_id,
@@ -492,6 +515,17 @@ class Pipeline:
             spooled=int(state.spool[SPOOLED]),
             store_lost=int(state.spool[SPOOL_LOST]),
         )
+
+    def _no_frame(self, state: RunState) -> str | None:
+        """Why a run that saw no frame at all (and was not stopped by a signal) failed."""
+        if state.captured.sum() or self._stop_requested:
+            return None
+        cameras = "; ".join(
+            f"{cam} ({self.sources[c].spec}): {'connected, no frame' if state.connected[c] else 'not connected'}, "
+            f"{int(state.reconnects[c]) + 1} attempts"
+            for c, cam in enumerate(self.cameras)
+        )
+        return f"no frame arrived from any source during the run: {cameras}"
 
     def _stored(self) -> int | None:
         if self.store is None:
@@ -512,6 +546,9 @@ class _LiveRun:
         self.pipeline, self.ctx, self.state, self.rings, self.metrics = pipeline, ctx, state, rings, metrics
         self.stages = pipeline.stages
         self.tally = VerdictTally(len(pipeline.cameras))
+        self.schedule = RestartSchedule.of(pipeline.config.pipeline)
+        self.restart_at: dict[int, float] = {}  # failed stages waiting for their restart, by stage index
+        self.failure: str | None = None  # set when a stage failed once too often: the run stops
 
     def start(self, index: int) -> None:
         st = self.stages[index]
@@ -520,26 +557,49 @@ class _LiveRun:
         st.process.start()
 
     def restart_failed(self) -> None:
-        """Restart stages that died or went silent (capture stages only while capturing)."""
-        state, timeout_s = self.state, self.pipeline.config.pipeline.heartbeat_timeout_s
-        now_ns = time.monotonic_ns()
+        """Restart stages that died or went silent (capture stages only while capturing), each after its
+        backoff; a stage that failed once too often within the window sets `failure` instead."""
+        if self.failure is not None:
+            return
+        state, now = self.state, time.monotonic()
         for i, st in enumerate(self.stages):
+            if i in self.restart_at:
+                if now >= self.restart_at[i]:
+                    del self.restart_at[i]
+                    self._restart(i)
+                continue
             p = st.process
             assert p is not None
             if st.kind == "capture" and (state.done[st.camera] or state.stopping_sources()):
                 continue  # finished (or told to): a capture process that ended is not restarted
-            silent = state.ready[i] and now_ns - int(state.heartbeat_ns[i]) > timeout_s * 1e9
+            timeout_s = heartbeat_timeout_s(self.pipeline.config.pipeline, st.kind)
+            silent = state.ready[i] and time.monotonic_ns() - int(state.heartbeat_ns[i]) > timeout_s * 1e9
             if p.is_alive() and not silent:
                 continue
             if p.is_alive():
-                log.warning("%s sent no heartbeat for %.0fs; restarting it", st.name, timeout_s)
+                why = f"sent no heartbeat for {timeout_s:g} s"
                 p.kill()
                 p.join(JOIN_TIMEOUT_S)
             else:
-                log.warning("%s exited with code %s; restarting it", st.name, p.exitcode)
-            state.restarts[i] += 1
-            state.ready[i] = 0
-            self.start(i)
+                why = f"exited with code {p.exitcode}"
+            wait = self.schedule.failed(i, now)
+            if wait is None:
+                pc = self.pipeline.config.pipeline
+                self.failure = (
+                    f"stage {st.name} {why}, its failure number {self.schedule.failures(i)} within "
+                    f"{pc.restart_window_s:g} s (pipeline.max_restarts = {pc.max_restarts}): stopping the run"
+                )
+                return
+            log.warning("%s %s; restarting it%s", st.name, why, f" in {wait:g} s" if wait else "")
+            if wait:
+                self.restart_at[i] = now + wait
+            else:
+                self._restart(i)
+
+    def _restart(self, index: int) -> None:
+        self.state.restarts[index] += 1
+        self.state.ready[index] = 0
+        self.start(index)
 
     def drain_verdicts(self) -> int:
         """Count and forward the verdicts waiting in the verdict ring; returns how many slots were read."""
@@ -569,7 +629,36 @@ class _LiveRun:
         return all(self.state.done[c] for c in range(len(self.pipeline.cameras)))
 
     def sync_metrics(self) -> None:
-        self.metrics.sync(self.state, self.rings.occupancy(self.pipeline.cameras), self.restarts())
+        """Metrics, readiness and the service manager's watchdog, brought up to date."""
+        now_ns = time.monotonic_ns()
+        ages = {
+            st.name: (now_ns - int(self.state.heartbeat_ns[i])) / 1e9
+            for i, st in enumerate(self.stages)
+            if self.state.heartbeat_ns[i]
+        }
+        self.metrics.sync(self.state, self.rings.occupancy(self.pipeline.cameras), self.restarts(), ages)
+        problems = self.readiness_problems(ages)
+        self.pipeline.probe.set_problems(problems)
+        service = self.pipeline.service
+        service.status("; ".join(problems) if problems else f"inspecting: {int(self.tally.counts.sum())} verdicts")
+        service.watchdog()
+
+    def readiness_problems(self, heartbeat_ages: dict[str, float]) -> list[str]:
+        """Why the run cannot inspect parts now (what /readyz answers); empty when it can."""
+        state, pc, problems = self.state, self.pipeline.config.pipeline, []
+        for i, st in enumerate(self.stages):
+            if st.kind == "capture":
+                continue
+            if i in self.restart_at or not state.ready[i]:
+                problems.append(f"{st.name} not ready")
+            elif heartbeat_ages.get(st.name, 0.0) > heartbeat_timeout_s(pc, st.kind):
+                problems.append(f"{st.name} silent for {heartbeat_ages[st.name]:.0f} s")
+        for c, cam in enumerate(self.pipeline.cameras):
+            if not state.connected[c] and not state.done[c]:
+                problems.append(f"camera {cam} ({self.pipeline.sources[c].spec}) not connected")
+        if state.store[STORE_FAILING]:
+            problems.append("verdict store not writable")
+        return problems
 
     def restarts(self) -> dict[str, int]:
         out: dict[str, int] = {}
@@ -595,6 +684,11 @@ class _LiveRun:
                 st.process.join(JOIN_TIMEOUT_S)
 
 
+def heartbeat_timeout_s(config: PipelineConfig, kind: str) -> float:
+    """How long a stage of `kind` may stay silent before it is restarted."""
+    return config.background_heartbeat_timeout_s if kind in BACKGROUND_STAGES else config.heartbeat_timeout_s
+
+
 def _open_store(config: RuntimeConfig, bundle_path: Path) -> tuple[StorePaths, VerdictStore]:
     """The run's data folder and store, opened now: a corrupt, foreign or unreachable store stops the start."""
     paths = StorePaths.resolve(config.store, bundle_path)
@@ -603,10 +697,3 @@ def _open_store(config: RuntimeConfig, bundle_path: Path) -> tuple[StorePaths, V
     except OSError as exc:
         raise StoreError(f"store.path = {str(paths.root)!r}: cannot create the data folder ({exc.strerror})") from None
     return paths, VerdictStore(paths.url)
-
-
-def _score_buckets(threshold: float) -> tuple[float, ...]:
-    """Score histogram buckets around the threshold, so the reject boundary is resolved."""
-    return tuple(
-        round(threshold * f, 6) for f in (0.25, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 1.0, 1.05, 1.1, 1.25, 1.5, 2, 3, 5)
-    )

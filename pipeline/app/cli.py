@@ -24,8 +24,10 @@ from pipeline.logs import LOG_FORMATS, LOG_LEVELS, LogSettings, configure_loggin
 if TYPE_CHECKING:
     from pipeline.app.config import Config
     from pipeline.app.history import StoreLocation
+    from pipeline.supervisor import RunSummary
 
 EXIT_ERROR = 2
+EXIT_RUN_FAILED = 3  # the run started but ended as a failure: a stage kept failing, or no frame arrived
 log = logging.getLogger(__name__)
 
 
@@ -299,7 +301,15 @@ def cmd_run(args: argparse.Namespace) -> int:
     summary = pipeline.run(duration_s=args.duration)
     if args.json:
         print(json.dumps(summary.headline()))
-        return 0
+    else:
+        _print_run(summary)
+    if summary.failure is not None:
+        print(f"linewatch: run failed: {summary.failure}", file=sys.stderr)
+        return EXIT_RUN_FAILED
+    return 0
+
+
+def _print_run(summary: RunSummary) -> None:
     p50, p99 = summary.latency_ms_p50, summary.latency_ms_p99
     lat = "n/a" if p50 is None or p99 is None else f"p50 {p50:.1f} ms, p99 {p99:.1f} ms"
     print(
@@ -314,7 +324,6 @@ def cmd_run(args: argparse.Namespace) -> int:
     if summary.stored is not None:
         lost = f", {summary.store_lost} NOT recorded (spool full)" if summary.store_lost else ""
         print(f"  run {summary.run_id}: {summary.stored} verdicts in the store{lost}")
-    return 0
 
 
 def cmd_bench(args: argparse.Namespace) -> int:

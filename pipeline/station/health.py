@@ -19,6 +19,7 @@ class StageSlot:
     name: str
     index: int  # its cells in RunState
     camera: int | None = None  # a capture stage's camera
+    timeout_s: float = 60.0  # silent longer than this, the supervisor restarts it
 
 
 class NoRun:
@@ -31,9 +32,9 @@ class NoRun:
 class RunHealth:
     """The run's counters and stage heartbeats, as the supervisor keeps them."""
 
-    def __init__(self, spec: StateSpec, stages: tuple[StageSlot, ...], cameras: tuple[str, ...], timeout_s: float):
+    def __init__(self, spec: StateSpec, stages: tuple[StageSlot, ...], cameras: tuple[str, ...]):
         self.state = RunState.attach(spec)
-        self.stages, self.cameras, self.timeout_s = stages, cameras, timeout_s
+        self.stages, self.cameras = stages, cameras
 
     def snapshot(self) -> dict[str, Any] | None:
         s, now = self.state, time.monotonic_ns()
@@ -66,4 +67,4 @@ class RunHealth:
             return "finished"
         # A capture stage is up while it beats; the others once they are also ready for frames.
         ready = st.camera is not None or bool(s.ready[st.index])
-        return "up" if ready and heartbeat_age_s < self.timeout_s else "down"
+        return "up" if ready and heartbeat_age_s < st.timeout_s else "down"

@@ -26,7 +26,7 @@ from test_runtime import Subscriber, _alive, _ppid
 
 from calibration.datasets import MVTecCategory
 from pipeline.app.cli import main
-from pipeline.app.config import Config, config_from_dict
+from pipeline.app.config import Config, config_from_dict, with_overrides
 from pipeline.app.ports import free_port
 from pipeline.settings import SourceConfig
 from pipeline.store.verdicts import VerdictStore
@@ -100,6 +100,8 @@ def test_a_killed_recorder_is_restarted_and_every_seq_is_stored_exactly_once(
     bundle_path: Path, small_category: Path, tmp_path: Path
 ) -> None:
     config = store_config(tmp_path / "data", buffer_slots=16)
+    # Restarted at once however often it is killed: this test is about what gets stored, not the backoff.
+    config = with_overrides(config, {"pipeline.max_restarts": 100, "pipeline.restart_backoff_s": 0})
     kills: list[int] = []
     first_verdict: list[float] = []
     pipeline: Pipeline

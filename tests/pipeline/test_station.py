@@ -318,7 +318,11 @@ def test_password_hashes_are_salted_scrypt() -> None:
 def test_health_reads_the_run_state() -> None:
     state = RunState.create(cameras=1, processes=3)
     try:
-        slots = (StageSlot("capture:cam0", 0, camera=0), StageSlot("infer", 1), StageSlot("decide", 2))
+        slots = (
+            StageSlot("capture:cam0", 0, camera=0),
+            StageSlot("infer", 1, timeout_s=30),
+            StageSlot("decide", 2, timeout_s=2),
+        )
         now = time.monotonic_ns()
         state.heartbeat_ns[:] = [now, now, now - 60 * 10**9]  # decide silent for a minute
         state.ready[:] = [0, 1, 1]
@@ -326,7 +330,7 @@ def test_health_reads_the_run_state() -> None:
         state.connected[0], state.captured[0] = 1, 40
         state.drop(0, "ring_full", 3)
         state.publisher[0], state.store[STORE_WRITTEN] = 37, 30
-        health = RunHealth(state.spec, slots, ("cam0",), timeout_s=30).snapshot()
+        health = RunHealth(state.spec, slots, ("cam0",)).snapshot()
         assert health is not None
         assert [(s["name"], s["state"], s["restarts"]) for s in health["stages"]] == [
             ("capture:cam0", "up", 0),
@@ -336,7 +340,7 @@ def test_health_reads_the_run_state() -> None:
         assert health["cameras"] == [{"id": "cam0", "connected": True, "captured": 40, "drops": 3, "done": False}]
         assert health["store_backlog"] == 7 and health["store_failing"] is False
         state.done[0] = 1
-        after = RunHealth(state.spec, slots, ("cam0",), timeout_s=30).snapshot()
+        after = RunHealth(state.spec, slots, ("cam0",)).snapshot()
         assert after is not None and after["stages"][0]["state"] == "finished"
     finally:
         state.close()
