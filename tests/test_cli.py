@@ -426,3 +426,14 @@ def test_distil_teacher_writes_a_teacher_file_and_refuses_bad_options(
         assert main([*argv, *bad]) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and err[0].startswith("linewatch: error: ") and message in err[0]
+
+
+def test_a_box_without_opencv_is_told_which_extra_to_install() -> None:
+    # OpenCV is the `opencv` extra, so that an OpenCV build already on the box is kept; without any, one line.
+    code = "import sys; sys.modules['cv2'] = None; from pipeline.app.cli import main; sys.exit(main(['run']))"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == (
+        "linewatch: error: OpenCV is not installed: pip install 'linewatch[opencv]', or keep the opencv-python "
+        "build this box already has"
+    )

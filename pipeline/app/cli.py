@@ -9,6 +9,7 @@ the models) are imported by the command that needs them, so `--help` and `--vers
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import logging
 import re
@@ -627,6 +628,13 @@ def _expected_errors() -> tuple[type[BaseException], ...]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(_glue_relative_times(sys.argv[1:] if argv is None else argv))
+    if importlib.util.find_spec("cv2") is None:
+        print(
+            "linewatch: error: OpenCV is not installed: pip install 'linewatch[opencv]', or keep the opencv-python "
+            "build this box already has",
+            file=sys.stderr,
+        )
+        return EXIT_ERROR
     args.log_settings = LogSettings(args.log_level, args.log_format)
     configure_logging(args.log_settings, args.command)
     try:
