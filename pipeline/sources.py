@@ -2,8 +2,9 @@
 
 A source yields `Frame`s and knows nothing about processes or pacing (the capture stage paces a
 replay to the configured parts-per-minute). Failures are typed so the capture stage can count them:
-`FrameUnreadable` (one bad file: counted and skipped), `SourceDisconnected` (camera lost: reconnect
-with backoff), `SourceUnavailable` (cannot open at all).
+`FrameUnreadable` (one bad file: counted and skipped), `SourceDisconnected` (camera lost, replayed
+folder gone: reconnect with backoff), `SourceUnavailable` (cannot open: retried with backoff for a
+camera, and for any source that was open before).
 """
 
 from __future__ import annotations
@@ -80,6 +81,7 @@ class FolderSource:
         root = Path(root)
         if not root.is_dir():
             raise SourceUnavailable(f"folder source {root}: not a folder")
+        self.root = root
         self.labels: list[int]
         if (root / "train" / "good").is_dir() and (root / "test").is_dir():
             try:
@@ -103,6 +105,8 @@ class FolderSource:
         n = len(self.paths)
         if self.position >= n and not self.loop:
             return None
+        if not self.root.is_dir():  # an unmounted share, a removed folder: the conveyor stopped, not a bad file
+            raise SourceDisconnected(f"folder source {self.root}: the folder is gone")
         index = self.position
         self.position += 1
         i = index % n

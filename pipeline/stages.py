@@ -258,6 +258,8 @@ def capture_main(
     from pipeline.sources import FrameUnreadable, SourceDisconnected, SourceUnavailable, open_source
 
     state = _enter(ctx)
+    # OpenCV's own warnings repeat each failed open in its words; the backoff line below says it once.
+    cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_ERROR)
     ring = FrameRing.attach(args.ring)
     camera, config, policy = args.camera, args.source, args.policy
     max_h, max_w = ring.payloads.shape[1:3]
@@ -280,7 +282,9 @@ def capture_main(
                 backoff = 0.25
             except SourceUnavailable as exc:
                 state.connected[camera] = 0
-                if config.spec.startswith("camera:"):
+                # A camera may come later; a folder or video that delivered before may come back (a share
+                # remounted). One that never opened is a wrong path: said once, and that source is done.
+                if config.spec.startswith("camera:") or state.position[camera] > 0:
                     log.warning("%s; retrying in %.2fs", exc, backoff)
                     _sleep_unless_stopped(state, backoff)
                     backoff = min(backoff * 2, config.reconnect_max_s)

@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 from types import ModuleType
 
+import numpy as np
 import pytest
 
 from pipeline.app.config import Config, with_overrides
@@ -61,3 +62,15 @@ def test_baseline_fitted_otherwise_or_not_a_record_is_refused_in_one_line(tmp_pa
         qb.load_baseline(old, Config())
     with pytest.raises(SystemExit, match=r"missing\.json: expected a --json record"):
         qb.load_baseline(tmp_path / "missing.json", Config())
+
+
+def test_reject_alert_bench_uses_the_rules_transform() -> None:
+    rab = load("reject_alert_bench")
+    rule = (BENCH.parent / "deploy" / "alerts.yml").read_text()
+    assert "(linewatch:rejects:increase15m + 0.375) / (linewatch:parts:increase15m + 0.75)" in rule
+    n, p = 9000.0, 0.01
+    assert abs(float(rab.z_arcsine(np.array(n * p), n, p))) < 0.1  # at the bound: no excess
+    assert float(rab.z_arcsine(np.array(2 * n * p), n, p)) > 4 > float(rab.z_arcsine(np.array(1.2 * n * p), n, p))
+    share = rab.alarm_days(rate=10, p=0.01, limit=4.0, days=3, seed=0)
+    assert set(share) == {"arcsine", "normal"} and all(0.0 <= v <= 1.0 for v in share.values())
+    assert rab.alarm_days(rate=10, p=0.01, limit=-100.0, days=2, seed=0) == {"arcsine": 1.0, "normal": 1.0}

@@ -4,6 +4,7 @@ real signals and a real unix datagram socket standing in for systemd."""
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -188,3 +189,37 @@ def wait_for(condition: object, seconds: float, message: str) -> None:
     while not condition():
         assert time.monotonic() < deadline, message
         time.sleep(0.1)
+
+
+def test_readyz_follows_a_replayed_folder_that_goes_away_and_comes_back(
+    bundle_path: Path, small_category: Path, tmp_path: Path
+) -> None:
+    folder = tmp_path / "line"
+    shutil.copytree(small_category / "test", folder)
+    seen: list[tuple[int, str]] = []
+    verdicts_after_return: list[int] = []
+    pipeline: Pipeline
+
+    def on_verdict(rec: np.void) -> None:
+        if seen and seen[-1][0] == 503 and (tmp_path / "line").is_dir():
+            verdicts_after_return.append(int(rec["frame_id"]))
+
+    def unplug_and_replug() -> None:
+        wait_for(lambda: pipeline.metrics_port is not None, 60, "metrics never served")
+        url = f"http://127.0.0.1:{pipeline.metrics_port}/readyz"
+        wait_for(lambda: get_or_none(url) == (200, "ok\n"), 60, "never ready")
+        folder.rename(tmp_path / "away")
+        wait_for(lambda: (get_or_none(url) or (0, ""))[0] == 503, 20, "readyz stayed ok")
+        seen.append(get(url))
+        (tmp_path / "away").rename(folder)
+        wait_for(lambda: get_or_none(url) == (200, "ok\n"), 20, "readyz did not come back")
+
+    source = SourceConfig(spec=f"folder:{folder}", rate_ppm=1200, loop=True, reconnect_max_s=0.5)
+    pipeline = Pipeline(run_config(free_port()), bundle_path, (source,), on_verdict)
+    helper = threading.Thread(target=unplug_and_replug, daemon=True)
+    helper.start()
+    summary = pipeline.run(duration_s=25, install_signals=False)
+    helper.join(1)
+    assert seen == [(503, f"camera cam0 (folder:{folder}) not connected\n")]
+    assert summary.cameras["cam0"]["reconnects"] >= 1 and verdicts_after_return  # the line went on
+    assert summary.failure is None and summary.frames == summary.verdicts + summary.drops

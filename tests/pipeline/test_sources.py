@@ -4,7 +4,7 @@ import cv2
 import numpy as np
 import pytest
 
-from pipeline.sources import FolderSource, FrameUnreadable
+from pipeline.sources import FolderSource, FrameUnreadable, SourceDisconnected
 
 
 def _folder(tmp_path: Path, n: int) -> Path:
@@ -35,3 +35,13 @@ def test_single_pass_replay_keeps_nothing(tmp_path: Path) -> None:
     source = FolderSource(_folder(tmp_path, 2))
     assert source.read() is not None and source.read() is not None and source.read() is None
     assert source.cache == {}
+
+
+def test_a_replayed_folder_that_is_gone_is_a_disconnected_source(tmp_path: Path) -> None:
+    (tmp_path / "line").mkdir()
+    folder = _folder(tmp_path / "line", 2)
+    source = FolderSource(folder, loop=True)
+    assert source.read() is not None
+    folder.rename(tmp_path / "elsewhere")  # a share unmounted mid-run: even cached frames stop
+    with pytest.raises(SourceDisconnected, match=r"^folder source .*line: the folder is gone$"):
+        source.read()
