@@ -253,6 +253,7 @@ def calibrate(
         calibration={
             "config": to_dict(cc),
             "holdout": {"n_images": len(used_holdout), "fingerprint": fingerprint(used_holdout)},
+            "holdout_scores": kept_scores(holdout_scores),
             "synthetic_recall": [r.to_dict() for r in synthetic_recall],
             "synthetic_image_auroc": synthetic_auroc,
             "labelled": None
@@ -277,6 +278,11 @@ def calibrate(
         examples=examples,
         skipped=report,
     )
+
+
+def kept_scores(scores: np.ndarray) -> list[float]:
+    """Scores as the bundle keeps them (JSON floats, 7 significant digits: float32's own)."""
+    return [float(f"{s:.7g}") for s in np.asarray(scores, dtype=np.float64)]
 
 
 def normalization(holdout_scores: np.ndarray, threshold: float) -> dict[str, Any]:

@@ -32,7 +32,7 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch
 
-from calibration.calibrate import normalization, score_images
+from calibration.calibrate import kept_scores, normalization, score_images
 from calibration.settings import OfflineConfig
 from calibration.threshold import (
     InsufficientCalibrationData,
@@ -181,6 +181,7 @@ def rethreshold(
                 "allow_weak_bound": cc.allow_weak_bound,
             },
             "frames": n,
+            "holdout_scores": kept_scores(scores),
             "skipped": skipped,
             "bundle_of_frames": by_bundle,
             "previous_threshold": previous,

@@ -74,6 +74,13 @@ class BundleManifest:
     threshold: ThresholdRecord | None = None  # None until `calibrate` chooses one
     normalization: dict[str, float] | None = None  # maps scores so the threshold sits at 1.0
     calibration: dict[str, Any] | None = None  # calibration settings, held-out set and recall estimates
+
+    def holdout_scores(self) -> list[float] | None:
+        """The good frames' scores the threshold was chosen from (the drift watch's reference); None for a
+        bundle calibrated before they were kept."""
+        scores = (self.calibration or {}).get("holdout_scores")
+        return None if scores is None else [float(s) for s in scores]
+
     format_version: int = MANIFEST_VERSION
 
     @property

@@ -63,6 +63,7 @@ class PipelineMetrics:
             "linewatch_false_reject_bound", "False-reject rate the bundle's threshold was calibrated to stay under",
             registry=r,
         )  # fmt: skip
+        self.false_reject_bound.set(float("nan"))  # unknown until set: a 0 would make every reject look excessive
         self.restarts = Counter("linewatch_stage_restarts", "Stage process restarts", ["stage"], registry=r)
         self.connected = Gauge("linewatch_camera_connected", "1 while the camera delivers", ["camera"], registry=r)
         self.reconnects = Counter("linewatch_camera_reconnects", "Camera reconnect attempts", ["camera"], registry=r)
@@ -80,6 +81,12 @@ class PipelineMetrics:
         self.archive_bytes = Gauge("linewatch_archive_bytes", "Size of the image archive", registry=r)
         self.images_expired = Counter(
             "linewatch_images_expired", "Archived images deleted by retention (rows kept)", registry=r
+        )
+        self.drift = Gauge(
+            "linewatch_drift_statistic", "Shiryaev-Roberts drift statistic of pass scores", ["camera"], registry=r
+        )
+        self.drift_alarm_level = Gauge(
+            "linewatch_drift_alarm_level", "Drift statistic at which the drift alert fires", registry=r
         )
         self.heartbeat_age = Gauge(
             "linewatch_stage_heartbeat_age_seconds", "Time since the stage's last heartbeat", ["stage"], registry=r

@@ -141,11 +141,26 @@ class UiConfig:
 
 
 @dataclass(frozen=True)
+class DriftConfig:
+    enabled: bool = True
+    """Watch each camera's pass scores against the bundle's held-out good frames (docs/runtime.md, Drift watch)."""
+    quantile: float = field(default=0.9, metadata=bounded(0.5, 0.99))
+    """Reference level: the held-out frames' score at this quantile; the watch counts passed parts above it."""
+    horizon_parts: int = field(default=10000, metadata=bounded(100, 10**9))
+    false_alarm: float = field(default=0.01, metadata=bounded(1e-9, 0.5))
+    """Without drift, an alarm within `horizon_parts` passed parts has at most this probability."""
+    confidence: float = field(default=0.99, metadata=bounded(0.5, 0.999999))
+    """Confidence of the reference's bound on the share of good parts above the reference level."""
+
+
+@dataclass(frozen=True)
 class RuntimeConfig:
-    """What the streaming runtime reads: the `pipeline`, `publisher`, `metrics`, `store` and `ui` sections."""
+    """What the streaming runtime reads: the `pipeline`, `publisher`, `metrics`, `store`, `ui` and `drift`
+    sections."""
 
     pipeline: PipelineConfig = PipelineConfig()
     publisher: PublisherConfig = PublisherConfig()
     metrics: MetricsConfig = MetricsConfig()
     store: StoreConfig = StoreConfig()
     ui: UiConfig = UiConfig()
+    drift: DriftConfig = DriftConfig()

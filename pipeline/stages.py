@@ -342,6 +342,17 @@ def capture_main(
         source.close()
 
 
+def waiting_for_room(state: RunState, index: int) -> Callable[[], bool]:
+    """The stop test a writer asks while it waits for room downstream. It also beats: a stage held up by a
+    slow or restarting reader is alive, and the reader, if silent, is the one to restart."""
+
+    def stop() -> bool:
+        state.heartbeat_ns[index] = time.monotonic_ns()
+        return state.stopping()
+
+    return stop
+
+
 def _sleep_unless_stopped(state: RunState, seconds: float) -> None:
     end = time.monotonic() + seconds
     while time.monotonic() < end and not state.stopping_sources():
@@ -356,6 +367,7 @@ def preprocess_main(ctx: StageContext, args: PreprocessArgs) -> None:  # pragma:
     policies = args.policies
     out = FrameRing.attach(args.output)
     preprocessing = Preprocessing.from_dict(args.preprocessing)
+    room_wait = waiting_for_room(state, ctx.process_index)
     freeze_startup_heap()
     state.ready[ctx.process_index] = 1
     while not state.stopping():
@@ -371,7 +383,7 @@ def preprocess_main(ctx: StageContext, args: PreprocessArgs) -> None:  # pragma:
                     state.drop(camera, "stale")
                 slots = slots[-1:]
             slot = int(slots[0])
-            target = out.wait_free_slot(state.stopping)
+            target = out.wait_free_slot(room_wait)
             if target is None:
                 return
             busy = True
@@ -424,6 +436,7 @@ def infer_main(ctx: StageContext, args: InferArgs) -> None:  # pragma: no cover 
     if (mismatch := bundle.arithmetic_mismatch(device)) is not None:
         log.warning("%s", mismatch)
     model.warm_up(example.to(device))  # before `ready`: the line's first part gets the steady-state latency
+    room_wait = waiting_for_room(state, ctx.process_index)
     freeze_startup_heap()
     state.ready[ctx.process_index] = 1
     while not state.stopping():
@@ -457,7 +470,7 @@ def infer_main(ctx: StageContext, args: InferArgs) -> None:  # pragma: no cover 
         done = time.monotonic_ns()
         for i, s in enumerate(slots):
             s = int(s)
-            target = out.wait_free_slot(state.stopping)
+            target = out.wait_free_slot(room_wait)
             if target is None:
                 return
             rec = tensors.headers[s].copy()
@@ -516,6 +529,7 @@ def decide_main(ctx: StageContext, args: DecideArgs) -> None:  # pragma: no cove
         # Subscribers of the crashed publisher reconnect within ZeroMQ's reconnect interval (100 ms);
         # publishing the backlog before they are back would lose it for them.
         time.sleep(RESUBSCRIBE_GRACE_S)
+    room_wait = waiting_for_room(state, ctx.process_index)
     freeze_startup_heap()
     state.ready[ctx.process_index] = 1
     beat_every_ns, next_beat_ns = int(args.heartbeat_ms * 1e6), 0
@@ -539,7 +553,7 @@ def decide_main(ctx: StageContext, args: DecideArgs) -> None:  # pragma: no cove
                 if frame_id <= state.last_decided[camera]:
                     scores.release(s)  # already published and counted: a retry after an upstream crash
                     continue
-                target = out.wait_free_slot(state.stopping)
+                target = out.wait_free_slot(room_wait)
                 if target is None:
                     return
                 if rec["verdict"] != VERDICT_ERROR:

@@ -32,6 +32,7 @@ from edge.backends import check_backend, engine_cache_dir
 from edge.bundle import BundleError, read_bundle_file
 from edge.manifest import BundleManifest
 from edge.settings import to_dict
+from pipeline.drift import DriftReference, DriftWatch, alarm_level
 from pipeline.endpoints import RunProbe
 from pipeline.logs import LogSettings
 from pipeline.metrics import PipelineMetrics
@@ -73,6 +74,8 @@ from pipeline.station.settings import StationSettings, bundle_summary
 from pipeline.store.paths import StorePaths
 from pipeline.store.verdicts import StoreError, VerdictStore
 from pipeline.wire import VERDICT_NAMES
+
+PASS = VERDICT_NAMES.index("pass")
 
 DRAIN_TIMEOUT_S = 30.0
 DRAIN_AFTER_FAILURE_S = 5.0  # a run ended by a stage that keeps failing: frames in flight get this long
@@ -222,10 +225,23 @@ class Pipeline:
         self.metrics_port: int | None = None
         self.probe = RunProbe(config.metrics.stall_s)  # what /healthz and /readyz answer
         self.service = ServiceNotifier()  # systemd's READY / WATCHDOG, when run as a Type=notify unit
+        self.drift_reference: DriftReference | None = None  # set when the run starts
         self.store_paths: StorePaths | None = None
         self.store: VerdictStore | None = None
         if config.store.enabled:
             self.store_paths, self.store = _open_store(config, self.bundle_path)
+
+    def _drift_reference(self) -> DriftReference | None:
+        dc, threshold = self.config.drift, self.manifest.threshold
+        scores = self.manifest.holdout_scores()
+        if not dc.enabled or threshold is None:
+            return None
+        reference = None
+        if scores is not None:
+            reference = DriftReference.from_holdout(scores, threshold.value, dc.quantile, dc.confidence)
+        if reference is None:
+            log.warning("drift watch off: %s holds too few held-out scores (calibrate it again)", self.bundle_path)
+        return reference
 
     def request_stop(self, *_: Any) -> None:
         self._stop_requested = True
@@ -234,6 +250,7 @@ class Pipeline:
         """Run until the finite sources are through, `duration_s` passes or a stop is requested."""
         with contextlib.ExitStack() as cleanup:  # shared memory is unlinked however the run ends
             ctx = mp.get_context("spawn")  # CUDA-safe: no forked copies of an initialised CUDA context
+            self.drift_reference = self._drift_reference()
             rings = self._build_rings(ctx, cleanup)
             self.stages = self._plan_stages(rings)
             state = RunState.create(len(self.sources), len(self.stages))
@@ -360,7 +377,7 @@ class Pipeline:
         assert self.store_paths is not None
         ui, paths = self.config.ui, self.store_paths
         pc = self.config.pipeline
-        slots = tuple(StageSlot(st.name, i, st.camera, heartbeat_timeout_s(pc, st.kind)) for i, st in enumerate(stages))
+        slots = tuple(StageSlot(st.name, i, heartbeat_timeout_s(pc, st.kind), st.camera) for i, st in enumerate(stages))
         slots += (StageSlot("station", len(stages), timeout_s=heartbeat_timeout_s(pc, "station")),)
         settings = StationSettings(
             store_url=paths.url,
@@ -408,6 +425,9 @@ class Pipeline:
         metrics = PipelineMetrics(self.cameras, sorted({s.kind for s in self.stages}), self.probe)
         assert self.manifest.threshold is not None  # bundle_threshold refused a bundle without one
         metrics.set_threshold(self.threshold, self.manifest.threshold.false_reject_bound())
+        if self.drift_reference is not None:
+            dc = self.config.drift
+            metrics.drift_alarm_level.set(alarm_level(dc.horizon_parts, dc.false_alarm))
         metrics.bundle.info(
             {"hash": self.bundle_hash[:16], "model": self.manifest.model, "backbone": self.manifest.feature_extractor}
         )
@@ -463,6 +483,7 @@ class Pipeline:
         """Stop capture, let frames in flight reach a verdict, then stop the rest; count what never did."""
         state = live.state
         state.flags[FLAG_STOP_SOURCES] = 1
+        live.sync_metrics()  # /readyz says it is stopping from now on
         live.join(kind="capture")
         deadline = time.monotonic() + (DRAIN_TIMEOUT_S if live.failure is None else DRAIN_AFTER_FAILURE_S)
         while not live.all_accounted() and time.monotonic() < deadline:
@@ -548,6 +569,12 @@ class _LiveRun:
         self.tally = VerdictTally(len(pipeline.cameras))
         self.schedule = RestartSchedule.of(pipeline.config.pipeline)
         self.restart_at: dict[int, float] = {}  # failed stages waiting for their restart, by stage index
+        reference, dc = pipeline.drift_reference, pipeline.config.drift
+        self.drift = (
+            [DriftWatch(reference, alarm_level(dc.horizon_parts, dc.false_alarm)) for _ in pipeline.cameras]
+            if reference is not None
+            else []
+        )
         self.failure: str | None = None  # set when a stage failed once too often: the run stops
 
     def start(self, index: int) -> None:
@@ -563,38 +590,48 @@ class _LiveRun:
             return
         state, now = self.state, time.monotonic()
         for i, st in enumerate(self.stages):
+            if st.kind == "capture" and (state.done[st.camera] or state.stopping_sources()):
+                self.restart_at.pop(i, None)
+                continue  # finished (or told to): a capture process that ended is not restarted
             if i in self.restart_at:
                 if now >= self.restart_at[i]:
                     del self.restart_at[i]
                     self._restart(i)
                 continue
-            p = st.process
-            assert p is not None
-            if st.kind == "capture" and (state.done[st.camera] or state.stopping_sources()):
-                continue  # finished (or told to): a capture process that ended is not restarted
-            timeout_s = heartbeat_timeout_s(self.pipeline.config.pipeline, st.kind)
-            silent = state.ready[i] and time.monotonic_ns() - int(state.heartbeat_ns[i]) > timeout_s * 1e9
-            if p.is_alive() and not silent:
-                continue
-            if p.is_alive():
-                why = f"sent no heartbeat for {timeout_s:g} s"
-                p.kill()
-                p.join(JOIN_TIMEOUT_S)
-            else:
-                why = f"exited with code {p.exitcode}"
-            wait = self.schedule.failed(i, now)
-            if wait is None:
-                pc = self.pipeline.config.pipeline
-                self.failure = (
-                    f"stage {st.name} {why}, its failure number {self.schedule.failures(i)} within "
-                    f"{pc.restart_window_s:g} s (pipeline.max_restarts = {pc.max_restarts}): stopping the run"
-                )
-                return
-            log.warning("%s %s; restarting it%s", st.name, why, f" in {wait:g} s" if wait else "")
-            if wait:
-                self.restart_at[i] = now + wait
-            else:
-                self._restart(i)
+            if (why := self._failed(i)) is not None:
+                self._schedule_restart(i, why, now)
+                if self.failure is not None:
+                    return
+
+    def _failed(self, index: int) -> str | None:
+        """Why stage `index` needs a restart (it exited, or went silent and was killed); None while it runs."""
+        st, state = self.stages[index], self.state
+        p = st.process
+        assert p is not None
+        timeout_s = heartbeat_timeout_s(self.pipeline.config.pipeline, st.kind)
+        silent = state.ready[index] and time.monotonic_ns() - int(state.heartbeat_ns[index]) > timeout_s * 1e9
+        if p.is_alive() and not silent:
+            return None
+        if not p.is_alive():
+            return f"exited with code {p.exitcode}"
+        p.kill()
+        p.join(JOIN_TIMEOUT_S)
+        return f"sent no heartbeat for {timeout_s:g} s"
+
+    def _schedule_restart(self, index: int, why: str, now: float) -> None:
+        st, pc = self.stages[index], self.pipeline.config.pipeline
+        wait = self.schedule.failed(index, now)
+        if wait is None:
+            self.failure = (
+                f"stage {st.name} {why}, its failure number {self.schedule.failures(index)} within "
+                f"{pc.restart_window_s:g} s (pipeline.max_restarts = {pc.max_restarts}): stopping the run"
+            )
+            return
+        log.warning("%s %s; restarting it%s", st.name, why, f" in {wait:g} s" if wait else "")
+        if wait:
+            self.restart_at[index] = now + wait
+        else:
+            self._restart(index)
 
     def _restart(self, index: int) -> None:
         self.state.restarts[index] += 1
@@ -614,10 +651,27 @@ class _LiveRun:
             ring.release(int(s))
             if not tally.add(rec):
                 continue
+            if self.drift and int(rec["verdict"]) == PASS:
+                self._watch_drift(int(rec["camera"]), float(rec["score"]))
             self.metrics.observe(rec)
             if self.pipeline.on_verdict is not None:
                 self.pipeline.on_verdict(rec)
         return int(slots.size)
+
+    def _watch_drift(self, camera: int, score: float) -> None:
+        watch = self.drift[camera]
+        was = watch.alarm
+        watch.observe(score)
+        if watch.alarm != was:
+            cam = self.pipeline.cameras[camera]
+            if watch.alarm:
+                log.warning(
+                    "camera %s: good parts score higher than at calibration (drift statistic %.3g >= %.3g after "
+                    "%d passed parts): the false-reject bound may no longer hold", cam, watch.statistic,
+                    watch.alarm_level, watch.parts,
+                )  # fmt: skip
+            else:
+                log.info("camera %s: pass scores are back in line with the calibration", cam)
 
     def accounted(self) -> np.ndarray:
         return self.tally.counts.sum(axis=1) + self.state.drops.sum(axis=1)
@@ -631,12 +685,14 @@ class _LiveRun:
     def sync_metrics(self) -> None:
         """Metrics, readiness and the service manager's watchdog, brought up to date."""
         now_ns = time.monotonic_ns()
-        ages = {
+        ages = {  # of stages up and taking frames: a stage loading its model beats only once it is ready
             st.name: (now_ns - int(self.state.heartbeat_ns[i])) / 1e9
             for i, st in enumerate(self.stages)
-            if self.state.heartbeat_ns[i]
+            if self.state.ready[i]
         }
         self.metrics.sync(self.state, self.rings.occupancy(self.pipeline.cameras), self.restarts(), ages)
+        for cam, watch in zip(self.pipeline.cameras, self.drift, strict=False):
+            self.metrics.drift.labels(cam).set(watch.statistic)
         problems = self.readiness_problems(ages)
         self.pipeline.probe.set_problems(problems)
         service = self.pipeline.service
@@ -646,6 +702,8 @@ class _LiveRun:
     def readiness_problems(self, heartbeat_ages: dict[str, float]) -> list[str]:
         """Why the run cannot inspect parts now (what /readyz answers); empty when it can."""
         state, pc, problems = self.state, self.pipeline.config.pipeline, []
+        if state.stopping_sources():
+            return ["stopping: the frames in flight get their verdicts"]
         for i, st in enumerate(self.stages):
             if st.kind == "capture":
                 continue

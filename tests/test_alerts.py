@@ -126,7 +126,25 @@ def test_restart_and_heartbeat_alerts(tmp_path: Path) -> None:
         ("4m", "LinewatchStageRestarted", []),
         ("6m", "LinewatchStageRestarted", [expected("LinewatchStageRestarted", stage="infer")]),
         ("4m", "LinewatchHeartbeatStale", []),
+        ("5m15s", "LinewatchHeartbeatStale", []),  # stale, not yet for 30 s
         ("6m", "LinewatchHeartbeatStale", [expected("LinewatchHeartbeatStale", stage="decide")]),
+    ]
+    promtool_test(tmp_path, inputs, checks)
+
+
+def test_drift_alert_fires_at_the_alarm_level(tmp_path: Path) -> None:
+    inputs = {
+        series("linewatch_drift_alarm_level"): "1e6x100",
+        series("linewatch_drift_statistic", camera="cam0"): "0.5x10 1e3x10 2e6x10 9e5 2e6x4 10x60",
+        series("linewatch_drift_statistic", camera="cam1"): "3x100",
+    }
+    fired = [expected("LinewatchScoresDrifted", camera="cam0")]
+    checks = [
+        ("4m", "LinewatchScoresDrifted", []),
+        ("5m30s", "LinewatchScoresDrifted", fired),
+        ("8m15s", "LinewatchScoresDrifted", fired),  # a dip under the level: still one alert
+        ("15m", "LinewatchScoresDrifted", fired),  # back in line, kept firing for 10 minutes
+        ("20m", "LinewatchScoresDrifted", []),
     ]
     promtool_test(tmp_path, inputs, checks)
 
@@ -181,6 +199,8 @@ def test_a_healthy_line_raises_no_alert(tmp_path: Path) -> None:
         series("linewatch_stage_heartbeat_age_seconds", stage="infer"): "0.05x120",
         series("linewatch_camera_connected", camera="cam0"): "1x120",
         series("linewatch_store_backlog"): "3x120",
+        series("linewatch_drift_statistic", camera="cam0"): "2x120",
+        series("linewatch_drift_alarm_level"): "1e6x120",
         series("linewatch_store_lost_total"): "0x120",
         series("linewatch_up"): "1x120",
         series("up"): "1x120",

@@ -74,3 +74,16 @@ def test_reject_alert_bench_uses_the_rules_transform() -> None:
     share = rab.alarm_days(rate=10, p=0.01, limit=4.0, days=3, seed=0)
     assert set(share) == {"arcsine", "normal"} and all(0.0 <= v <= 1.0 for v in share.values())
     assert rab.alarm_days(rate=10, p=0.01, limit=-100.0, days=2, seed=0) == {"arcsine": 1.0, "normal": 1.0}
+
+
+def test_drift_bench_counts_changed_parts_until_the_alarm() -> None:
+    db = load("drift_bench")
+    from pipeline.drift import DriftReference, DriftWatch
+
+    reference = DriftReference(level=1.0, exceed_bound=0.1, n=100)
+    rng = np.random.default_rng(0)
+    quiet, loud = np.zeros(50), np.full(50, 2.0)  # below and above the reference level, all passing
+    d = db.delay(DriftWatch(reference, 1e6), quiet, loud, threshold=10.0, rng=rng)
+    assert 15 <= d <= 25  # R doubles with every part above q: about log2(1e6) = 20 parts
+    assert db.delay(DriftWatch(reference, 1e6), quiet, quiet, threshold=10.0, rng=rng) == -1
+    assert db.delay(DriftWatch(reference, 1e6), quiet, loud, threshold=1.5, rng=rng) == -1  # all rejected: no passes

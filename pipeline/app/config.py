@@ -2,7 +2,7 @@
 
 Each layer declares its own settings next to the code that uses them (`calibration.settings` for
 model, fit and calibration; `pipeline.settings` for the runtime); `Config` composes them into the
-file's eight sections. Unknown keys, wrong types and out-of-range values fail at load time with a message
+file's nine sections. Unknown keys, wrong types and out-of-range values fail at load time with a message
 naming the key, the value and what is allowed. Environment variables
 `LINEWATCH_<SECTION>__<KEY>` (nested keys joined by `__` too) override the file and are validated the
 same way; `LINEWATCH_CONFIG` names the file when no `--config` is given. Command-line flags are applied
@@ -35,7 +35,7 @@ class ConfigError(ValueError):
 @dataclass(frozen=True)
 class Config(RuntimeConfig, OfflineConfig):
     """The whole file: `model`, `fit`, `calibration` (offline) and `pipeline`, `publisher`, `metrics`,
-    `store`, `ui` (runtime). Being both, it is passed as either layer's settings as it is."""
+    `store`, `ui`, `drift` (runtime). Being both, it is passed as either layer's settings as it is."""
 
 
 def config_from_dict(data: dict[str, Any] | None) -> Config:
@@ -58,7 +58,8 @@ def load_config(path: str | Path | None, environ: Mapping[str, str] | None = Non
     try:
         return config_from_dict(data)
     except ConfigError as exc:
-        raise ConfigError(f"{_culprit(str(exc), environ) or path}: {exc}") from None
+        where = _culprit(str(exc), environ) or path or "environment (LINEWATCH_*)"
+        raise ConfigError(f"{where}: {exc}") from None
 
 
 def _read_file(path: Path) -> dict[str, Any]:
@@ -73,7 +74,7 @@ def _read_file(path: Path) -> dict[str, Any]:
     return data or {}
 
 
-def _variables(environ: Mapping[str, str]) -> dict[str, str]:
+def _config_variables(environ: Mapping[str, str]) -> dict[str, str]:
     """Config variables of the environment: LINEWATCH_PIPELINE__DEVICE -> "pipeline.device"."""
     out = {}
     for var in environ:
@@ -86,7 +87,7 @@ def environment_overrides(environ: Mapping[str, str]) -> dict[str, Any]:
     """Dotted key -> value of every LINEWATCH_<SECTION>__<KEY> variable; values are read as YAML scalars or
     flow collections (`8080`, `true`, `null`, `[{spec: "camera:0"}]`), as they would be in the file."""
     out = {}
-    for var, dotted in sorted(_variables(environ).items()):
+    for var, dotted in sorted(_config_variables(environ).items()):
         try:
             out[dotted] = yaml.safe_load(environ[var])
         except yaml.YAMLError as exc:
@@ -96,9 +97,9 @@ def environment_overrides(environ: Mapping[str, str]) -> dict[str, Any]:
 
 def _culprit(message: str, environ: Mapping[str, str]) -> str | None:
     """The variable that set the key an error message names, if a variable did."""
-    key = message.split(":", 1)[0]
-    for var, dotted in _variables(environ).items():
-        if key.startswith(dotted) or dotted.startswith(f"{key}."):
+    key = message.split(":", 1)[0].split(" = ", 1)[0]
+    for var, dotted in _config_variables(environ).items():
+        if key == dotted or key.startswith((f"{dotted}.", f"{dotted}[")) or dotted.startswith(f"{key}."):
             return var
     return None
 

@@ -18,8 +18,8 @@ class HealthSource(Protocol):
 class StageSlot:
     name: str
     index: int  # its cells in RunState
+    timeout_s: float  # silent longer than this, the supervisor restarts it
     camera: int | None = None  # a capture stage's camera
-    timeout_s: float = 60.0  # silent longer than this, the supervisor restarts it
 
 
 class NoRun:

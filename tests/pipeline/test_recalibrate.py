@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 
-from calibration.calibrate import score_images
+from calibration.calibrate import kept_scores, score_images
 from calibration.threshold import choose_threshold, proportion_interval
 from edge.bundle import load_bundle, read_bundle_file
 from edge.images import list_images, read_image
@@ -145,6 +145,7 @@ def test_the_threshold_is_rechosen_on_the_archived_passed_frames(
         "camera": None,
         "period_verdicts": {"error": 1, "pass": 25, "reject": 3},
         "frames": 20,
+        "holdout_scores": kept_scores(scores),  # the drift watch's reference from now on
         "skipped": 2,
         "bundle_of_frames": {old.hash: 20},
         "previous_threshold": old.threshold,

@@ -319,7 +319,7 @@ def test_health_reads_the_run_state() -> None:
     state = RunState.create(cameras=1, processes=3)
     try:
         slots = (
-            StageSlot("capture:cam0", 0, camera=0),
+            StageSlot("capture:cam0", 0, timeout_s=2, camera=0),
             StageSlot("infer", 1, timeout_s=30),
             StageSlot("decide", 2, timeout_s=2),
         )
