@@ -93,8 +93,9 @@ def main() -> None:
     parser.add_argument("--families", nargs="+", default=list(TEXTURES), choices=list(TEXTURES))
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--horizon", type=int, default=10_000)
+    parser.add_argument("--quantile", type=float, default=DriftConfig().quantile, help="drift.quantile")
     args = parser.parse_args()
-    dc = DriftConfig()
+    dc = DriftConfig(quantile=args.quantile)
     level = alarm_level(args.horizon, dc.false_alarm)
     calibration = {"target_fpr": 0.02, "confidence": 0.9, "synthetic_per_kind": 0}
     config = config_from_dict({"model": {"input_size": SIZE}, "calibration": calibration})

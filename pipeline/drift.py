@@ -1,10 +1,9 @@
 """Drift watch: does each camera's stream of pass scores still look like the good frames it was calibrated on?
 
 The threshold's false-reject bound holds only while good parts score as the held-out good frames did.
-A moved camera, a dirty lens or new lighting raises good parts' scores, first in the upper tail, long
-before many of them cross the threshold. So the watch counts passed parts scoring above q, the 90th
-percentile of the held-out scores below the threshold, and tests that share against what calibration
-allows:
+A moved camera, a dirty lens or new lighting raises good parts' scores, often long before many of them
+cross the threshold. So the watch counts passed parts scoring above q, a quantile (by default the median)
+of the held-out scores below the threshold, and tests that share against what calibration allows:
 
 - The held-out scores below the threshold are, given the threshold, a sample of what good parts that
   pass score. With probability `confidence` over that sample, a passed good part exceeds q with
@@ -14,8 +13,7 @@ allows:
   no drift E[LR] <= 1, so R_t - t is a supermartingale and P(R reaches A within N parts) <= N / A. The
   alarm level A = horizon / false_alarm keeps a false alarm within `horizon` parts below `false_alarm`
   (plus the held-out bounds' own 1 - confidence).
-- After a real change R grows geometrically (it doubles per part while nearly every part exceeds q), and
-  once the change is undone it decays back below A within a few hundred parts.
+- After a real change R grows geometrically, and once the change is undone it decays back.
 
 A sequential statistic answers after every part, with a stated false-alarm rate over any stretch of the
 run; a windowed two-sample test must fix its window (slow to react, or noisy) and pays for re-testing

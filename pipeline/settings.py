@@ -144,8 +144,9 @@ class UiConfig:
 class DriftConfig:
     enabled: bool = True
     """Watch each camera's pass scores against the bundle's held-out good frames (docs/runtime.md, Drift watch)."""
-    quantile: float = field(default=0.9, metadata=bounded(0.5, 0.99))
-    """Reference level: the held-out frames' score at this quantile; the watch counts passed parts above it."""
+    quantile: float = field(default=0.5, metadata=bounded(0.1, 0.99))
+    """Reference level: the held-out passes' score at this quantile; the watch counts passed parts above it.
+    The median reacts to a darker or lighter scene far sooner than an upper quantile (bench/drift_bench.py)."""
     horizon_parts: int = field(default=10000, metadata=bounded(100, 10**9))
     false_alarm: float = field(default=0.01, metadata=bounded(1e-9, 0.5))
     """Without drift, an alarm within `horizon_parts` passed parts has at most this probability."""
