@@ -620,6 +620,7 @@ class _LiveRun:
 
     def _schedule_restart(self, index: int, why: str, now: float) -> None:
         st, pc = self.stages[index], self.pipeline.config.pipeline
+        self.state.ready[index] = 0  # gone: not ready (for /readyz and its heartbeat age) until restarted
         wait = self.schedule.failed(index, now)
         if wait is None:
             self.failure = (
