@@ -176,10 +176,11 @@ def scrape(port: int | None) -> dict[str, float]:
 
 
 def run_through_outage(
-    config: Config, bundle: Path, category: Path, outage: Callable[[], Callable[[], None]], duration_s: float
+    config: Config, bundle: Path, category: Path, outage: Callable[[], Callable[[], None]], after_s: float
 ) -> tuple[RunSummary, list[int], dict[str, float]]:
     """A looping paced run whose store breaks once verdicts flow (`outage()` breaks it and returns what mends
-    it) and is mended 4 s later; returns the summary, the seqs a subscriber saw and /metrics during the outage."""
+    it), is mended 4 s later and stops `after_s` after that (however long the start took); returns the
+    summary, the seqs a subscriber saw and /metrics during the outage."""
     listener = Subscriber(config.publisher.address)
     listener.start()
     scraped: list[dict[str, float]] = []
@@ -192,12 +193,14 @@ def run_through_outage(
         time.sleep(4)
         scraped.append(scrape(pipeline.metrics_port))
         mend()
+        time.sleep(after_s)
+        pipeline.request_stop()
 
     source = SourceConfig(spec=f"folder:{category}", rate_ppm=1200, loop=True)
     pipeline = Pipeline(config, bundle, (source,), lambda rec: flowing.set() if rec["frame_id"] >= 20 else None)
     thread = threading.Thread(target=break_and_mend)
     thread.start()
-    summary = pipeline.run(duration_s=duration_s, install_signals=False)
+    summary = pipeline.run(duration_s=180, install_signals=False)
     thread.join()
     time.sleep(0.3)
     listener.stop()
@@ -213,7 +216,7 @@ def test_a_stopped_database_loses_nothing_and_the_backlog_is_bounded_and_visible
         own_postgres.stop()
         return own_postgres.start
 
-    summary, published, during = run_through_outage(config, bundle_path, small_category, outage, duration_s=12)
+    summary, published, during = run_through_outage(config, bundle_path, small_category, outage, after_s=6)
     # The line went on deciding and publishing through the outage ...
     assert published == list(range(1, summary.verdicts + 1)) and summary.verdicts > 100
     # ... the buffer filled and the rest was spooled, which the metrics showed ...
@@ -427,7 +430,7 @@ def test_a_full_disk_under_the_database_loses_nothing_once_space_is_back(
     def outage() -> Callable[[], None]:
         return fill(tiny_filesystem).unlink
 
-    summary, published, during = run_through_outage(config, bundle_path, small_category, outage, duration_s=9)
+    summary, published, during = run_through_outage(config, bundle_path, small_category, outage, after_s=3)
     assert published == list(range(1, summary.verdicts + 1)) and summary.spooled > 0 and summary.store_lost == 0
     assert during["linewatch_store_backlog"] > 16 and during["linewatch_store_errors_total"] > 0
     assert [m["seq"] for m in stored_messages(url, summary.run_id)] == published
