@@ -107,6 +107,7 @@ def p99_spread(runs: list[np.ndarray]) -> float:
     """|relative change| of the p99 between two halves of one setting's runs (in time order): runs i and
     n-1-i go to the same half, alternately, so on a symmetric schedule both halves sit at the same mean time.
     Nothing differs between the halves but the box's noise, which moves the store on/off change as much."""
+    runs = [r for r in runs if r.size]  # a run too short to see a verdict carries no latency
     halves: tuple[list[np.ndarray], list[np.ndarray]] = ([], [])
     for i, run in enumerate(runs):
         halves[min(i, len(runs) - 1 - i) % 2].append(run)
@@ -121,7 +122,11 @@ def p99_change_interval(
 ) -> tuple[float, float]:
     """Bootstrap interval of the p99's relative change (on / off - 1): each setting's runs drawn with
     replacement and pooled. Runs, not verdicts, are drawn because the box's stalls come in bursts that
-    slow a whole run: that is the noise a change must stand out from."""
+    slow a whole run: that is the noise a change must stand out from. A run too short to see a verdict
+    carries no latency and is left out (NaN when a setting has none)."""
+    off, on = [r for r in off if r.size], [r for r in on if r.size]
+    if not off or not on:
+        return float("nan"), float("nan")
     rng = np.random.default_rng(seed)
     changes = np.empty(draws)
     for i in range(draws):

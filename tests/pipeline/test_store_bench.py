@@ -50,3 +50,12 @@ def test_p99_change_interval_widens_when_one_run_stalls() -> None:
     low, high = p99_change_interval(off, on)
     assert high > 1.0 > steady_high  # the stalled run, drawn or not, spans "no change" to "much slower"
     assert low < 0.1
+
+
+def test_p99_change_interval_leaves_out_runs_without_verdicts() -> None:
+    rng = np.random.default_rng(3)
+    off = [rng.normal(100.0, 5.0, 500) for _ in range(4)] + [np.empty(0)] * 4  # half the runs too short
+    on = [rng.normal(120.0, 5.0, 500) for _ in range(4)] + [np.empty(0)]
+    low, high = p99_change_interval(off, on)
+    assert 0.1 < low <= high < 0.3
+    assert all(np.isnan(v) for v in p99_change_interval([np.empty(0)], on))
