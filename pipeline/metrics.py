@@ -10,12 +10,10 @@ readiness, a build info and the standard `process_*` series.
 
 from __future__ import annotations
 
-import platform
-from importlib import metadata
-
 import numpy as np
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, PlatformCollector, ProcessCollector
 
+from edge.bundle import versions
 from pipeline.endpoints import EndpointServer, RunProbe
 from pipeline.state import (
     DROP_REASONS,
@@ -116,7 +114,8 @@ class PipelineMetrics:
         age = Gauge("linewatch_supervisor_loop_age_seconds", "Time since the supervisor loop's last pass", registry=r)
         age.set_function(probe.loop_age_s)
         build = Info("linewatch_build", "linewatch and the versions it runs on", registry=r)
-        build.info({"version": _version("linewatch"), "python": platform.python_version(), "torch": _version("torch")})
+        v = versions()
+        build.info({"version": v["linewatch"], "python": v["python"], "torch": v["torch"]})
         ProcessCollector(registry=r)
         PlatformCollector(registry=r)
 
@@ -192,10 +191,3 @@ class PipelineMetrics:
         spooled = max(0, int(state.spool[SPOOLED]) - int(store[STORE_UNSPOOLED]))
         self.store_backlog.set(buffered + spooled)
         self.archive_bytes.set(int(store[STORE_ARCHIVE_BYTES]))
-
-
-def _version(distribution: str) -> str:
-    try:
-        return metadata.version(distribution)
-    except metadata.PackageNotFoundError:
-        return "unknown"

@@ -16,7 +16,8 @@ import pytest
 import yaml
 
 from pipeline.app.ports import free_port
-from tests.pipeline.test_endpoints import get_or_none, wait_for, write_stream
+from tests.pipeline.test_endpoints import get_or_none, wait_for
+from tests.pipeline.test_runtime import write_stream
 
 RULES = Path(__file__).resolve().parents[1] / "deploy" / "alerts.yml"
 BOX = {"instance": "box:9108", "job": "linewatch", "line": "line-3"}  # `line` comes from the scrape target
@@ -214,7 +215,7 @@ def test_a_real_prometheus_sees_the_camera_unplugged(bundle_path: Path, small_ca
     unplugged, and the camera-disconnected alert goes to firing in Prometheus's own API."""
     assert shutil.which("prometheus") is not None, "Debian's prometheus package ships promtool with the server"
     stream = tmp_path / "camera.avi"  # a file opened as a camera: deleting it unplugs the camera for good
-    write_stream(small_category, stream)
+    write_stream(small_category, stream, passes=20)
     metrics_port, prom_port = free_port(), free_port()
     env = {
         **os.environ,

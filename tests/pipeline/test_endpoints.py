@@ -13,6 +13,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +24,7 @@ from pipeline.endpoints import RunProbe
 from pipeline.service import ServiceNotifier
 from pipeline.settings import SourceConfig
 from pipeline.supervisor import Pipeline
-from tests.pipeline.test_runtime import run_config
+from tests.pipeline.test_runtime import run_config, write_stream
 
 
 def get(url: str, timeout: float = 5.0) -> tuple[int, str]:
@@ -117,7 +118,7 @@ def test_a_real_run_under_a_stand_in_systemd(bundle_path: Path, small_category: 
 
     threading.Thread(target=listen, daemon=True).start()
     stream = tmp_path / "camera.avi"  # a file opened as a camera: deleting it unplugs the camera for good
-    write_stream(small_category, stream)
+    write_stream(small_category, stream, passes=20)
     port = free_port()
     env = {
         **os.environ,
@@ -168,17 +169,6 @@ def test_a_real_run_under_a_stand_in_systemd(bundle_path: Path, small_category: 
     assert any(m.startswith("STATUS=camera line (camera:") for m in texts)
 
 
-def write_stream(category: Path, path: Path) -> None:
-    import cv2
-
-    frames = [cv2.imread(str(p)) for p in sorted((category / "test" / "good").glob("*.png"))]
-    h, w = frames[0].shape[:2]
-    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), 10, (w, h))
-    for f in frames * 20:
-        writer.write(f)
-    writer.release()
-
-
 def get_or_none(url: str, timeout: float = 2.0) -> tuple[int, str] | None:
     try:
         return get(url, timeout)
@@ -186,8 +176,7 @@ def get_or_none(url: str, timeout: float = 2.0) -> tuple[int, str] | None:
         return None
 
 
-def wait_for(condition: object, seconds: float, message: str) -> None:
-    assert callable(condition)
+def wait_for(condition: Callable[[], bool], seconds: float, message: str) -> None:
     deadline = time.monotonic() + seconds
     while not condition():
         assert time.monotonic() < deadline, message

@@ -42,6 +42,18 @@ def run_config(port: int, **pipeline: object) -> Config:
     )
 
 
+def write_stream(category: Path, path: Path, passes: int = 1) -> int:
+    """The category's good test frames as an MJPG video, `passes` times over; returns the frames written.
+    cv2.VideoCapture opens such a file as a "camera" too: deleting it unplugs that camera for good."""
+    frames = [cv2.imread(str(p)) for p in sorted((category / "test" / "good").glob("*.png"))]
+    h, w = frames[0].shape[:2]
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), 10, (w, h))
+    for f in frames * passes:
+        writer.write(f)
+    writer.release()
+    return len(frames) * passes
+
+
 class Subscriber(threading.Thread):
     """Collects every message of a topic prefix until stopped."""
 
@@ -420,13 +432,9 @@ def test_camera_that_drops_out_is_reconnected_and_the_line_keeps_going(
     # cv2.VideoCapture also opens a file path as a "camera": when the file ends, reads fail exactly as
     # with an unplugged camera, and reopening it is the reconnect.
     stream = tmp_path / "stream.avi"
-    frames = [cv2.imread(str(p)) for p in sorted((small_category / "test" / "good").glob("*.png"))]
-    writer = cv2.VideoWriter(str(stream), cv2.VideoWriter_fourcc(*"MJPG"), 10, (128, 128))
-    for f in frames:
-        writer.write(f)
-    writer.release()
+    written = write_stream(small_category, stream)
     source = SourceConfig(spec=f"camera:{stream}", id="cam", reconnect_max_s=0.5)
     summary = Pipeline(run_config(free_port()), bundle_path, (source,)).run(duration_s=10, install_signals=False)
     cam = summary.cameras["cam"]
-    assert cam["frames"] > len(frames) and cam["reconnects"] >= 1  # frames kept coming after the first drop-out
+    assert cam["frames"] > written and cam["reconnects"] >= 1  # frames kept coming after the first drop-out
     assert summary.frames == summary.verdicts + summary.drops and summary.verdicts > 0
