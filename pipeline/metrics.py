@@ -14,6 +14,7 @@ import numpy as np
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, PlatformCollector, ProcessCollector
 
 from edge.bundle import versions
+from pipeline.bundles import RunBundle
 from pipeline.endpoints import EndpointServer, RunProbe
 from pipeline.state import (
     DROP_REASONS,
@@ -40,7 +41,6 @@ class PipelineMetrics:
         self.registry = CollectorRegistry()
         r = self.registry
         self.cameras, self.stages, self.probe = cameras, stages, probe
-        self._threshold = 1.0
         self.e2e = Histogram(
             "linewatch_e2e_latency_seconds", "Capture to verdict published", buckets=LATENCY_BUCKETS, registry=r
         )
@@ -56,16 +56,15 @@ class PipelineMetrics:
         self.score_ratio = Histogram(
             "linewatch_score_ratio", "Anomaly score / reject threshold", buckets=SCORE_RATIO_BUCKETS, registry=r
         )
-        self.threshold = Gauge("linewatch_threshold", "Current reject threshold", registry=r)
+        self.threshold = Gauge("linewatch_threshold", "Reject threshold of the camera's bundle", ["camera"], registry=r)
         self.false_reject_bound = Gauge(
-            "linewatch_false_reject_bound", "False-reject rate the bundle's threshold was calibrated to stay under",
-            registry=r,
+            "linewatch_false_reject_bound", "False-reject rate the camera's bundle was calibrated to stay under",
+            ["camera"], registry=r,
         )  # fmt: skip
-        self.false_reject_bound.set(float("nan"))  # unknown until set: a 0 would make every reject look excessive
         self.restarts = Counter("linewatch_stage_restarts", "Stage process restarts", ["stage"], registry=r)
         self.connected = Gauge("linewatch_camera_connected", "1 while the camera delivers", ["camera"], registry=r)
         self.reconnects = Counter("linewatch_camera_reconnects", "Camera reconnect attempts", ["camera"], registry=r)
-        self.bundle = Info("linewatch_bundle", "Model bundle in use", registry=r)
+        self.bundle = Info("linewatch_bundle", "Model bundle deciding the camera's frames", ["camera"], registry=r)
         self.store_writes = Counter("linewatch_store_writes", "Verdict rows written to the store", registry=r)
         self.store_errors = Counter(
             "linewatch_store_errors", "Failed store writes and image archive errors", registry=r
@@ -93,6 +92,8 @@ class PipelineMetrics:
         for stage in stages:  # zero series from the start, so dashboards show 0 rather than "no data"
             self.restarts.labels(stage)
         for cam in cameras:
+            # unknown until set: a 0 would make every reject look excessive
+            self.false_reject_bound.labels(cam).set(float("nan"))
             self.connected.labels(cam)
             self.reconnects.labels(cam)
             for verdict in VERDICT_NAMES:
@@ -129,14 +130,18 @@ class PipelineMetrics:
     def close(self) -> None:
         self._server.close()
 
-    def set_threshold(self, threshold: float, false_reject_bound: float | None) -> None:
-        self._threshold = threshold
-        self.threshold.set(threshold)
-        if false_reject_bound is not None:
-            self.false_reject_bound.set(false_reject_bound)
+    def set_bundle(self, camera: str, bundle: RunBundle) -> None:
+        """The bundle now deciding `camera`'s frames: its identity, threshold and false-reject bound."""
+        manifest, record = bundle.manifest, bundle.manifest.threshold
+        self.bundle.labels(camera).info(
+            {"hash": bundle.hash[:16], "model": manifest.model, "backbone": manifest.feature_extractor}
+        )
+        self.threshold.labels(camera).set(bundle.threshold)
+        bound = None if record is None else record.false_reject_bound()
+        self.false_reject_bound.labels(camera).set(float("nan") if bound is None else bound)
 
-    def observe(self, rec: np.void) -> None:
-        """One verdict record (RECORD) with its stage timestamps."""
+    def observe(self, rec: np.void, threshold: float) -> None:
+        """One verdict record (RECORD) with its stage timestamps; `threshold`: its bundle's."""
         cam = self.cameras[int(rec["camera"])]
         verdict = VERDICT_NAMES[int(rec["verdict"])]
         self.frames.labels(cam, verdict).inc()
@@ -145,8 +150,8 @@ class PipelineMetrics:
         for stage, (a, b) in zip(("preprocess", "infer", "decide"), zip(stamps, stamps[1:], strict=False), strict=True):
             if rec[a] and rec[b]:
                 self.stage.labels(stage).observe(max(0, int(rec[b]) - int(rec[a])) / 1e9)
-        if verdict != "error" and self._threshold > 0:
-            self.score_ratio.observe(float(rec["score"]) / self._threshold)
+        if verdict != "error" and threshold > 0:
+            self.score_ratio.observe(float(rec["score"]) / threshold)
         if rec["batch"] > 0:  # set on the first record of each inference batch only
             self.batch.observe(int(rec["batch"]))
 

@@ -33,30 +33,30 @@ def bound_socket(ctx: zmq.Context, kind: int, address: str, key: str, options: d
 class RejectPublisher:
     """PUB socket plus the sequence counters (a view into shared memory: [seq, pass, reject, error])."""
 
-    def __init__(self, address: str, send_hwm: int, run: str, bundle: str, counters: np.ndarray) -> None:
+    def __init__(self, address: str, send_hwm: int, run: str, counters: np.ndarray) -> None:
         self.ctx = zmq.Context()
         self.sock = bound_socket(
             self.ctx, zmq.PUB, address, "publisher.address", {zmq.SNDHWM: send_hwm, zmq.LINGER: 1000}
         )
-        self.run, self.bundle, self.counters = run, bundle, counters
+        self.run, self.counters = run, counters
 
     def next_seqs(self, verdict: str) -> tuple[int, int]:
         """The seq and topic_seq that the next `publish` of a `verdict` will take."""
         return int(self.counters[0]) + 1, int(self.counters[1 + VERDICT_NAMES.index(verdict)]) + 1
 
-    def publish(self, v: Verdict) -> tuple[int, int, bytes]:
-        """Send one verdict; returns its seq, topic_seq and the message body (for the spool). Never blocks (a
-        full subscriber queue drops for that subscriber). The counters move before the send: a seq that
-        was sent is never given again."""
+    def publish(self, v: Verdict, bundle: str) -> tuple[int, int, bytes]:
+        """Send one verdict, decided by the bundle with hash `bundle`; returns its seq, topic_seq and the message
+        body (for the spool). Never blocks (a full subscriber queue drops for that subscriber). The counters move
+        before the send: a seq that was sent is never given again."""
         seq, topic_seq = self.next_seqs(v.verdict)
         self.counters[0], self.counters[1 + VERDICT_NAMES.index(v.verdict)] = seq, topic_seq
-        body = self.body(seq, topic_seq, v)
+        body = self.body(seq, topic_seq, v, bundle)
         self._send([v.verdict.encode(), body])
         return seq, topic_seq, body
 
-    def body(self, seq: int, topic_seq: int, v: Verdict) -> bytes:
+    def body(self, seq: int, topic_seq: int, v: Verdict, bundle: str) -> bytes:
         """The message body of a verdict under the given seqs."""
-        return encode(self.run, seq, topic_seq, v, self.bundle)[1]
+        return encode(self.run, seq, topic_seq, v, bundle)[1]
 
     def heartbeat(self, interval_ms: float, problems: tuple[str, ...]) -> None:
         """Say what was published so far and how the pipeline is, so silence never reads as "all parts good"."""

@@ -36,6 +36,7 @@ RECORD = np.dtype(
         ("state", np.int64),
         ("seq", np.int64),  # order of writing into this ring (FIFO for the reader)
         ("camera", np.int32),  # index into the run's camera list
+        ("bundle", np.int32),  # slot of the run's BundleTable that decides this frame (set by preprocess)
         ("h", np.int32),
         ("w", np.int32),
         ("attempts", np.int32),  # times a reader started processing this slot

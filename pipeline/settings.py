@@ -30,13 +30,21 @@ class SourceConfig:
     Default: block for folder/video, drop_oldest for camera."""
     reconnect_max_s: float = field(default=5.0, metadata=bounded(0.1, 600.0))
     """Longest wait between reconnect attempts of a lost camera (backoff doubles up to this)."""
+    bundle: str | None = None
+    """The bundle that decides this camera's frames (a view of its own: top, side, label); default
+    `pipeline.bundle`. Every bundle of a run takes the same input size."""
 
 
 @dataclass(frozen=True)
 class PipelineConfig:
     bundle: str | None = None
-    """Calibrated bundle to run (linewatch calibrate); --bundle overrides."""
+    """Calibrated bundle to run (linewatch calibrate) for every source that names none; --bundle overrides."""
     sources: tuple[SourceConfig, ...] = ()
+    recipes: dict[str, str] = field(default_factory=dict)
+    """Named bundles (product name: bundle file) that `linewatch switch --recipe NAME`, a PLC bridge or the operator
+    page can put a camera on while the run goes on."""
+    control_address: str | None = "tcp://127.0.0.1:5559"
+    """ZeroMQ endpoint taking changeover requests (`linewatch switch`); null: no changeover at run time."""
     ring_slots: int = field(default=8, metadata=bounded(2, 1024))
     """Frames buffered per camera between capture and preprocessing."""
     tensor_slots: int = field(default=16, metadata=bounded(2, 4096))

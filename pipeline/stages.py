@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 import cv2
 import numpy as np
 
+from pipeline.bundles import BundleTable, BundleTableSpec
 from pipeline.logs import LogSettings, configure_logging
 from pipeline.ring import (
     NO_TRIGGER,
@@ -52,6 +53,7 @@ from pipeline.state import (
 from pipeline.store.spool import SpoolWriter
 
 if TYPE_CHECKING:
+    from edge.preprocessing import Preprocessing
     from pipeline.publisher import RejectPublisher
     from pipeline.station.health import StageSlot
     from pipeline.station.settings import StationSettings
@@ -90,23 +92,21 @@ class PreprocessArgs:
     inputs: tuple[RingSpec, ...]  # one frame ring per camera
     policies: tuple[str, ...]  # each camera's backpressure policy
     output: RingSpec  # the tensor ring (uint8 at model size)
-    # The bundle's `Preprocessing.to_dict()`: a plain record to pickle, rebuilt inside the stage.
-    preprocessing: dict[str, Any]
+    bundles: BundleTableSpec  # which bundle decides each camera's next frame, and its preprocessing
 
 
 @dataclass(frozen=True)
 class InferArgs:
     input: RingSpec
     output: RingSpec
-    bundle_path: str
+    bundles: BundleTableSpec
     backbone_weights: str | None
     device: str
     max_batch: int
     max_wait_ms: float
     backend: str
     backend_fallback: bool
-    engine_cache: str
-    threshold: float = 0.0
+    engine_cache: str | None  # pipeline.engine_cache; None: an `engines` folder beside each bundle
     keep_pass_fraction: float = 0.0
     keep_images: bool = False  # carry the frame and map of kept frames in the output ring's payload
 
@@ -126,8 +126,7 @@ class DecideArgs:
     input: RingSpec
     output: RingSpec
     cameras: tuple[str, ...]
-    threshold: float
-    bundle_hash: str
+    bundles: BundleTableSpec
     run_id: str
     address: str
     send_hwm: int
@@ -149,8 +148,7 @@ class RecorderArgs:
     replay_address: str
     run: str
     cameras: tuple[str, ...]
-    bundle_hash: str
-    threshold: float
+    bundles: BundleTableSpec
     feed_address: str | None = None  # where committed rows are announced (the operator station); None: nowhere
 
 
@@ -360,13 +358,12 @@ def _sleep_unless_stopped(state: RunState, seconds: float) -> None:
 
 
 def preprocess_main(ctx: StageContext, args: PreprocessArgs) -> None:  # pragma: no cover - child process
-    from edge.preprocessing import Preprocessing
-
     state = _enter(ctx)
     rings = [FrameRing.attach(s) for s in args.inputs]
     policies = args.policies
     out = FrameRing.attach(args.output)
-    preprocessing = Preprocessing.from_dict(args.preprocessing)
+    bundles = BundleTable.attach(args.bundles)
+    geometry = GeometryBySlot(bundles)
     room_wait = waiting_for_room(state, ctx.process_index)
     freeze_startup_heap()
     state.ready[ctx.process_index] = 1
@@ -389,13 +386,15 @@ def preprocess_main(ctx: StageContext, args: PreprocessArgs) -> None:  # pragma:
             busy = True
             rec = ring.headers[slot].copy()
             rec["verdict"] = VERDICT_PASS
+            # The frame boundary of a changeover: the bundle is chosen once, here, and rides with the frame.
+            rec["bundle"] = bundles.live[camera]
             if ring.headers[slot]["attempts"] >= MAX_ATTEMPTS:
                 rec["verdict"] = VERDICT_ERROR  # this frame was in hand when the stage died: don't retry it
             else:
                 ring.headers[slot]["attempts"] += 1
                 try:
                     image = ring.payloads[slot, : rec["h"], : rec["w"]]
-                    out.payloads[target] = preprocessing.geometry(image)  # normalised per batch in infer
+                    out.payloads[target] = geometry(int(rec["bundle"])).geometry(image)  # normalised in infer
                 except Exception as exc:  # a frame the model cannot take must not stop the line
                     log.error("frame %d of camera %d: %s", int(rec["frame_id"]), camera, exc)
                     rec["verdict"] = VERDICT_ERROR
@@ -406,41 +405,49 @@ def preprocess_main(ctx: StageContext, args: PreprocessArgs) -> None:  # pragma:
             rings[0].wait_for_commit(WAIT_S)  # the cameras' rings share one doorbell
 
 
+class GeometryBySlot:
+    """Each bundle slot's preprocessing, read from the table once per slot."""
+
+    def __init__(self, bundles: BundleTable) -> None:
+        self.bundles = bundles
+        self._cache: dict[tuple[int, str], Preprocessing] = {}
+
+    def __call__(self, slot: int) -> Preprocessing:
+        key = (slot, self.bundles.hash(slot))
+        if key not in self._cache:
+            self._cache[key] = self.bundles.preprocessing(slot)
+        return self._cache[key]
+
+
 def infer_main(ctx: StageContext, args: InferArgs) -> None:  # pragma: no cover - child process
     import torch
 
-    from edge.backends import BackendError, prepare_backend
-    from edge.bundle import load_bundle
+    from edge.backends import BackendError
+    from edge.bundle import BundleError
+    from pipeline.inference import BundleModels, ModelSettings, one_bundle_batch
 
     state = _enter(ctx)
     tensors = FrameRing.attach(args.input)
     out = FrameRing.attach(args.output)
-    bundle = load_bundle(args.bundle_path, args.backbone_weights)
-    device, max_batch = args.device, args.max_batch
-    preprocessing = bundle.preprocessing
-    h, w = preprocessing.input_size
+    table = BundleTable.attach(args.bundles)
+    max_batch = args.max_batch
+    h, w = tensors.payloads.shape[1:3]
     example = torch.zeros(max_batch, 3, h, w).contiguous(memory_format=torch.channels_last)
+    settings = ModelSettings(
+        args.backbone_weights, args.device, args.backend, args.backend_fallback, args.engine_cache, example
+    )
+    models = BundleModels(table, settings)
     try:
-        model = prepare_backend(
-            bundle.model,
-            args.backend,
-            device,
-            example,
-            Path(args.engine_cache),
-            bundle.hash,
-            allow_fallback=args.backend_fallback,
-        )
-    except BackendError as exc:
+        models.load_current()  # before `ready`: the line's first part gets the steady-state latency
+    except (BackendError, BundleError) as exc:
         log.error("%s", exc)
         sys.exit(2)
-    if (mismatch := bundle.arithmetic_mismatch(device)) is not None:
-        log.warning("%s", mismatch)
-    model.warm_up(example.to(device))  # before `ready`: the line's first part gets the steady-state latency
     room_wait = waiting_for_room(state, ctx.process_index)
     freeze_startup_heap()
     state.ready[ctx.process_index] = 1
     while not state.stopping():
         state.heartbeat_ns[ctx.process_index] = time.monotonic_ns()
+        models.poll()
         slots = tensors.written()
         if not slots.size:
             tensors.wait_for_commit(WAIT_S)
@@ -449,45 +456,58 @@ def infer_main(ctx: StageContext, args: InferArgs) -> None:  # pragma: no cover 
         while slots.size < max_batch and (left := deadline - time.monotonic()) > 0:
             tensors.wait_for_commit(left)
             slots = tensors.written()
-        slots = slots[:max_batch]
-        good = [
-            int(s)
-            for s in slots
-            if tensors.headers[s]["verdict"] != VERDICT_ERROR and tensors.headers[s]["attempts"] < MAX_ATTEMPTS
-        ]
-        for s in good:
-            tensors.headers[s]["attempts"] += 1
-        start = time.monotonic_ns()
-        scores: dict[int, float] = {}
-        maps: dict[int, np.ndarray] = {}
-        if good:
-            x = preprocessing.normalize_batch(torch.from_numpy(tensors.payloads[good]).to(device))
-            with torch.inference_mode():
-                result = model(x)
-            scores = dict(zip(good, result.scores.float().cpu().tolist(), strict=True))
-            if args.keep_images:
-                maps = _kept_maps(tensors, good, scores, result.maps, args)
-        done = time.monotonic_ns()
-        for i, s in enumerate(slots):
-            s = int(s)
-            target = out.wait_free_slot(room_wait)
-            if target is None:
-                return
-            rec = tensors.headers[s].copy()
-            if s in scores:
-                rec["score"] = scores[s]
-            else:
-                rec["verdict"] = VERDICT_ERROR
-            rec["keep"] = int(s in maps)
-            if s in maps:  # the archive's copy: the frame as the model saw it and its map
-                out.payloads[target, ..., :3] = tensors.payloads[s]
-                out.payloads[target, ..., 3] = maps[s]
-            rec["m_infer_start_ns"], rec["m_infer_ns"] = start, done
-            rec["batch"] = len(good) if i == 0 else 0
-            out.commit(target, rec, notify=False)
-            tensors.release(s, notify=False)
+        batch = one_bundle_batch(tensors.headers, slots, max_batch)
+        if not _infer_batch(tensors, out, batch, models.get(int(tensors.headers["bundle"][batch[0]])), args, room_wait):
+            return
         out.notify_reader()
         tensors.notify_writer()
+
+
+def _infer_batch(
+    tensors: FrameRing, out: FrameRing, batch: list[int], model: Any, args: InferArgs, room_wait: Callable[[], bool]
+) -> bool:
+    """Score one batch of one bundle (`model`: its SlotModel, None when it failed to load) and pass it on;
+    False when the stage is told to stop while waiting for room."""
+    import torch
+
+    good = [
+        s
+        for s in batch
+        if model is not None
+        and tensors.headers[s]["verdict"] != VERDICT_ERROR
+        and tensors.headers[s]["attempts"] < MAX_ATTEMPTS
+    ]
+    for s in good:
+        tensors.headers[s]["attempts"] += 1
+    start = time.monotonic_ns()
+    scores: dict[int, float] = {}
+    maps: dict[int, np.ndarray] = {}
+    if good:
+        x = model.preprocessing.normalize_batch(torch.from_numpy(tensors.payloads[good]).to(args.device))
+        with torch.inference_mode():
+            result = model.model(x)
+        scores = dict(zip(good, result.scores.float().cpu().tolist(), strict=True))
+        if args.keep_images:
+            maps = _kept_maps(tensors, good, scores, result.maps, args.keep_pass_fraction, model.threshold)
+    done = time.monotonic_ns()
+    for i, s in enumerate(batch):
+        target = out.wait_free_slot(room_wait)
+        if target is None:
+            return False
+        rec = tensors.headers[s].copy()
+        if s in scores:
+            rec["score"] = scores[s]
+        else:
+            rec["verdict"] = VERDICT_ERROR
+        rec["keep"] = int(s in maps)
+        if s in maps:  # the archive's copy: the frame as the model saw it and its map
+            out.payloads[target, ..., :3] = tensors.payloads[s]
+            out.payloads[target, ..., 3] = maps[s]
+        rec["m_infer_start_ns"], rec["m_infer_ns"] = start, done
+        rec["batch"] = len(good) if i == 0 else 0
+        out.commit(target, rec, notify=False)
+        tensors.release(s, notify=False)
+    return True
 
 
 def kept_pass(camera: int, frame_id: int, fraction: float) -> bool:
@@ -495,17 +515,24 @@ def kept_pass(camera: int, frame_id: int, fraction: float) -> bool:
     return ((frame_id * 2654435761 + camera * 40503) % 2**32) < fraction * 2**32
 
 
-def _kept_maps(tensors: FrameRing, good: list[int], scores: dict[int, float], maps: Any, args: InferArgs) -> dict:
+def _kept_maps(
+    tensors: FrameRing,
+    good: list[int],
+    scores: dict[int, float],
+    maps: Any,
+    keep_pass_fraction: float,
+    threshold: float,
+) -> dict:
     """The quantised maps of the frames to archive (rejects and sampled passes), by tensor-ring slot."""
     from pipeline.store.archive import quantise_map
 
     kept = {}
     for i, s in enumerate(good):
         rec = tensors.headers[s]
-        if scores[s] > args.threshold or kept_pass(int(rec["camera"]), int(rec["frame_id"]), args.keep_pass_fraction):
+        if scores[s] > threshold or kept_pass(int(rec["camera"]), int(rec["frame_id"]), keep_pass_fraction):
             anomaly_map = maps[i].float().cpu().numpy()
             # The archive's scale is relative to a positive threshold; a bundle without one gets its map's max.
-            scale = args.threshold if args.threshold > 0 else max(float(anomaly_map.max()), 1e-12) / 2
+            scale = threshold if threshold > 0 else max(float(anomaly_map.max()), 1e-12) / 2
             kept[s] = quantise_map(anomaly_map, scale)
     return kept
 
@@ -519,11 +546,11 @@ def decide_main(ctx: StageContext, args: DecideArgs) -> None:  # pragma: no cove
         log.warning("%s; publishing at normal priority", refused)
     scores = FrameRing.attach(args.input)
     out = FrameRing.attach(args.output)
-    publisher = RejectPublisher(args.address, args.send_hwm, args.run_id, args.bundle_hash, state.publisher)
+    publisher = RejectPublisher(args.address, args.send_hwm, args.run_id, state.publisher)
     feed = None if args.feed is None else VerdictFeed(args.feed, args.run_id, state)
-    threshold, cameras = args.threshold, args.cameras
+    bundles, cameras = BundleTable.attach(args.bundles), args.cameras
     pending = PendingVerdict(state.pending)
-    pending.finish(state, scores, out, publisher, feed, cameras, threshold)
+    pending.finish(state, scores, out, publisher, feed, cameras, bundles)
     die_after_seq = failpoint("decide_after_publish") if not state.restarts[ctx.process_index] else None
     if state.restarts[ctx.process_index]:
         # Subscribers of the crashed publisher reconnect within ZeroMQ's reconnect interval (100 ms);
@@ -556,13 +583,15 @@ def decide_main(ctx: StageContext, args: DecideArgs) -> None:  # pragma: no cove
                 target = out.wait_free_slot(room_wait)
                 if target is None:
                     return
+                bundle = int(rec["bundle"])
+                threshold = bundles.threshold(bundle)
                 if rec["verdict"] != VERDICT_ERROR:
                     rec["verdict"] = VERDICT_REJECT if rec["score"] > threshold else VERDICT_PASS
                 rec["t_decision_ns"] = time.time_ns()
                 verdict = verdict_of_record(rec, cameras, threshold)
                 rec["pub_seq"], rec["topic_seq"] = publisher.next_seqs(verdict.verdict)
                 pending.begin(s, rec)
-                _, _, body = publisher.publish(verdict)
+                _, _, body = publisher.publish(verdict, bundles.hash(bundle))
                 if rec["pub_seq"] == die_after_seq:
                     os.kill(os.getpid(), signal.SIGKILL)
                 rec["m_decide_ns"] = time.monotonic_ns()
@@ -605,7 +634,7 @@ class PendingVerdict:
 
     def finish(
         self, state: RunState, scores: FrameRing, out: FrameRing, publisher: RejectPublisher, feed: VerdictFeed | None,
-        cameras: tuple[str, ...], threshold: float,
+        cameras: tuple[str, ...], bundles: BundleTable,
     ) -> None:  # fmt: skip
         """Complete what a killed predecessor left between publishing and forwarding (nothing if it left none)."""
         if not self.cells[0]:
@@ -619,7 +648,9 @@ class PendingVerdict:
             rec["verdict"], rec["t_decision_ns"] = verdict, t_decision_ns
             rec["pub_seq"], rec["topic_seq"], rec["m_decide_ns"] = seq, topic_seq, time.monotonic_ns()
             if feed is not None:
-                body = publisher.body(seq, topic_seq, verdict_of_record(rec, cameras, threshold))
+                bundle = int(rec["bundle"])
+                verdict_rec = verdict_of_record(rec, cameras, bundles.threshold(bundle))
+                body = publisher.body(seq, topic_seq, verdict_rec, bundles.hash(bundle))
                 feed.put(rec, scores.payloads[slot] if rec["keep"] else None, body)
             out.commit(target, rec)
             state.last_decided[camera] = frame_id
@@ -707,7 +738,7 @@ def recorder_main(ctx: StageContext, args: RecorderArgs) -> None:  # pragma: no 
     records, images = FrameRing.attach(args.records), FrameRing.attach(args.images)
     store = VerdictStore(args.url, check=False)  # checked at start by the supervisor; may be away by now
     archive = ImageArchive(Path(args.archive), args.max_bytes, args.max_days)
-    identity = RunIdentity(args.run, args.cameras, args.bundle_hash, args.threshold)
+    identity = RunIdentity(args.run, args.cameras, BundleTable.attach(args.bundles))
     feed = _open_feed(args.feed_address)
     recorder = Recorder(store, archive, SpoolReader(Path(args.spool)), identity, feed.announce if feed else None)
     # A restarted recorder goes on counting where its predecessor stopped (the metrics are counters).

@@ -28,10 +28,10 @@ from typing import Any
 
 import numpy as np
 
-from edge.backends import check_backend, engine_cache_dir
-from edge.bundle import BundleError, read_bundle_file
-from edge.manifest import BundleManifest
+from edge.backends import check_backend
 from edge.settings import to_dict
+from pipeline.bundles import BundleTable, RunBundle
+from pipeline.changeover import Changeover, ControlServer
 from pipeline.drift import DriftReference, DriftWatch, alarm_level
 from pipeline.endpoints import RunProbe
 from pipeline.logs import LogSettings
@@ -72,6 +72,7 @@ from pipeline.state import (
 from pipeline.station.health import StageSlot
 from pipeline.station.settings import StationSettings, bundle_summary
 from pipeline.store.paths import StorePaths
+from pipeline.store.switches import BundleSwitch, SwitchLog
 from pipeline.store.verdicts import StoreError, VerdictStore
 from pipeline.wire import VERDICT_NAMES
 
@@ -183,18 +184,29 @@ class VerdictTally:
         return True
 
 
-def bundle_threshold(path: Path) -> tuple[BundleManifest, str, float]:
-    manifest, _, digest = read_bundle_file(path)
-    if manifest.threshold is None:
-        raise BundleError(f"{path}: bundle has no threshold; make one with `linewatch calibrate`")
-    return manifest, digest, manifest.threshold.value
+def run_bundles(default: Path | None, sources: tuple[SourceConfig, ...]) -> tuple[list[RunBundle], list[int]]:
+    """The distinct bundles of a run, read and checked, and the index of each source's among them."""
+    bundles: list[RunBundle] = []
+    by_path: dict[Path, int] = {}
+    of_source = []
+    for i, source in enumerate(sources):
+        path = source.bundle or default
+        if path is None:
+            raise ValueError(f"pipeline.sources[{i}].bundle: not set and no pipeline.bundle (give --bundle)")
+        key = Path(path).resolve()
+        if key not in by_path:
+            input_size = bundles[0].manifest.input_size if bundles else None
+            by_path[key] = len(bundles)
+            bundles.append(RunBundle.read(path, input_size))
+        of_source.append(by_path[key])
+    return bundles, of_source
 
 
 class Pipeline:
     def __init__(
         self,
         config: RuntimeConfig,
-        bundle_path: Path,
+        bundle_path: Path | None,
         sources: tuple[SourceConfig, ...],
         on_verdict: Callable[[np.void], None] | None = None,
         backbone_weights: str | None = None,
@@ -207,8 +219,12 @@ class Pipeline:
         for s in sources:
             parse_spec(s.spec)
         self.config = config
-        self.bundle_path = Path(bundle_path)
-        self.manifest, self.bundle_hash, self.threshold = bundle_threshold(self.bundle_path)
+        self.bundles, self.source_bundles = run_bundles(bundle_path, sources)
+        # The run's own bundle (its record, the data folder beside it): pipeline.bundle, else the first camera's.
+        primary = self.bundles[0] if bundle_path is None else RunBundle.read(bundle_path)
+        self.bundle_path, self.manifest, self.bundle_hash = primary.path, primary.manifest, primary.hash
+        self.table: BundleTable | None = None  # set when the run starts
+        self.slot_bundles: dict[int, RunBundle] = {}  # the bundle in each slot of the table
         self.sources = sources
         self.cameras = [s.id or f"cam{i}" for i, s in enumerate(sources)]
         if len(set(self.cameras)) != len(self.cameras):
@@ -225,23 +241,30 @@ class Pipeline:
         self.metrics_port: int | None = None
         self.probe = RunProbe(config.metrics.stall_s)  # what /healthz and /readyz answer
         self.service = ServiceNotifier()  # systemd's READY / WATCHDOG, when run as a Type=notify unit
-        self.drift_reference: DriftReference | None = None  # set when the run starts
         self.store_paths: StorePaths | None = None
         self.store: VerdictStore | None = None
         if config.store.enabled:
             self.store_paths, self.store = _open_store(config, self.bundle_path)
 
-    def _drift_reference(self) -> DriftReference | None:
-        dc, threshold = self.config.drift, self.manifest.threshold
-        scores = self.manifest.holdout_scores()
-        if not dc.enabled or threshold is None:
+    def drift_reference(self, bundle: RunBundle) -> DriftReference | None:
+        """The pass scores a camera on `bundle` is watched against; None when the watch is off for it."""
+        dc, scores = self.config.drift, bundle.manifest.holdout_scores()
+        if not dc.enabled:
             return None
         reference = None
         if scores is not None:
-            reference = DriftReference.from_holdout(scores, threshold.value, dc.quantile, dc.confidence)
+            reference = DriftReference.from_holdout(scores, bundle.threshold, dc.quantile, dc.confidence)
         if reference is None:
-            log.warning("drift watch off: %s holds too few held-out scores (calibrate it again)", self.bundle_path)
+            log.warning("drift watch off for %s: it holds too few held-out scores (calibrate it again)", bundle.path)
         return reference
+
+    def _bundle_table(self, cleanup: contextlib.ExitStack) -> BundleTable:
+        table = BundleTable.create(len(self.sources))
+        cleanup.callback(table.close)
+        slots = [table.add(b) for b in self.bundles]
+        self.slot_bundles = {slot: b for slot, b in zip(slots, self.bundles, strict=True)}
+        table.live[:] = [slots[b] for b in self.source_bundles]
+        return table
 
     def request_stop(self, *_: Any) -> None:
         self._stop_requested = True
@@ -250,7 +273,7 @@ class Pipeline:
         """Run until the finite sources are through, `duration_s` passes or a stop is requested."""
         with contextlib.ExitStack() as cleanup:  # shared memory is unlinked however the run ends
             ctx = mp.get_context("spawn")  # CUDA-safe: no forked copies of an initialised CUDA context
-            self.drift_reference = self._drift_reference()
+            self.table = self._bundle_table(cleanup)
             rings = self._build_rings(ctx, cleanup)
             self.stages = self._plan_stages(rings)
             state = RunState.create(len(self.sources), len(self.stages))
@@ -260,6 +283,7 @@ class Pipeline:
                 cleanup.enter_context(self._stop_on_signals())
             live = _LiveRun(self, ctx, state, rings, metrics)
             cleanup.callback(live.kill_all)  # before the rings and state go, however the run ends
+            live.control = self._control(cleanup, metrics)
             cleanup.callback(self.service.close)
             self._record_run_start(cleanup)
             self._start_stages(live)
@@ -268,6 +292,33 @@ class Pipeline:
             self.service.stopping()
             self._drain(live)
             return self._summarise(live)
+
+    def _control(self, cleanup: contextlib.ExitStack, metrics: PipelineMetrics) -> RunControl | None:
+        """The changeover endpoint and its bookkeeping; None when `pipeline.control_address` is off."""
+        pc = self.config.pipeline
+        if pc.control_address is None:
+            return None
+        assert self.table is not None
+        server = ControlServer(pc.control_address)
+        cleanup.callback(server.close)
+
+        def on_switch(camera: int, bundle: RunBundle) -> None:
+            metrics.set_bundle(self.cameras[camera], bundle)
+
+        log_switch = SwitchLog(self.store) if self.store is not None else None
+
+        def record(switch: BundleSwitch) -> None:
+            if log_switch is None:
+                return
+            try:
+                log_switch.record(switch)
+            except StoreError as exc:
+                log.error("%s; the switch of camera %s is not recorded", exc, switch.camera_id)
+
+        changeover = Changeover(
+            self.run_id, self.table, self.slot_bundles, self.cameras, dict(pc.recipes), on_switch, record
+        )
+        return RunControl(server, changeover)
 
     def _record_run_start(self, cleanup: contextlib.ExitStack) -> None:
         """The run's row (bundle, the settings that ran); its stop time is written however the run ends."""
@@ -329,24 +380,20 @@ class Pipeline:
                 zip(self.cameras, self.sources, self.policies, rings.frames, strict=True)
             )
         ]
-        pre = PreprocessArgs(
-            tuple(r.spec for r in rings.frames),
-            tuple(self.policies),
-            rings.tensor.spec,
-            self.manifest.preprocessing.to_dict(),
-        )
+        assert self.table is not None
+        table = self.table.spec
+        pre = PreprocessArgs(tuple(r.spec for r in rings.frames), tuple(self.policies), rings.tensor.spec, table)
         infer = InferArgs(
             rings.tensor.spec,
             rings.score.spec,
-            str(self.bundle_path),
+            table,
             self.backbone_weights,
             pc.device,
             pc.max_batch,
             pc.max_wait_ms,
             pc.backend,
             pc.backend_fallback,
-            str(engine_cache_dir(pc.engine_cache, self.bundle_path)),
-            self.threshold,
+            pc.engine_cache,
             self.config.store.keep_pass_fraction,
             keep_images=rings.records is not None,
         )
@@ -354,8 +401,7 @@ class Pipeline:
             rings.score.spec,
             rings.verdict.spec,
             tuple(self.cameras),
-            self.threshold,
-            self.bundle_hash,
+            table,
             self.run_id,
             pub.address,
             pub.send_hwm,
@@ -391,6 +437,10 @@ class Pipeline:
             bundle=bundle_summary(self.bundle_path, self.manifest, self.bundle_hash),
             cameras=tuple(self.cameras),
             run=self.run_id,
+            camera_bundles={
+                cam: bundle_summary(b.path, b.manifest, b.hash)
+                for cam, b in zip(self.cameras, (self.bundles[i] for i in self.source_bundles), strict=True)
+            },
         )
         return StationArgs(settings, slots, tuple(self.cameras))
 
@@ -401,7 +451,7 @@ class Pipeline:
         return RecorderFeed(rings.records.spec, rings.images.spec, str(self.store_paths.spool), spool_bytes)
 
     def _recorder_args(self, rings: Rings) -> RecorderArgs | None:
-        if rings.records is None or rings.images is None or self.store_paths is None:
+        if rings.records is None or rings.images is None or self.store_paths is None or self.table is None:
             return None
         store, paths = self.config.store, self.store_paths
         return RecorderArgs(
@@ -416,21 +466,17 @@ class Pipeline:
             self.config.publisher.replay_address,
             self.run_id,
             tuple(self.cameras),
-            self.bundle_hash,
-            self.threshold,
+            self.table.spec,
             self.config.ui.feed_address if self.config.ui.enabled else None,
         )
 
     def _start_metrics(self, cleanup: contextlib.ExitStack) -> PipelineMetrics:
         metrics = PipelineMetrics(self.cameras, sorted({s.kind for s in self.stages}), self.probe)
-        assert self.manifest.threshold is not None  # bundle_threshold refused a bundle without one
-        metrics.set_threshold(self.threshold, self.manifest.threshold.false_reject_bound())
-        if self.drift_reference is not None:
+        for cam, b in zip(self.cameras, self.source_bundles, strict=True):
+            metrics.set_bundle(cam, self.bundles[b])
+        if self.config.drift.enabled:
             dc = self.config.drift
             metrics.drift_alarm_level.set(alarm_level(dc.horizon_parts, dc.false_alarm))
-        metrics.bundle.info(
-            {"hash": self.bundle_hash[:16], "model": self.manifest.model, "backbone": self.manifest.feature_extractor}
-        )
         m = self.config.metrics
         self.metrics_port = metrics.serve(m.host, m.port) if m.enabled else None
         cleanup.callback(metrics.close)
@@ -463,6 +509,8 @@ class Pipeline:
         last_sync = 0.0
         while True:
             busy = live.drain_verdicts()
+            if live.control is not None:
+                live.control.serve()
             now = time.monotonic()
             self.probe.passed()
             if now - last_sync > SYNC_EVERY_S:
@@ -484,6 +532,8 @@ class Pipeline:
         state = live.state
         state.flags[FLAG_STOP_SOURCES] = 1
         live.sync_metrics()  # /readyz says it is stopping from now on
+        if live.control is not None:
+            live.control.refuse_pending("the run is stopping")
         live.join(kind="capture")
         deadline = time.monotonic() + (DRAIN_TIMEOUT_S if live.failure is None else DRAIN_AFTER_FAILURE_S)
         while not live.all_accounted() and time.monotonic() < deadline:
@@ -569,13 +619,12 @@ class _LiveRun:
         self.tally = VerdictTally(len(pipeline.cameras))
         self.schedule = RestartSchedule.of(pipeline.config.pipeline)
         self.restart_at: dict[int, float] = {}  # failed stages waiting for their restart, by stage index
-        reference, dc = pipeline.drift_reference, pipeline.config.drift
-        self.drift = (
-            [DriftWatch(reference, alarm_level(dc.horizon_parts, dc.false_alarm)) for _ in pipeline.cameras]
-            if reference is not None
-            else []
-        )
+        # Each camera's pass scores against the held-out scores of the bundle that decided them (by slot).
+        self.drift: list[DriftWatch | None] = [None] * len(pipeline.cameras)
+        self.drift_slot = [-1] * len(pipeline.cameras)
+        self._references: dict[int, DriftReference | None] = {}
         self.failure: str | None = None  # set when a stage failed once too often: the run stops
+        self.control: RunControl | None = None  # the changeover endpoint, when on
 
     def start(self, index: int) -> None:
         st = self.stages[index]
@@ -652,15 +701,25 @@ class _LiveRun:
             ring.release(int(s))
             if not tally.add(rec):
                 continue
-            if self.drift and int(rec["verdict"]) == PASS:
-                self._watch_drift(int(rec["camera"]), float(rec["score"]))
-            self.metrics.observe(rec)
+            bundle = int(rec["bundle"])
+            if self.pipeline.config.drift.enabled and int(rec["verdict"]) == PASS:
+                self._watch_drift(int(rec["camera"]), bundle, float(rec["score"]))
+            self.metrics.observe(rec, self.pipeline.slot_bundles[bundle].threshold)
             if self.pipeline.on_verdict is not None:
                 self.pipeline.on_verdict(rec)
         return int(slots.size)
 
-    def _watch_drift(self, camera: int, score: float) -> None:
+    def _watch_drift(self, camera: int, bundle: int, score: float) -> None:
+        if self.drift_slot[camera] != bundle:  # a changeover: the new bundle's scores have their own reference
+            self.drift_slot[camera] = bundle
+            if bundle not in self._references:
+                self._references[bundle] = self.pipeline.drift_reference(self.pipeline.slot_bundles[bundle])
+            reference, dc = self._references[bundle], self.pipeline.config.drift
+            level = alarm_level(dc.horizon_parts, dc.false_alarm)
+            self.drift[camera] = None if reference is None else DriftWatch(reference, level)
         watch = self.drift[camera]
+        if watch is None:
+            return
         was = watch.alarm
         watch.observe(score)
         if watch.alarm != was:
@@ -692,8 +751,9 @@ class _LiveRun:
             if self.state.ready[i]
         }
         self.metrics.sync(self.state, self.rings.occupancy(self.pipeline.cameras), self.restarts(), ages)
-        for cam, watch in zip(self.pipeline.cameras, self.drift, strict=False):
-            self.metrics.drift.labels(cam).set(watch.statistic)
+        for cam, watch in zip(self.pipeline.cameras, self.drift, strict=True):
+            if watch is not None:
+                self.metrics.drift.labels(cam).set(watch.statistic)
         problems = self.readiness_problems(ages)
         self.pipeline.probe.set_problems(problems)
         service = self.pipeline.service
@@ -741,6 +801,24 @@ class _LiveRun:
             if st.process is not None and st.process.is_alive():
                 st.process.kill()
                 st.process.join(JOIN_TIMEOUT_S)
+
+
+@dataclass(frozen=True)
+class RunControl:
+    server: ControlServer
+    changeover: Changeover
+
+    def serve(self) -> None:
+        """Take the waiting switch requests and answer those that are decided (never blocks)."""
+        for ticket, request in self.server.requests():
+            if (outcome := self.changeover.request(ticket, request)) is not None:
+                self.server.reply(ticket, outcome)
+        for ticket, outcome in self.changeover.poll():
+            self.server.reply(ticket, outcome)
+
+    def refuse_pending(self, why: str) -> None:
+        for ticket, outcome in self.changeover.refuse_pending(why):
+            self.server.reply(ticket, outcome)
 
 
 def heartbeat_timeout_s(config: PipelineConfig, kind: str) -> float:

@@ -42,6 +42,22 @@ def bundle_path(small_category: Path, tmp_path_factory: pytest.TempPathFactory) 
 
 
 @pytest.fixture(scope="session")
+def grass_category(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A second camera's view: a texture nothing like the brick of `small_category`."""
+    return generate_mvtec_dataset(tmp_path_factory.mktemp("grass"), ("grass",), seed=2, **SMALL)[0]
+
+
+@pytest.fixture(scope="session")
+def grass_bundle(grass_category: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A calibrated bundle of `grass_category`, as `bundle_path` is of `small_category`."""
+    config = config_from_dict({"model": {"input_size": 128}, "calibration": LOOSE})
+    cal = calibrate(config, normal_frames(grass_category))
+    path = tmp_path_factory.mktemp("grass-run") / "grass.pt"
+    save_bundle(path, cal.fit.model, cal.manifest)
+    return path
+
+
+@pytest.fixture(scope="session")
 def small_config_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("cfg") / "config.yaml"
     path.write_text("model:\n  input_size: 128\nfit:\n  batch_size: 8\n")

@@ -83,7 +83,7 @@ def test_reject_rate_alert_is_a_binomial_test_against_the_calibrated_bound(tmp_p
     """Bound 5 %, 150 parts per 15 s. cam0 rejects 5.3 % (within chance of the bound), then 13 % from minute
     15; cam1 rejects nothing; cam2 rejects 6 % of only 2 parts per 15 s, too few to judge at all."""
     inputs = {
-        series("linewatch_false_reject_bound"): "0.05x120",
+        **{series("linewatch_false_reject_bound", camera=cam): "0.05x120" for cam in ("cam0", "cam1", "cam2")},
         frames("cam0", "pass"): "0+142x60 8520+130x60",
         frames("cam0", "reject"): "0+8x60 480+20x60",
         frames("cam1", "pass"): "0+150x120",
@@ -191,7 +191,7 @@ def test_store_alerts_and_box_liveness(tmp_path: Path) -> None:
 
 def test_a_healthy_line_raises_no_alert(tmp_path: Path) -> None:
     inputs = {
-        series("linewatch_false_reject_bound"): "0.01x120",
+        series("linewatch_false_reject_bound", camera="cam0"): "0.01x120",
         frames("cam0", "pass"): "0+99x120",
         frames("cam0", "reject"): "0+1x120",
         frames("cam0", "error"): "0x120",

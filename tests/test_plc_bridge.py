@@ -312,7 +312,7 @@ class Line:
         if self.publisher is not None:
             self.publisher.close()
         self.run, self.counters = run, np.zeros(1 + len(VERDICT_NAMES), np.int64)
-        self.publisher = RejectPublisher(self.address, 1000, run, "hash", self.counters)
+        self.publisher = RejectPublisher(self.address, 1000, run, self.counters)
 
     def publish(self, verdict: str, lost: bool = False) -> int:
         """One verdict; `lost`: numbered and recorded but dropped on the way, as a full queue drops it."""
@@ -324,7 +324,7 @@ class Line:
             self.counters[[0, topic]] += 1
             seq = int(self.counters[0])
         else:
-            seq = self.publisher.publish(v)[0]
+            seq = self.publisher.publish(v, "hash")[0]
         stored = StoredVerdict(self.run, seq, int(self.counters[topic]), v, "hash")
         self.unstored.append((time.monotonic() + LAG_S, stored))
         if verdict != "pass":

@@ -310,6 +310,31 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_switch(args: argparse.Namespace) -> int:
+    import getpass
+    import socket
+
+    from pipeline.app.config import ConfigError
+    from pipeline.changeover import SwitchRequest, ask_switch
+
+    address = args.address or _config(args).pipeline.control_address
+    if address is None:
+        raise ConfigError("pipeline.control_address: null, so the run takes no changeover requests (give --address)")
+    # A file is named from where this command runs, not from where the run was started.
+    bundle = str(args.bundle.resolve()) if args.bundle is not None else None
+    by = args.by or f"{getpass.getuser()}@{socket.gethostname()}"
+    outcome = ask_switch(address, SwitchRequest(args.camera, bundle, args.recipe, by), args.timeout)
+    if not outcome.switched:
+        print(f"linewatch: switch refused: {outcome.error}", file=sys.stderr)
+        return EXIT_ERROR
+    before, after = (outcome.from_bundle or "")[:12], (outcome.to_bundle or "")[:12]
+    if before == after:
+        print(f"camera {outcome.camera}: already on bundle {after}")
+    else:
+        print(f"camera {outcome.camera}: switched from bundle {before} to {after} ({outcome.load_ms:.0f} ms to load)")
+    return 0
+
+
 def _print_run(summary: RunSummary) -> None:
     p50, p99 = summary.latency_ms_p50, summary.latency_ms_p99
     lat = "n/a" if p50 is None or p99 is None else f"p50 {p50:.1f} ms, p99 {p99:.1f} ms"
@@ -559,6 +584,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--json", action="store_true", help="print one JSON summary object on stdout")
     p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("switch", help="put a camera of the running `linewatch run` on another bundle (changeover)")
+    p.add_argument("--camera", required=True, help="camera id (pipeline.sources[].id)")
+    target = p.add_mutually_exclusive_group(required=True)
+    target.add_argument("--bundle", type=Path, help="calibrated bundle file")
+    target.add_argument("--recipe", help="a name of pipeline.recipes in the run's config")
+    p.add_argument("--config", type=Path, help="config file (pipeline.control_address)")
+    p.add_argument("--address", help="the run's control endpoint (default: pipeline.control_address)")
+    p.add_argument("--by", help="who asks, for the store's record (default: user@host)")
+    p.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for the outcome (default 120)")
+    p.set_defaults(func=cmd_switch)
 
     p = sub.add_parser("bench", help="measure backbone, model and pipeline speed of a bundle on this box")
     _add_bundle(p, "bundle to measure (calibrated, for the pipeline)")

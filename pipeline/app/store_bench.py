@@ -20,6 +20,7 @@ from typing import TypeVar
 
 import numpy as np
 
+from pipeline.bundles import SingleBundle
 from pipeline.ring import RECORD, VERDICT_PASS, VERDICT_REJECT, FrameRing
 from pipeline.store.archive import ImageArchive
 from pipeline.store.recorder import BATCH, Recorder, RunIdentity
@@ -84,7 +85,7 @@ def recorder_throughput(url: str, input_size: tuple[int, int], seconds: float) -
     try:
         with tempfile.TemporaryDirectory(prefix="linewatch-bench-store-") as tmp:
             archive = ImageArchive(Path(tmp) / "images", 10**12, 1.0)
-            identity = RunIdentity(f"bench-{uuid.uuid4().hex[:8]}", ("cam0",), "bench", 0.5)
+            identity = RunIdentity(f"bench-{uuid.uuid4().hex[:8]}", ("cam0",), SingleBundle("bench", 0.5))
             recorder = Recorder(store, archive, SpoolReader(Path(tmp) / "spool"), identity)
             stored, spent, seq = 0, 0.0, 1
             while spent < seconds or stored == 0:

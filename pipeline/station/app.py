@@ -45,11 +45,12 @@ from pipeline.station.history import (
     write_zip,
 )
 from pipeline.station.live import LiveHub
-from pipeline.station.settings import StationSettings
+from pipeline.station.settings import BundleSummary, StationSettings
 from pipeline.store.feed import feed_item
 from pipeline.store.keys import image_path
 from pipeline.store.records import write_csv
 from pipeline.store.reviews import LABELS, ReviewError, Reviews
+from pipeline.store.switches import BundleSwitch, SwitchLog
 from pipeline.store.verdicts import HistoryFilter, StoreError, VerdictStore
 
 HERE = Path(__file__).parent
@@ -252,7 +253,19 @@ class Station:
     # -- model -------------------------------------------------------------------------------------------
 
     async def model(self, request: Request) -> Response:
-        return self.page(request, "model.html", run=self.settings.run)
+        switches = await run_in_threadpool(SwitchLog(self.store).recent, 50)
+        return self.page(request, "model.html", run=self.settings.run, cameras=self.deciding(switches),
+                         switches=switches)  # fmt: skip
+
+    def deciding(self, switches: list[BundleSwitch]) -> list[tuple[str, str, BundleSummary | None]]:
+        """(camera, hash, the bundle's summary when it is the one it started with) of each camera of the run: its
+        last switch made in this run, else the bundle it started with."""
+        out = []
+        for camera, start in self.settings.camera_bundles.items():
+            made = [w for w in switches if w.made and w.run_id == self.settings.run and w.camera_id == camera]
+            now = made[0].to_bundle if made and made[0].to_bundle else start.hash
+            out.append((camera, now, start if now == start.hash else None))
+        return out
 
     async def report(self, request: Request) -> Response:
         bundle = self.settings.bundle

@@ -48,6 +48,7 @@ class StationSettings:
     bundle: BundleSummary | None = None
     cameras: tuple[str, ...] = ()
     run: str | None = None
+    camera_bundles: dict[str, BundleSummary] = field(default_factory=dict)  # each camera's bundle at the run's start
 
 
 def bundle_summary(path: Path, manifest: BundleManifest, content_hash: str) -> BundleSummary:

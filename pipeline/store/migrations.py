@@ -71,6 +71,28 @@ def create_review_tables(conn: Connection) -> None:
     conn.execute(text("CREATE INDEX ix_verdicts_verdict_time ON verdicts (verdict, t_decision_ns)"))
 
 
+def create_switch_table(conn: Connection) -> None:
+    """Step 4: the `bundle_switches` table, as it was added."""
+    added = MetaData()
+    Table(
+        "bundle_switches",
+        added,
+        Column("switch_id", Integer, primary_key=True, autoincrement=True),
+        Column("run_id", String(64), nullable=False),
+        Column("camera_id", String(128), nullable=False),
+        Column("requested_ns", BigInteger, nullable=False),
+        Column("requested_by", String(128), nullable=False),
+        Column("recipe", String(128)),
+        Column("bundle_path", Text, nullable=False),
+        Column("from_bundle", String(64), nullable=False),
+        Column("to_bundle", String(64)),
+        Column("switched_ns", BigInteger),
+        Column("refused", Text),
+        Index("ix_bundle_switches_time", "requested_ns"),
+    )
+    added.create_all(conn)
+
+
 # The columns and tables are declared here as they were added, apart from schema.py: a later change there must not
 # rewrite what a step did to stores already upgraded.
 MIGRATIONS: tuple[Migration, ...] = (
@@ -83,6 +105,11 @@ MIGRATIONS: tuple[Migration, ...] = (
         3,
         "users and labels: operators' reviews of verdicts, with who and when; an index on (verdict, time)",
         create_review_tables,
+    ),
+    Migration(
+        4,
+        "bundle_switches: every product changeover asked of a run (who, when, from, to), made or refused",
+        create_switch_table,
     ),
 )
 

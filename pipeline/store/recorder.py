@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from pipeline.bundles import BundleLookup
 from pipeline.ring import FrameRing, verdict_of_record
 from pipeline.store.archive import ImageArchive
 from pipeline.store.spool import SpooledVerdict, SpoolReader, SpoolWriter
@@ -37,8 +38,7 @@ class RunIdentity:
 
     run: str
     cameras: tuple[str, ...]
-    bundle: str
-    threshold: float
+    bundles: BundleLookup  # each record's bundle slot -> hash and threshold
 
 
 @dataclass
@@ -91,9 +91,10 @@ class Recorder:
             if rec["image_slot"] >= 0:
                 image = images.payloads[int(rec["image_slot"])]
                 batch.image_slots.append(int(rec["image_slot"]))
-            verdict = verdict_of_record(rec, self.identity.cameras, self.identity.threshold)
+            bundle, bundles = int(rec["bundle"]), self.identity.bundles
+            verdict = verdict_of_record(rec, self.identity.cameras, bundles.threshold(bundle))
             row = StoredVerdict(
-                self.identity.run, int(rec["pub_seq"]), int(rec["topic_seq"]), verdict, self.identity.bundle
+                self.identity.run, int(rec["pub_seq"]), int(rec["topic_seq"]), verdict, bundles.hash(bundle)
             )
             batch.rows.append(self._archived(row, image))
             batch.record_slots.append(int(slot))

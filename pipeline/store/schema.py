@@ -6,7 +6,8 @@ the bundle and the configuration that ran. Times are integer nanoseconds since t
 wire. A row outlives its images: when the archive deletes them, `image_expired_ns` says when, and the row
 stays. Operators' reviews go to `labels`, one row per review and never updated, so a later label adds
 to the audit trail instead of overwriting it; `users` holds who may review, with a password hash
-(`pipeline.store.reviews`). `store_meta` holds the schema version, so a store made by this version is
+(`pipeline.store.reviews`). `bundle_switches` records every product changeover asked of a run, made or
+refused (`pipeline.store.switches`). `store_meta` holds the schema version, so a store made by this version is
 recognised, upgraded by a later one (`pipeline.store.migrations`), and refused by an older one.
 """
 
@@ -14,7 +15,7 @@ from __future__ import annotations
 
 from sqlalchemy import BigInteger, Column, Double, Index, Integer, MetaData, String, Table, Text
 
-SCHEMA_VERSION = 3  # the last step in pipeline.store.migrations reaches it
+SCHEMA_VERSION = 4  # the last step in pipeline.store.migrations reaches it
 
 metadata = MetaData()
 
@@ -78,6 +79,23 @@ labels = Table(
     Column("t_ns", BigInteger, nullable=False),
     Index("ix_labels_verdict", "run_id", "seq"),
     Index("ix_labels_label_time", "label", "t_ns"),
+)
+
+bundle_switches = Table(
+    "bundle_switches",
+    metadata,
+    Column("switch_id", Integer, primary_key=True, autoincrement=True),
+    Column("run_id", String(64), nullable=False),
+    Column("camera_id", String(128), nullable=False),
+    Column("requested_ns", BigInteger, nullable=False),
+    Column("requested_by", String(128), nullable=False),
+    Column("recipe", String(128)),  # the recipe asked for, when one was
+    Column("bundle_path", Text, nullable=False),
+    Column("from_bundle", String(64), nullable=False),
+    Column("to_bundle", String(64)),  # null when the file could not be read as a bundle
+    Column("switched_ns", BigInteger),  # when the camera's next frame went to the new bundle; null: refused
+    Column("refused", Text),  # why the switch was refused; null when it was made
+    Index("ix_bundle_switches_time", "requested_ns"),
 )
 
 # Tables every linewatch store has, whatever its version: a database without them is not a store.

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
+from pipeline.bundles import SingleBundle
 from pipeline.ring import RECORD, VERDICT_PASS, VERDICT_REJECT, FrameRing
 from pipeline.store.archive import ImageArchive
 from pipeline.store.recorder import Recorder, RunIdentity
@@ -38,7 +39,9 @@ def test_a_batch_is_archived_and_stored_and_only_then_its_slots_are_freed(store_
     records, images = FrameRing.create(16), FrameRing.create(4, (*SHAPE, 4))
     store = VerdictStore(store_url)
     archive = ImageArchive(tmp_path / "images", 10**9, 30.0)
-    recorder = Recorder(store, archive, SpoolReader(tmp_path / "spool"), RunIdentity("run1", ("cam0",), "b", 1.0))
+    recorder = Recorder(
+        store, archive, SpoolReader(tmp_path / "spool"), RunIdentity("run1", ("cam0",), SingleBundle("b", 1.0))
+    )
     try:
         for seq in range(1, 9):
             commit(records, images, seq, reject=seq % 4 == 0)
@@ -70,7 +73,7 @@ def test_spooled_verdicts_are_taken_back_and_their_segment_removed(tmp_path: Pat
     store = VerdictStore(f"sqlite:///{tmp_path / 'store.sqlite'}")
     records, images = FrameRing.create(4), FrameRing.create(2, (*SHAPE, 4))
     archive = ImageArchive(tmp_path / "images", 10**9, 30.0)
-    recorder = Recorder(store, archive, SpoolReader(spool_dir), RunIdentity("run3", ("cam0",), "b", 1.0))
+    recorder = Recorder(store, archive, SpoolReader(spool_dir), RunIdentity("run3", ("cam0",), SingleBundle("b", 1.0)))
     try:
         batch = recorder.take(records, images)
         assert recorder.write(batch, records, images) and recorder.unspooled == 3
@@ -87,7 +90,9 @@ def test_retention_deletes_the_oldest_images_and_marks_their_rows_expired(tmp_pa
     records, images = FrameRing.create(16), FrameRing.create(8, (*SHAPE, 4))
     store = VerdictStore(f"sqlite:///{tmp_path / 'store.sqlite'}")
     archive = ImageArchive(tmp_path / "images", 10**9, 30.0)
-    recorder = Recorder(store, archive, SpoolReader(tmp_path / "spool"), RunIdentity("run4", ("cam0",), "b", 1.0))
+    recorder = Recorder(
+        store, archive, SpoolReader(tmp_path / "spool"), RunIdentity("run4", ("cam0",), SingleBundle("b", 1.0))
+    )
     try:
         for seq in range(1, 7):
             commit(records, images, seq, reject=True)

@@ -57,7 +57,7 @@ def test_a_stage_that_crashes_on_every_start_ends_the_run_after_its_restarts(
     pipeline = Pipeline(config, bundle, (source,), on_verdict)
     summary = pipeline.run(duration_s=120, install_signals=False)
     took = time.monotonic() - killed[0]
-    assert summary.failure is not None and "stage infer exited with code 1" in summary.failure
+    assert summary.failure is not None and "stage infer exited with code 2" in summary.failure
     assert "failure number 3 within 300 s (pipeline.max_restarts = 2)" in summary.failure
     assert summary.restarts_by_stage["infer"] == 2
     assert 0.5 <= took < 60  # the second restart waited its backoff; the run did not go on to its duration

@@ -35,7 +35,13 @@ from pipeline.wire import HEARTBEAT_TOPIC, VERDICT_NAMES, GapTracker, Heartbeat,
 def run_config(port: int, **pipeline: object) -> Config:
     return config_from_dict(
         {
-            "pipeline": {"max_frame_height": 256, "max_frame_width": 256, "max_batch": 4, **pipeline},
+            "pipeline": {
+                "max_frame_height": 256,
+                "max_frame_width": 256,
+                "max_batch": 4,
+                "control_address": f"tcp://127.0.0.1:{free_port()}",
+                **pipeline,
+            },
             "publisher": {"address": f"tcp://127.0.0.1:{port}", "replay_address": f"tcp://127.0.0.1:{free_port()}"},
             "metrics": {"port": 0},
         }
@@ -155,15 +161,15 @@ def test_replay_accounts_for_every_frame_and_matches_offline_decisions(bundle_pa
         "linewatch_ring_occupancy",
         "linewatch_batch_size_bucket",
         'linewatch_score_ratio_bucket{le="1.0"}',
-        "linewatch_threshold",
-        "linewatch_false_reject_bound 0.2",  # the fixture's bundle: 20 % target at 80 % confidence
+        f'linewatch_threshold{{camera="cam0"}} {threshold}',
+        'linewatch_false_reject_bound{camera="cam0"} 0.2',  # the fixture's bundle: 20 % target at 80 % confidence
         "linewatch_up 1.0",
         "linewatch_build_info{",
         "process_cpu_seconds_total",
         'linewatch_stage_heartbeat_age_seconds{stage="infer"}',
         'linewatch_camera_connected{camera="cam0"} 1.0',
         'linewatch_stage_restarts_total{stage="infer"} 0.0',
-        "linewatch_bundle_info",
+        "linewatch_bundle_info{backbone=",
     ):
         assert name in text, name
 
@@ -283,7 +289,7 @@ def _ppid(pid: str) -> int:
 def test_consumer_restart_sees_exactly_the_missed_sequence_numbers() -> None:
     address = f"tcp://127.0.0.1:{free_port()}"
     counters = np.zeros(4, dtype=np.int64)
-    pub = RejectPublisher(address, 1000, "run1", "hash", counters)
+    pub = RejectPublisher(address, 1000, "run1", counters)
     ctx = zmq.Context()
 
     def subscriber() -> zmq.Socket:
@@ -300,14 +306,14 @@ def test_consumer_restart_sees_exactly_the_missed_sequence_numbers() -> None:
     tracker = GapTracker()
     sock = subscriber()
     for i in range(5):
-        pub.publish(verdict(i))
+        pub.publish(verdict(i), "hash")
     for _ in range(5):
         assert tracker.see(decode(sock.recv_multipart())) is None
     sock.close()  # the consumer goes away; the line does not wait for it
     for i in range(5, 9):
-        pub.publish(verdict(i))
+        pub.publish(verdict(i), "hash")
     sock = subscriber()  # ... and comes back, remembering the last seq it saw
-    pub.publish(verdict(9))
+    pub.publish(verdict(9), "hash")
     assert tracker.see(decode(sock.recv_multipart())) == (6, 9)
     sock.close()
     pub.close()

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from pipeline.app.ports import free_port
+from pipeline.bundles import ACTIVE, BundleTable
 from pipeline.ring import RECORD, VERDICT_PASS, Doorbell, FrameRing
 from pipeline.stages import ConveyorPace, DecideArgs, StageContext, decide_main, run_realtime
 from pipeline.state import FLAG_STOP_ALL, RunState
@@ -28,8 +29,13 @@ class _DecideRig:
         self.state = RunState.create(cameras=1, processes=1)
         self.scores = FrameRing.create(8, doorbell=Doorbell(ctx))
         self.verdicts = FrameRing.create(8)
+        self.bundles = BundleTable.create(cameras=1)
+        slot = self.bundles.slots[0]  # one bundle, threshold 1.0, deciding cam0: all decide needs of it
+        slot["threshold"], slot["hash"], slot["state"] = 1.0, b"hash", ACTIVE
+        self.bundles.live[0] = 0
         address = f"tcp://127.0.0.1:{free_port()}"
-        args = DecideArgs(self.scores.spec, self.verdicts.spec, ("cam0",), 1.0, "hash", "run", address, 100, priority)
+        args = DecideArgs(self.scores.spec, self.verdicts.spec, ("cam0",), self.bundles.spec, "run", address, 100,
+                          priority)  # fmt: skip
         self.process = ctx.Process(target=decide_main, args=(StageContext(self.state.spec, 0), args))
 
     def __enter__(self) -> _DecideRig:
@@ -41,6 +47,7 @@ class _DecideRig:
             self.process.join(30)
         self.scores.close()
         self.verdicts.close()
+        self.bundles.close()
         self.state.close()
 
 

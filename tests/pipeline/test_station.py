@@ -42,6 +42,7 @@ from pipeline.store.archive import ImageArchive
 from pipeline.store.feed import StoredFeed, decode_feed
 from pipeline.store.records import FIELDS
 from pipeline.store.reviews import Label, ReviewError, Reviews, hash_password, verify_password
+from pipeline.store.switches import BundleSwitch, SwitchLog
 from pipeline.store.verdicts import StoredVerdict, VerdictStore
 from pipeline.supervisor import Pipeline
 
@@ -250,6 +251,32 @@ def test_the_model_page_names_what_is_deciding(line: tuple[VerdictStore, list[St
     store, _, data = line
     page = client_for(store, data).get("/model").text
     assert BUNDLE.hash in page and "patchcore" in page and "1 % false rejects with 95 % confidence" in page
+
+
+def test_the_model_page_shows_each_cameras_bundle_and_the_changeovers(
+    line: tuple[VerdictStore, list[StoredVerdict], Path],
+) -> None:
+    store, _, data = line
+    other = "beef" * 16
+    switches = SwitchLog(store)
+    asked = 1_765_000_000_000_000_000
+    made = BundleSwitch("run-a", "cam1", asked, "plc", "/srv/b.pt", BUNDLE.hash, other, "part_b", asked + 10**9)
+    switches.record(made)
+    refusal = "/srv/c.pt: content hash mismatch (recorded 1, actual 2): the file is corrupt or was modified"
+    switches.record(BundleSwitch("run-a", "cam0", asked + 5 * 10**9, "alice", "/srv/c.pt", BUNDLE.hash, None,
+                                 refused=refusal))  # fmt: skip
+    settings = StationSettings(
+        store_url=store.url, archive=str(data / "images"), data=str(data), bundle=BUNDLE, cameras=("cam0", "cam1"),
+        run="run-a", camera_bundles={"cam0": BUNDLE, "cam1": BUNDLE},
+    )  # fmt: skip
+    page = TestClient(create_app(settings, store, None, NoRun())).get("/model").text
+    cameras = page[page.index('id="cameras"') : page.index("</table>", page.index('id="cameras"'))]
+    assert re.search(rf"cam0</td><td><code>{BUNDLE.hash[:16]}</code> {re.escape(BUNDLE.path)}", cameras)
+    assert re.search(rf"cam1</td><td><code>{other[:16]}</code> \(switched during this run\)", cameras)
+    listed = page[page.index('id="switches"') :]
+    assert listed.index("alice") < listed.index("plc")  # newest first
+    assert "part_b" in listed and "refused: /srv/c.pt: content hash mismatch" in listed
+    assert listed.count('class="switched"') == 1 and listed.count('class="refused"') == 1
 
 
 def test_status_counts_the_window_per_camera(tmp_path: Path) -> None:

@@ -1,0 +1,267 @@
+"""Product changeover at run time: a camera goes to another bundle at a frame boundary, without a restart.
+
+`linewatch switch` (or a PLC bridge, or a script) sends a `SwitchRequest` to the run's control endpoint
+(`pipeline.control_address`, ZeroMQ REQ/REP). The supervisor checks the bundle (it exists, its hash
+matches its content, it has a threshold, it takes the run's input size) and adds it to the bundle
+table; the infer stage loads and warms it up in the background while the current bundle goes on
+deciding. Only then does the supervisor point the camera at the new slot. Preprocess reads the
+camera's slot once per frame, so every frame is decided by exactly one bundle and none waits or is
+dropped for the switch. The requester gets a `SwitchOutcome` once the switch is made or refused; a
+refused switch leaves the current bundle running and says why. Every request is recorded in the store.
+
+The request and reply are plain JSON (standard library only), so a PLC bridge can send them without
+linewatch's runtime installed.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import zmq
+
+from pipeline.bundles import LOAD_FAILED, LOAD_PENDING, LOADED, BundleTable, RunBundle
+from pipeline.store.switches import BundleSwitch
+
+CONTROL_VERSION = 1
+LOAD_TIMEOUT_S = 600.0  # a TensorRT engine build for a new bundle may take minutes
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class SwitchRequest:
+    """Put `camera` on a bundle: a file (`bundle`) or a configured recipe name (`recipe`), exactly one."""
+
+    camera: str
+    bundle: str | None = None
+    recipe: str | None = None
+    by: str = "unknown"  # who asks: an operator, "plc", a user@host
+
+    def encode(self) -> bytes:
+        return json.dumps({"v": CONTROL_VERSION, "switch": asdict(self)}).encode()
+
+    @classmethod
+    def decode(cls, data: bytes) -> SwitchRequest:
+        """ValueError, naming the field, for anything but a switch request of this version."""
+        try:
+            body = json.loads(data)
+        except ValueError:
+            raise ValueError("control request: not JSON") from None
+        if not isinstance(body, dict) or body.get("v") != CONTROL_VERSION or not isinstance(body.get("switch"), dict):
+            raise ValueError(f"control request: expected {{'v': {CONTROL_VERSION}, 'switch': {{...}}}}")
+        fields = body["switch"]
+        for name in ("camera", "bundle", "recipe", "by"):
+            value = fields.get(name)
+            if value is not None and not isinstance(value, str):
+                raise ValueError(f"control request switch.{name} = {value!r}: expected a string")
+        if not fields.get("camera"):
+            raise ValueError("control request switch.camera: missing")
+        if (fields.get("bundle") is None) == (fields.get("recipe") is None):
+            raise ValueError("control request: give exactly one of switch.bundle and switch.recipe")
+        return cls(fields["camera"], fields.get("bundle"), fields.get("recipe"), fields.get("by") or "unknown")
+
+
+@dataclass(frozen=True)
+class SwitchOutcome:
+    camera: str
+    switched: bool
+    from_bundle: str | None = None
+    to_bundle: str | None = None
+    error: str | None = None  # why the switch was refused
+    load_ms: float | None = None  # request to switch: checking, loading and warming up the new bundle
+
+    def encode(self) -> bytes:
+        return json.dumps({"v": CONTROL_VERSION, **asdict(self)}).encode()
+
+    @classmethod
+    def decode(cls, data: bytes) -> SwitchOutcome:
+        body = json.loads(data)
+        if not isinstance(body, dict) or body.get("v") != CONTROL_VERSION:
+            raise ValueError(f"control reply: expected version {CONTROL_VERSION}")
+        body.pop("v")
+        return cls(**body)
+
+
+def ask_switch(address: str, request: SwitchRequest, timeout_s: float) -> SwitchOutcome:
+    """Send `request` to a run's control endpoint and wait for the outcome; TimeoutError when none comes."""
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.REQ)
+    sock.setsockopt(zmq.LINGER, 0)
+    try:
+        sock.connect(address)
+        sock.send(request.encode())
+        if not sock.poll(int(timeout_s * 1000)):
+            raise TimeoutError(f"no answer from {address} within {timeout_s:g} s (is `linewatch run` running there?)")
+        return SwitchOutcome.decode(sock.recv())
+    finally:
+        sock.close()
+        ctx.term()
+
+
+class ControlServer:
+    """The run's control endpoint: a ROUTER socket the supervisor polls, so one slow switch (a bundle loading)
+    never keeps another requester waiting."""
+
+    def __init__(self, address: str) -> None:
+        from pipeline.publisher import bound_socket
+
+        self.ctx = zmq.Context()
+        self.sock = bound_socket(self.ctx, zmq.ROUTER, address, "pipeline.control_address", {zmq.LINGER: 0})
+
+    def requests(self) -> list[tuple[bytes, SwitchRequest]]:
+        """The requests waiting now (never blocks); malformed ones are answered with the reason at once."""
+        out = []
+        while True:
+            try:
+                frames = self.sock.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return out
+            identity, body = frames[0], frames[-1]
+            try:
+                out.append((identity, SwitchRequest.decode(body)))
+            except ValueError as exc:
+                self.reply(identity, SwitchOutcome("", False, error=str(exc)))
+
+    def reply(self, identity: bytes, outcome: SwitchOutcome) -> None:
+        self.sock.send_multipart([identity, b"", outcome.encode()])
+
+    def close(self) -> None:
+        self.sock.close()
+        self.ctx.term()
+
+
+@dataclass
+class _Pending:
+    ticket: Any  # the requester, for the reply
+    request: SwitchRequest
+    camera: int
+    path: str
+    bundle: RunBundle
+    slot: int
+    requested_ns: int
+    t_request: float  # time.monotonic()
+
+
+class Changeover:
+    """The supervisor's side of switches: checks a request, has the bundle loaded, and moves the camera over."""
+
+    def __init__(
+        self,
+        run_id: str,
+        table: BundleTable,
+        slot_bundles: dict[int, RunBundle],
+        cameras: list[str],
+        recipes: dict[str, str],
+        on_switch: Callable[[int, RunBundle], None],
+        record: Callable[[BundleSwitch], None],
+    ) -> None:
+        """`on_switch(camera, bundle)` after a camera moved; `record` keeps every request's outcome."""
+        self.run_id, self.table, self.slot_bundles = run_id, table, slot_bundles
+        self.cameras, self.recipes = cameras, recipes
+        self.on_switch, self.record = on_switch, record
+        self.pending: list[_Pending] = []
+
+    def request(self, ticket: Any, req: SwitchRequest) -> SwitchOutcome | None:
+        """Start a switch; its outcome now when it is refused (or nothing changes), else None (see `poll`)."""
+        requested_ns, t_request = time.time_ns(), time.monotonic()
+        path = req.bundle if req.recipe is None else self.recipes.get(req.recipe)
+        camera = self.cameras.index(req.camera) if req.camera in self.cameras else None
+        current = None if camera is None else self.table.hash(int(self.table.live[camera]))
+        why, bundle = self._refusal(req, camera, path), None
+        if why is None:
+            try:
+                bundle = RunBundle.read(str(path), self._input_size())
+            except ValueError as exc:  # BundleError
+                why = str(exc)
+        if why is not None or bundle is None or camera is None or current is None:
+            return self._refuse(req, requested_ns, current or "", None, str(path or ""), why or "refused")
+        if bundle.hash == current:
+            return SwitchOutcome(req.camera, True, current, current, load_ms=0.0)
+        try:
+            slot = self.table.add(bundle)
+        except ValueError as exc:
+            return self._refuse(req, requested_ns, current, bundle.hash, str(path), str(exc))
+        self.slot_bundles[slot] = bundle
+        if self.table.slots["loaded"][slot] == LOAD_FAILED:
+            self.table.slots["loaded"][slot] = LOAD_PENDING  # failed before: the infer stage tries again
+        self.pending.append(_Pending(ticket, req, camera, str(path), bundle, slot, requested_ns, t_request))
+        log.info("camera %s: loading %s (bundle %s) to switch to", req.camera, path, bundle.hash[:12])
+        return None
+
+    def poll(self) -> list[tuple[Any, SwitchOutcome]]:
+        """Switch the cameras whose new bundle is loaded; refuse those whose bundle failed to load."""
+        done, still = [], []
+        for p in self.pending:
+            loaded = int(self.table.slots["loaded"][p.slot])
+            current = self.table.hash(int(self.table.live[p.camera]))
+            if loaded == LOADED:
+                self.table.live[p.camera] = p.slot  # the frame boundary: preprocess takes it from the next frame
+                switched_ns, load_ms = time.time_ns(), (time.monotonic() - p.t_request) * 1e3
+                self.on_switch(p.camera, p.bundle)
+                self.record(self._switch(p.request, p.requested_ns, p.path, current, p.bundle.hash, switched_ns))
+                log.info("camera %s: switched from bundle %s to %s (%s) after %.0f ms", p.request.camera,
+                         current[:12], p.bundle.hash[:12], p.path, load_ms)  # fmt: skip
+                done.append((p.ticket, SwitchOutcome(p.request.camera, True, current, p.bundle.hash, load_ms=load_ms)))
+            elif loaded == LOAD_FAILED or time.monotonic() - p.t_request > LOAD_TIMEOUT_S:
+                why = self.table.error(p.slot) if loaded == LOAD_FAILED else f"not loaded within {LOAD_TIMEOUT_S:g} s"
+                why = f"{p.path}: cannot be loaded here: {why}"
+                done.append((p.ticket, self._refuse(p.request, p.requested_ns, current, p.bundle.hash, p.path, why)))
+            else:
+                still.append(p)
+        self.pending = still
+        return done
+
+    def refuse_pending(self, why: str) -> list[tuple[Any, SwitchOutcome]]:
+        """Give up every switch still loading (the run stops): the cameras stay on their bundles."""
+        done = []
+        for p in self.pending:
+            current = self.table.hash(int(self.table.live[p.camera]))
+            done.append((p.ticket, self._refuse(p.request, p.requested_ns, current, p.bundle.hash, p.path, why)))
+        self.pending = []
+        return done
+
+    def _refusal(self, req: SwitchRequest, camera: int | None, path: str | None) -> str | None:
+        if camera is None:
+            return f"camera {req.camera!r}: not in this run (cameras: {', '.join(self.cameras)})"
+        if req.recipe is not None and path is None:
+            known = ", ".join(sorted(self.recipes)) or "none configured"
+            return f"recipe {req.recipe!r}: not in pipeline.recipes ({known})"
+        if any(p.camera == camera for p in self.pending):
+            return f"camera {req.camera}: a switch is already in progress"
+        if path is not None and not Path(path).is_file():
+            return f"{path}: bundle file does not exist"
+        return None
+
+    def _input_size(self) -> tuple[int, int]:
+        return next(iter(self.slot_bundles.values())).manifest.input_size
+
+    def _refuse(
+        self, req: SwitchRequest, requested_ns: int, current: str, to: str | None, path: str, why: str
+    ) -> SwitchOutcome:
+        log.warning("camera %s: switch refused, %s stays: %s", req.camera, current[:12] or "its bundle", why)
+        if req.camera in self.cameras:
+            self.record(self._switch(req, requested_ns, path, current, to, refused=why))
+        return SwitchOutcome(req.camera, False, current or None, to, error=why)
+
+    def _switch(
+        self, req: SwitchRequest, requested_ns: int, path: str, current: str, to: str | None,
+        switched_ns: int | None = None, refused: str | None = None,
+    ) -> BundleSwitch:  # fmt: skip
+        return BundleSwitch(
+            run_id=self.run_id,
+            camera_id=req.camera,
+            requested_ns=requested_ns,
+            requested_by=req.by[:128],
+            bundle_path=path,
+            from_bundle=current,
+            to_bundle=to,
+            recipe=req.recipe,
+            switched_ns=switched_ns,
+            refused=refused,
+        )
