@@ -1,11 +1,11 @@
 """The bundles a run decides with, in shared memory, and which one decides each camera's next frame.
 
-A run starts with one bundle per distinct `pipeline.sources[].bundle` and may load more while it
-runs (a product changeover). Each bundle takes a slot of the `BundleTable`; the table also maps each
-camera to the slot its next frame is decided by. Preprocess reads that map when it takes a frame and
-stamps the slot into the frame's record, so every frame is decided by exactly one bundle whatever
-happens to the map afterwards; infer, decide and the recorder look the slot up for the model, the
-threshold and the hash.
+A run starts with one bundle per distinct `pipeline.sources[].bundle` (and `shadow_bundle`) and may
+load more while it runs (a product changeover, a candidate tried in shadow). Each bundle takes a slot
+of the `BundleTable`; the table also maps each camera to the slot its next frame is decided by, and to
+the slot that scores it in shadow, if any. Preprocess reads both when it takes a frame and stamps them
+into the frame's record, so every frame is decided by exactly one bundle whatever happens to the map
+afterwards; infer, decide and the recorder look the slots up for the model, the threshold and the hash.
 
 One writer per field, as in `RunState`: the supervisor fills slots and the camera map; the infer stage
 says whether it has loaded a slot's model (`loaded`, `error`). A slot stays taken for the whole run, so
@@ -98,6 +98,11 @@ class RunBundle:
             raise BundleError(f"{path}: path longer than {PATH_BYTES - 1} bytes")
         return cls(path.resolve(), manifest, digest, manifest.threshold.value)
 
+    def cuts_like(self, other: RunBundle) -> bool:
+        """Whether both resize and crop frames alike: a shadow bundle scores the frames as the live one cut them."""
+        mine, theirs = self.manifest.preprocessing, other.manifest.preprocessing
+        return (mine.resize, mine.crop) == (theirs.resize, theirs.crop)
+
 
 @dataclass(frozen=True)
 class BundleTableSpec:
@@ -109,12 +114,14 @@ class BundleTable:
     def __init__(self, spec: BundleTableSpec, shm: shared_memory.SharedMemory, owner: bool) -> None:
         self.spec, self._shm, self._owner = spec, shm, owner
         self.slots = np.ndarray((MAX_BUNDLES,), dtype=SLOT, buffer=shm.buf, offset=0)
-        # supervisor: the slot that decides each camera's next frame
-        self.live = np.ndarray((spec.cameras,), dtype=np.int64, buffer=shm.buf, offset=SLOT.itemsize * MAX_BUNDLES)
+        at = SLOT.itemsize * MAX_BUNDLES
+        # supervisor: the slot that decides each camera's next frame, and the one scoring it in shadow (or NO_BUNDLE)
+        self.live = np.ndarray((spec.cameras,), dtype=np.int64, buffer=shm.buf, offset=at)
+        self.shadow = np.ndarray((spec.cameras,), dtype=np.int64, buffer=shm.buf, offset=at + 8 * spec.cameras)
 
     @staticmethod
     def _size(cameras: int) -> int:
-        return SLOT.itemsize * MAX_BUNDLES + 8 * cameras
+        return SLOT.itemsize * MAX_BUNDLES + 16 * cameras
 
     @classmethod
     def create(cls, cameras: int) -> BundleTable:
@@ -122,6 +129,7 @@ class BundleTable:
         table = cls(BundleTableSpec(shm.name, cameras), shm, owner=True)
         table.slots[:] = np.zeros(MAX_BUNDLES, dtype=SLOT)
         table.live[:] = NO_BUNDLE
+        table.shadow[:] = NO_BUNDLE
         return table
 
     @classmethod
@@ -182,5 +190,5 @@ class BundleTable:
         entry["loaded"] = LOADED if error is None else LOAD_FAILED
 
     def close(self) -> None:
-        del self.slots, self.live
+        del self.slots, self.live, self.shadow
         release_block(self._shm, self._owner)

@@ -25,7 +25,7 @@ from typing import Any
 
 import zmq
 
-from pipeline.bundles import LOAD_FAILED, LOAD_PENDING, LOADED, BundleTable, RunBundle
+from pipeline.bundles import LOAD_FAILED, LOAD_PENDING, LOADED, NO_BUNDLE, BundleTable, RunBundle
 from pipeline.store.switches import BundleSwitch
 
 CONTROL_VERSION = 1
@@ -36,12 +36,16 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class SwitchRequest:
-    """Put `camera` on a bundle: a file (`bundle`) or a configured recipe name (`recipe`), exactly one."""
+    """Put `camera` on a bundle: a file (`bundle`) or a configured recipe name (`recipe`), exactly one. With
+    `shadow`, the bundle scores the camera's frames in shadow instead (neither given: the shadow is removed);
+    `promote` puts the camera's shadow bundle in charge (neither given)."""
 
     camera: str
     bundle: str | None = None
     recipe: str | None = None
     by: str = "unknown"  # who asks: an operator, "plc", a user@host
+    shadow: bool = False
+    promote: bool = False
 
     def encode(self) -> bytes:
         return json.dumps({"v": CONTROL_VERSION, "switch": asdict(self)}).encode()
@@ -60,11 +64,19 @@ class SwitchRequest:
             value = fields.get(name)
             if value is not None and not isinstance(value, str):
                 raise ValueError(f"control request switch.{name} = {value!r}: expected a string")
+        for name in ("shadow", "promote"):
+            if not isinstance(fields.get(name, False), bool):
+                raise ValueError(f"control request switch.{name} = {fields[name]!r}: expected true or false")
         if not fields.get("camera"):
             raise ValueError("control request switch.camera: missing")
-        if (fields.get("bundle") is None) == (fields.get("recipe") is None):
+        shadow, promote = fields.get("shadow", False), fields.get("promote", False)
+        given = (fields.get("bundle") is not None) + (fields.get("recipe") is not None)
+        if promote and (given or shadow):
+            raise ValueError("control request: switch.promote takes no switch.bundle, switch.recipe or switch.shadow")
+        if not promote and given != 1 and not (shadow and given == 0):
             raise ValueError("control request: give exactly one of switch.bundle and switch.recipe")
-        return cls(fields["camera"], fields.get("bundle"), fields.get("recipe"), fields.get("by") or "unknown")
+        by = fields.get("by") or "unknown"
+        return cls(fields["camera"], fields.get("bundle"), fields.get("recipe"), by, shadow, promote)
 
 
 @dataclass(frozen=True)
@@ -75,6 +87,7 @@ class SwitchOutcome:
     to_bundle: str | None = None
     error: str | None = None  # why the switch was refused
     load_ms: float | None = None  # request to switch: checking, loading and warming up the new bundle
+    shadow: bool = False  # the camera's shadow bundle changed (from/to None: there was / is none)
 
     def encode(self) -> bytes:
         return json.dumps({"v": CONTROL_VERSION, **asdict(self)}).encode()
@@ -147,6 +160,10 @@ class _Pending:
     requested_ns: int
     t_request: float  # time.monotonic()
 
+    @property
+    def shadow(self) -> bool:
+        return self.request.shadow
+
 
 class Changeover:
     """The supervisor's side of switches: checks a request, has the bundle loaded, and moves the camera over."""
@@ -168,21 +185,26 @@ class Changeover:
         self.pending: list[_Pending] = []
 
     def request(self, ticket: Any, req: SwitchRequest) -> SwitchOutcome | None:
-        """Start a switch; its outcome now when it is refused (or nothing changes), else None (see `poll`)."""
+        """Start a switch; its outcome now when it is refused or needs no loading, else None (see `poll`)."""
         requested_ns, t_request = time.time_ns(), time.monotonic()
         path = req.bundle if req.recipe is None else self.recipes.get(req.recipe)
         camera = self.cameras.index(req.camera) if req.camera in self.cameras else None
-        current = None if camera is None else self.table.hash(int(self.table.live[camera]))
-        why, bundle = self._refusal(req, camera, path), None
-        if why is None:
-            try:
-                bundle = RunBundle.read(str(path), self._input_size())
-            except ValueError as exc:  # BundleError
-                why = str(exc)
-        if why is not None or bundle is None or camera is None or current is None:
-            return self._refuse(req, requested_ns, current or "", None, str(path or ""), why or "refused")
+        current = "" if camera is None else self._current(camera, req.shadow)
+        if (why := self._refusal(req, camera, path)) is not None or camera is None:
+            return self._refuse(req, requested_ns, current, None, str(path or ""), why or "refused")
+        if req.promote:
+            return self._promote(req, camera, requested_ns)
+        if path is None:  # a shadow removed
+            self.table.shadow[camera] = NO_BUNDLE
+            self.record(self._switch(req, requested_ns, "", current, None, time.time_ns()))
+            return SwitchOutcome(req.camera, True, current or None, None, shadow=True)
+        try:
+            bundle = RunBundle.read(str(path), self._input_size())
+            self._check_shadow(req, camera, bundle)
+        except ValueError as exc:  # BundleError
+            return self._refuse(req, requested_ns, current, None, str(path), str(exc))
         if bundle.hash == current:
-            return SwitchOutcome(req.camera, True, current, current, load_ms=0.0)
+            return SwitchOutcome(req.camera, True, current, current, load_ms=0.0, shadow=req.shadow)
         try:
             slot = self.table.add(bundle)
         except ValueError as exc:
@@ -194,20 +216,51 @@ class Changeover:
         log.info("camera %s: loading %s (bundle %s) to switch to", req.camera, path, bundle.hash[:12])
         return None
 
+    def _current(self, camera: int, shadow: bool) -> str:
+        """The hash of the camera's live (or shadow) bundle; "" for no shadow."""
+        slot = int((self.table.shadow if shadow else self.table.live)[camera])
+        return "" if slot == NO_BUNDLE else self.table.hash(slot)
+
+    def _promote(self, req: SwitchRequest, camera: int, requested_ns: int) -> SwitchOutcome:
+        """The camera's shadow bundle takes charge (it is loaded and scoring already): no wait, no shadow after."""
+        current, slot = self._current(camera, False), int(self.table.shadow[camera])
+        if slot == NO_BUNDLE:
+            return self._refuse(
+                req, requested_ns, current, None, "", f"camera {req.camera}: no shadow bundle to promote"
+            )
+        self.table.live[camera], self.table.shadow[camera] = slot, NO_BUNDLE
+        bundle = self.slot_bundles[slot]
+        self.on_switch(camera, bundle)
+        self.record(self._switch(req, requested_ns, str(bundle.path), current, bundle.hash, time.time_ns()))
+        log.info("camera %s: shadow bundle %s promoted (was %s)", req.camera, bundle.hash[:12], current[:12])
+        return SwitchOutcome(req.camera, True, current, bundle.hash, load_ms=0.0)
+
+    def _check_shadow(self, req: SwitchRequest, camera: int, bundle: RunBundle) -> None:
+        live = self.slot_bundles[int(self.table.live[camera])]
+        if req.shadow and not bundle.cuts_like(live):
+            raise ValueError(
+                f"{bundle.path}: resizes or crops unlike camera {req.camera}'s bundle {live.path}; a shadow bundle "
+                "scores the frames as the live one cuts them"
+            )
+
     def poll(self) -> list[tuple[Any, SwitchOutcome]]:
         """Switch the cameras whose new bundle is loaded; refuse those whose bundle failed to load."""
         done, still = [], []
         for p in self.pending:
             loaded = int(self.table.slots["loaded"][p.slot])
-            current = self.table.hash(int(self.table.live[p.camera]))
+            current = self._current(p.camera, p.shadow)
             if loaded == LOADED:
-                self.table.live[p.camera] = p.slot  # the frame boundary: preprocess takes it from the next frame
+                # The frame boundary: preprocess takes it from the camera's next frame on.
+                (self.table.shadow if p.shadow else self.table.live)[p.camera] = p.slot
                 switched_ns, load_ms = time.time_ns(), (time.monotonic() - p.t_request) * 1e3
-                self.on_switch(p.camera, p.bundle)
+                if not p.shadow:
+                    self.on_switch(p.camera, p.bundle)
                 self.record(self._switch(p.request, p.requested_ns, p.path, current, p.bundle.hash, switched_ns))
-                log.info("camera %s: switched from bundle %s to %s (%s) after %.0f ms", p.request.camera,
-                         current[:12], p.bundle.hash[:12], p.path, load_ms)  # fmt: skip
-                done.append((p.ticket, SwitchOutcome(p.request.camera, True, current, p.bundle.hash, load_ms=load_ms)))
+                log.info("camera %s: %s from bundle %s to %s (%s) after %.0f ms", p.request.camera,
+                         "shadow switched" if p.shadow else "switched", current[:12] or "none", p.bundle.hash[:12],
+                         p.path, load_ms)  # fmt: skip
+                outcome = SwitchOutcome(p.request.camera, True, current or None, p.bundle.hash, None, load_ms, p.shadow)
+                done.append((p.ticket, outcome))
             elif loaded == LOAD_FAILED or time.monotonic() - p.t_request > LOAD_TIMEOUT_S:
                 why = self.table.error(p.slot) if loaded == LOAD_FAILED else f"not loaded within {LOAD_TIMEOUT_S:g} s"
                 why = f"{p.path}: cannot be loaded here: {why}"
@@ -221,7 +274,7 @@ class Changeover:
         """Give up every switch still loading (the run stops): the cameras stay on their bundles."""
         done = []
         for p in self.pending:
-            current = self.table.hash(int(self.table.live[p.camera]))
+            current = self._current(p.camera, p.shadow)
             done.append((p.ticket, self._refuse(p.request, p.requested_ns, current, p.bundle.hash, p.path, why)))
         self.pending = []
         return done
@@ -244,10 +297,10 @@ class Changeover:
     def _refuse(
         self, req: SwitchRequest, requested_ns: int, current: str, to: str | None, path: str, why: str
     ) -> SwitchOutcome:
-        log.warning("camera %s: switch refused, %s stays: %s", req.camera, current[:12] or "its bundle", why)
+        log.warning("camera %s: switch refused, %s stays: %s", req.camera, current[:12] or "no shadow", why)
         if req.camera in self.cameras:
             self.record(self._switch(req, requested_ns, path, current, to, refused=why))
-        return SwitchOutcome(req.camera, False, current or None, to, error=why)
+        return SwitchOutcome(req.camera, False, current or None, to, error=why, shadow=req.shadow)
 
     def _switch(
         self, req: SwitchRequest, requested_ns: int, path: str, current: str, to: str | None,
@@ -264,4 +317,5 @@ class Changeover:
             recipe=req.recipe,
             switched_ns=switched_ns,
             refused=refused,
+            shadow=req.shadow,
         )

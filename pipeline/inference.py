@@ -20,6 +20,7 @@ from edge.backends import BackendError, PreparedModel, engine_cache_dir, prepare
 from edge.bundle import BundleError, load_bundle
 from edge.preprocessing import Preprocessing
 from pipeline.bundles import ACTIVE, LOAD_FAILED, BundleTable
+from pipeline.ring import FrameRing
 
 log = logging.getLogger(__name__)
 
@@ -116,3 +117,23 @@ def one_bundle_batch(headers: np.ndarray, slots: np.ndarray, max_batch: int) -> 
         if len(taken) == max_batch:
             break
     return taken
+
+
+def shadow_scores(
+    models: BundleModels, tensors: FrameRing, frames: list[int], device: str
+) -> dict[int, tuple[float, float]]:
+    """The scores of `frames` (tensor-ring slots) by their cameras' shadow bundles, with each one's threshold,
+    by slot; frames without a shadow, or whose shadow is not loaded yet, are left out."""
+    by_shadow: dict[int, list[int]] = {}
+    for s in frames:
+        if (shadow := int(tensors.headers[s]["shadow"])) > 0:
+            by_shadow.setdefault(shadow - 1, []).append(s)
+    out: dict[int, tuple[float, float]] = {}
+    for slot, taken in by_shadow.items():
+        if (model := models.get(slot)) is None:
+            continue
+        x = model.preprocessing.normalize_batch(torch.from_numpy(tensors.payloads[taken]).to(device))
+        with torch.inference_mode():
+            scores = model.model(x).scores.float().cpu().tolist()
+        out.update((s, (score, model.threshold)) for s, score in zip(taken, scores, strict=True))
+    return out

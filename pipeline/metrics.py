@@ -85,6 +85,13 @@ class PipelineMetrics:
         self.drift_alarm_level = Gauge(
             "linewatch_drift_alarm_level", "Drift statistic at which the drift alert fires", registry=r
         )
+        self.shadow_frames = Counter(
+            "linewatch_shadow_frames", "Frames the camera's shadow bundle scored too", ["camera"], registry=r
+        )
+        self.shadow_disagreements = Counter(
+            "linewatch_shadow_disagreements", "Frames the shadow bundle decided otherwise (live: published verdict)",
+            ["camera", "live"], registry=r,
+        )  # fmt: skip
         self.heartbeat_age = Gauge(
             "linewatch_stage_heartbeat_age_seconds", "Time since the stage's last heartbeat", ["stage"], registry=r
         )
@@ -152,6 +159,10 @@ class PipelineMetrics:
                 self.stage.labels(stage).observe(max(0, int(rec[b]) - int(rec[a])) / 1e9)
         if verdict != "error" and threshold > 0:
             self.score_ratio.observe(float(rec["score"]) / threshold)
+        if rec["shadow"] > 0 and verdict != "error":
+            self.shadow_frames.labels(cam).inc()
+            if rec["shadow_verdict"] != rec["verdict"]:
+                self.shadow_disagreements.labels(cam, verdict).inc()
         if rec["batch"] > 0:  # set on the first record of each inference batch only
             self.batch.observe(int(rec["batch"]))
 

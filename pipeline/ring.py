@@ -37,6 +37,9 @@ RECORD = np.dtype(
         ("seq", np.int64),  # order of writing into this ring (FIFO for the reader)
         ("camera", np.int32),  # index into the run's camera list
         ("bundle", np.int32),  # slot of the run's BundleTable that decides this frame (set by preprocess)
+        ("shadow", np.int32),  # 1 + the slot of the bundle scoring it in shadow (set by preprocess); 0: none
+        ("shadow_verdict", np.int32),  # the shadow bundle's verdict (decide), unpublished
+        ("shadow_score", np.float64),  # the shadow bundle's score (infer)
         ("h", np.int32),
         ("w", np.int32),
         ("attempts", np.int32),  # times a reader started processing this slot

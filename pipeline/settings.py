@@ -33,6 +33,9 @@ class SourceConfig:
     bundle: str | None = None
     """The bundle that decides this camera's frames (a view of its own: top, side, label); default
     `pipeline.bundle`. Every bundle of a run takes the same input size."""
+    shadow_bundle: str | None = None
+    """A candidate bundle that scores this camera's frames beside the live one: its verdicts are stored (and where
+    they disagree, the frames kept), never published. It must resize and crop as the live bundle does."""
 
 
 @dataclass(frozen=True)

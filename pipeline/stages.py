@@ -9,6 +9,7 @@ through the stop flags, so a Ctrl-C drains the pipeline instead of killing it mi
 from __future__ import annotations
 
 import gc
+import json
 import logging
 import multiprocessing
 import os
@@ -38,6 +39,7 @@ from pipeline.ring import (
     verdict_of_record,
 )
 from pipeline.settings import SourceConfig
+from pipeline.shadow import shadow_of_record
 from pipeline.state import (
     SPOOL_LOST,
     SPOOLED,
@@ -388,6 +390,7 @@ def preprocess_main(ctx: StageContext, args: PreprocessArgs) -> None:  # pragma:
             rec["verdict"] = VERDICT_PASS
             # The frame boundary of a changeover: the bundle is chosen once, here, and rides with the frame.
             rec["bundle"] = bundles.live[camera]
+            rec["shadow"] = bundles.shadow[camera] + 1  # NO_BUNDLE (-1): 0, no shadow
             if ring.headers[slot]["attempts"] >= MAX_ATTEMPTS:
                 rec["verdict"] = VERDICT_ERROR  # this frame was in hand when the stage died: don't retry it
             else:
@@ -457,19 +460,22 @@ def infer_main(ctx: StageContext, args: InferArgs) -> None:  # pragma: no cover 
             tensors.wait_for_commit(left)
             slots = tensors.written()
         batch = one_bundle_batch(tensors.headers, slots, max_batch)
-        if not _infer_batch(tensors, out, batch, models.get(int(tensors.headers["bundle"][batch[0]])), args, room_wait):
+        if not _infer_batch(tensors, out, batch, models, args, room_wait):
             return
         out.notify_reader()
         tensors.notify_writer()
 
 
 def _infer_batch(
-    tensors: FrameRing, out: FrameRing, batch: list[int], model: Any, args: InferArgs, room_wait: Callable[[], bool]
+    tensors: FrameRing, out: FrameRing, batch: list[int], models: Any, args: InferArgs, room_wait: Callable[[], bool]
 ) -> bool:
-    """Score one batch of one bundle (`model`: its SlotModel, None when it failed to load) and pass it on;
+    """Score one batch of one bundle (and each frame by its camera's shadow bundle, if any) and pass it on;
     False when the stage is told to stop while waiting for room."""
     import torch
 
+    from pipeline.inference import shadow_scores
+
+    model = models.get(int(tensors.headers["bundle"][batch[0]]))  # None: it failed to load (error verdicts)
     good = [
         s
         for s in batch
@@ -481,14 +487,18 @@ def _infer_batch(
         tensors.headers[s]["attempts"] += 1
     start = time.monotonic_ns()
     scores: dict[int, float] = {}
+    shadows: dict[int, tuple[float, float]] = {}
     maps: dict[int, np.ndarray] = {}
     if good:
         x = model.preprocessing.normalize_batch(torch.from_numpy(tensors.payloads[good]).to(args.device))
         with torch.inference_mode():
             result = model.model(x)
         scores = dict(zip(good, result.scores.float().cpu().tolist(), strict=True))
+        shadows = shadow_scores(models, tensors, good, args.device)
         if args.keep_images:
-            maps = _kept_maps(tensors, good, scores, result.maps, args.keep_pass_fraction, model.threshold)
+            # A frame on which the shadow disagrees is kept too: people review those before promoting it.
+            disagree = {s for s, (score, t) in shadows.items() if (score > t) != (scores[s] > model.threshold)}
+            maps = _kept_maps(tensors, good, scores, result.maps, args.keep_pass_fraction, model.threshold, disagree)
     done = time.monotonic_ns()
     for i, s in enumerate(batch):
         target = out.wait_free_slot(room_wait)
@@ -499,6 +509,10 @@ def _infer_batch(
             rec["score"] = scores[s]
         else:
             rec["verdict"] = VERDICT_ERROR
+        if s in shadows:
+            rec["shadow_score"] = shadows[s][0]
+        else:
+            rec["shadow"] = 0  # not scored in shadow (its bundle not loaded, or no live score to compare)
         rec["keep"] = int(s in maps)
         if s in maps:  # the archive's copy: the frame as the model saw it and its map
             out.payloads[target, ..., :3] = tensors.payloads[s]
@@ -522,14 +536,17 @@ def _kept_maps(
     maps: Any,
     keep_pass_fraction: float,
     threshold: float,
+    also: set[int],
 ) -> dict:
-    """The quantised maps of the frames to archive (rejects and sampled passes), by tensor-ring slot."""
+    """The quantised maps of the frames to archive (rejects, sampled passes and the slots `also`), by
+    tensor-ring slot."""
     from pipeline.store.archive import quantise_map
 
     kept = {}
     for i, s in enumerate(good):
         rec = tensors.headers[s]
-        if scores[s] > threshold or kept_pass(int(rec["camera"]), int(rec["frame_id"]), keep_pass_fraction):
+        sampled = kept_pass(int(rec["camera"]), int(rec["frame_id"]), keep_pass_fraction)
+        if scores[s] > threshold or s in also or sampled:
             anomaly_map = maps[i].float().cpu().numpy()
             # The archive's scale is relative to a positive threshold; a bundle without one gets its map's max.
             scale = threshold if threshold > 0 else max(float(anomaly_map.max()), 1e-12) / 2
@@ -547,8 +564,8 @@ def decide_main(ctx: StageContext, args: DecideArgs) -> None:  # pragma: no cove
     scores = FrameRing.attach(args.input)
     out = FrameRing.attach(args.output)
     publisher = RejectPublisher(args.address, args.send_hwm, args.run_id, state.publisher)
-    feed = None if args.feed is None else VerdictFeed(args.feed, args.run_id, state)
     bundles, cameras = BundleTable.attach(args.bundles), args.cameras
+    feed = None if args.feed is None else VerdictFeed(args.feed, args.run_id, state, bundles)
     pending = PendingVerdict(state.pending)
     pending.finish(state, scores, out, publisher, feed, cameras, bundles)
     die_after_seq = failpoint("decide_after_publish") if not state.restarts[ctx.process_index] else None
@@ -587,6 +604,9 @@ def decide_main(ctx: StageContext, args: DecideArgs) -> None:  # pragma: no cove
                 threshold = bundles.threshold(bundle)
                 if rec["verdict"] != VERDICT_ERROR:
                     rec["verdict"] = VERDICT_REJECT if rec["score"] > threshold else VERDICT_PASS
+                if rec["shadow"] > 0:  # scored in shadow: its verdict is recorded, never published
+                    shadow_threshold = bundles.threshold(int(rec["shadow"]) - 1)
+                    rec["shadow_verdict"] = VERDICT_REJECT if rec["shadow_score"] > shadow_threshold else VERDICT_PASS
                 rec["t_decision_ns"] = time.time_ns()
                 verdict = verdict_of_record(rec, cameras, threshold)
                 rec["pub_seq"], rec["topic_seq"] = publisher.next_seqs(verdict.verdict)
@@ -678,8 +698,9 @@ class VerdictFeed:
     """Decide's side of the recorder's buffer: a verdict goes to the record ring (its kept frame to the image
     ring), or to the spool on disk when either is full. Never waits for the recorder."""
 
-    def __init__(self, feed: RecorderFeed, run: str, state: RunState) -> None:
+    def __init__(self, feed: RecorderFeed, run: str, state: RunState, bundles: BundleTable) -> None:
         self.records, self.images = FrameRing.attach(feed.records), FrameRing.attach(feed.images)
+        self.bundles = bundles
         self.spool = SpoolWriter(Path(feed.spool), feed.spool_max_bytes)
         self.run, self.state = run, state
         self._warned = False
@@ -709,6 +730,8 @@ class VerdictFeed:
         if not self._warned:
             log.warning("recorder buffer full: spooling verdicts to %s", self.spool.root)
             self._warned = True
+        if (shadow := shadow_of_record(rec, self.bundles)) is not None:  # the spool keeps it beside the message
+            body = json.dumps({**json.loads(body), "shadow": shadow.to_json()}, separators=(",", ":")).encode()
         try:
             kept = self.spool.append(body, self.run, int(rec["pub_seq"]), image)
         except OSError as exc:

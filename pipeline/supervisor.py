@@ -30,7 +30,7 @@ import numpy as np
 
 from edge.backends import check_backend
 from edge.settings import to_dict
-from pipeline.bundles import BundleTable, RunBundle
+from pipeline.bundles import NO_BUNDLE, BundleTable, RunBundle
 from pipeline.changeover import Changeover, ControlServer
 from pipeline.drift import DriftReference, DriftWatch, alarm_level
 from pipeline.endpoints import RunProbe
@@ -76,7 +76,7 @@ from pipeline.store.switches import BundleSwitch, SwitchLog
 from pipeline.store.verdicts import StoreError, VerdictStore
 from pipeline.wire import VERDICT_NAMES
 
-PASS = VERDICT_NAMES.index("pass")
+PASS, ERROR = VERDICT_NAMES.index("pass"), VERDICT_NAMES.index("error")
 
 DRAIN_TIMEOUT_S = 30.0
 DRAIN_AFTER_FAILURE_S = 5.0  # a run ended by a stage that keeps failing: frames in flight get this long
@@ -121,6 +121,8 @@ class RunSummary:
     stored: int | None = detail(default=None)  # rows of this run in the verdict store after the run
     spooled: int = detail(default=0)  # verdicts the recorder's buffer had no room for (kept on disk)
     store_lost: int = detail(default=0)  # verdicts neither buffered nor spooled (spool full or unwritable)
+    # per camera scored in shadow: frames the shadow bundle scored, and those it decided otherwise
+    shadow: dict[str, dict[str, int]] = detail(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -169,6 +171,7 @@ class VerdictTally:
         # Newest frame id counted per camera: decide killed between forwarding a verdict and recording it in
         # `state.last_decided` forwards it again; the repeat must not be counted twice (same rule as decide's).
         self.last_counted = np.full(cameras, -1, dtype=np.int64)
+        self.shadow = np.zeros((cameras, 2), dtype=np.int64)  # per camera: frames scored in shadow, disagreements
 
     def add(self, rec: np.void) -> bool:
         """Count one verdict record; False for a repeat of one already counted."""
@@ -177,6 +180,8 @@ class VerdictTally:
             return False
         self.last_counted[camera] = rec["frame_id"]
         self.counts[camera, int(rec["verdict"])] += 1
+        if rec["shadow"] > 0 and rec["verdict"] != ERROR:
+            self.shadow[camera] += (1, int(rec["shadow_verdict"] != rec["verdict"]))
         self.latencies_ns.append(int(rec["m_decide_ns"]) - int(rec["m_capture_ns"]))
         now = time.monotonic()
         self.t_first = now if self.t_first is None else self.t_first
@@ -184,22 +189,39 @@ class VerdictTally:
         return True
 
 
-def run_bundles(default: Path | None, sources: tuple[SourceConfig, ...]) -> tuple[list[RunBundle], list[int]]:
-    """The distinct bundles of a run, read and checked, and the index of each source's among them."""
-    bundles: list[RunBundle] = []
-    by_path: dict[Path, int] = {}
-    of_source = []
-    for i, source in enumerate(sources):
-        path = source.bundle or default
-        if path is None:
-            raise ValueError(f"pipeline.sources[{i}].bundle: not set and no pipeline.bundle (give --bundle)")
-        key = Path(path).resolve()
-        if key not in by_path:
-            input_size = bundles[0].manifest.input_size if bundles else None
-            by_path[key] = len(bundles)
-            bundles.append(RunBundle.read(path, input_size))
-        of_source.append(by_path[key])
-    return bundles, of_source
+@dataclass(frozen=True)
+class RunBundles:
+    """The distinct bundles of a run, read and checked, and the index of each source's live and shadow bundle."""
+
+    bundles: list[RunBundle]
+    live: list[int]
+    shadow: list[int | None]
+
+    @classmethod
+    def of(cls, default: Path | None, sources: tuple[SourceConfig, ...]) -> RunBundles:
+        bundles: list[RunBundle] = []
+        by_path: dict[Path, int] = {}
+
+        def index(path: str | Path) -> int:
+            key = Path(path).resolve()
+            if key not in by_path:
+                by_path[key] = len(bundles)
+                bundles.append(RunBundle.read(path, bundles[0].manifest.input_size if bundles else None))
+            return by_path[key]
+
+        live, shadow = [], []
+        for i, source in enumerate(sources):
+            path = source.bundle or default
+            if path is None:
+                raise ValueError(f"pipeline.sources[{i}].bundle: not set and no pipeline.bundle (give --bundle)")
+            live.append(index(path))
+            shadow.append(None if source.shadow_bundle is None else index(source.shadow_bundle))
+            if (s := shadow[-1]) is not None and not bundles[s].cuts_like(bundles[live[-1]]):
+                raise ValueError(
+                    f"pipeline.sources[{i}].shadow_bundle: {bundles[s].path} resizes or crops unlike the camera's "
+                    f"bundle {bundles[live[-1]].path}; a shadow bundle scores the frames as the live one cuts them"
+                )
+        return cls(bundles, live, shadow)
 
 
 class Pipeline:
@@ -219,7 +241,8 @@ class Pipeline:
         for s in sources:
             parse_spec(s.spec)
         self.config = config
-        self.bundles, self.source_bundles = run_bundles(bundle_path, sources)
+        self.run_bundles = RunBundles.of(bundle_path, sources)
+        self.bundles, self.source_bundles = self.run_bundles.bundles, self.run_bundles.live
         # The run's own bundle (its record, the data folder beside it): pipeline.bundle, else the first camera's.
         primary = self.bundles[0] if bundle_path is None else RunBundle.read(bundle_path)
         self.bundle_path, self.manifest, self.bundle_hash = primary.path, primary.manifest, primary.hash
@@ -264,6 +287,7 @@ class Pipeline:
         slots = [table.add(b) for b in self.bundles]
         self.slot_bundles = {slot: b for slot, b in zip(slots, self.bundles, strict=True)}
         table.live[:] = [slots[b] for b in self.source_bundles]
+        table.shadow[:] = [NO_BUNDLE if b is None else slots[b] for b in self.run_bundles.shadow]
         return table
 
     def request_stop(self, *_: Any) -> None:
@@ -585,6 +609,11 @@ class Pipeline:
             stored=self._stored(),
             spooled=int(state.spool[SPOOLED]),
             store_lost=int(state.spool[SPOOL_LOST]),
+            shadow={
+                cam: {"scored": int(tally.shadow[c, 0]), "disagreements": int(tally.shadow[c, 1])}
+                for c, cam in enumerate(self.cameras)
+                if tally.shadow[c, 0]
+            },
         )
 
     def _no_frame(self, state: RunState) -> str | None:

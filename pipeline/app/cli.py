@@ -323,15 +323,19 @@ def cmd_switch(args: argparse.Namespace) -> int:
     # A file is named from where this command runs, not from where the run was started.
     bundle = str(args.bundle.resolve()) if args.bundle is not None else None
     by = args.by or f"{getpass.getuser()}@{socket.gethostname()}"
-    outcome = ask_switch(address, SwitchRequest(args.camera, bundle, args.recipe, by), args.timeout)
+    shadow = args.shadow or args.stop_shadow
+    request = SwitchRequest(args.camera, bundle, args.recipe, by, shadow, args.promote)
+    outcome = ask_switch(address, request, args.timeout)
     if not outcome.switched:
         print(f"linewatch: switch refused: {outcome.error}", file=sys.stderr)
         return EXIT_ERROR
-    before, after = (outcome.from_bundle or "")[:12], (outcome.to_bundle or "")[:12]
+    before, after = (outcome.from_bundle or "none")[:12], (outcome.to_bundle or "none")[:12]
+    which = "shadow bundle" if outcome.shadow else "bundle"
     if before == after:
-        print(f"camera {outcome.camera}: already on bundle {after}")
+        print(f"camera {outcome.camera}: {which} already {after}")
     else:
-        print(f"camera {outcome.camera}: switched from bundle {before} to {after} ({outcome.load_ms:.0f} ms to load)")
+        loading = f" ({outcome.load_ms:.0f} ms to load)" if outcome.load_ms else ""
+        print(f"camera {outcome.camera}: {which} switched from {before} to {after}{loading}")
     return 0
 
 
@@ -415,6 +419,7 @@ def cmd_history(args: argparse.Namespace) -> int:
         args.run,
         args.limit,
         time.time_ns(),
+        args.disagreements,
     )
     store = open_store(_store_location(args))
     try:
@@ -590,6 +595,9 @@ def build_parser() -> argparse.ArgumentParser:
     target = p.add_mutually_exclusive_group(required=True)
     target.add_argument("--bundle", type=Path, help="calibrated bundle file")
     target.add_argument("--recipe", help="a name of pipeline.recipes in the run's config")
+    target.add_argument("--promote", action="store_true", help="put the camera's shadow bundle in charge")
+    target.add_argument("--stop-shadow", action="store_true", help="stop scoring the camera's frames in shadow")
+    p.add_argument("--shadow", action="store_true", help="run --bundle / --recipe in shadow: stored, never published")
     p.add_argument("--config", type=Path, help="config file (pipeline.control_address)")
     p.add_argument("--address", help="the run's control endpoint (default: pipeline.control_address)")
     p.add_argument("--by", help="who asks, for the store's record (default: user@host)")
@@ -625,6 +633,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--min-score", type=float, metavar="X", help="score >= X (leaves out errors, which have none)")
     p.add_argument("--max-score", type=float, metavar="X", help="score <= X")
     p.add_argument("--run", help="only this run id")
+    p.add_argument(
+        "--disagreements", action="store_true", help="only frames the camera's shadow bundle decided otherwise"
+    )
     p.add_argument("--limit", type=int, default=1000, metavar="N", help="newest N rows (default 1000; 0 = all)")
     form = p.add_mutually_exclusive_group()
     form.add_argument("--csv", action="store_true", help="CSV with a header line instead of a table")

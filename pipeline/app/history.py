@@ -81,6 +81,7 @@ def history_filter(
     run: str | None,
     limit: int,
     now_ns: int,
+    disagreements: bool = False,
 ) -> HistoryFilter:
     """The filter the history flags ask for; ValueError naming a flag whose value is not usable."""
     if limit < 0:
@@ -94,6 +95,7 @@ def history_filter(
         max_score=max_score,
         run=run,
         limit=limit or None,
+        disagreements=disagreements,
     )
 
 

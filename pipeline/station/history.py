@@ -58,6 +58,7 @@ def history_filter(params: Mapping[str, str], limit: int | None = PAGE_ROWS) -> 
         run=p.get("run"),
         limit=limit,
         offset=offset,
+        disagreements=p.get("disagreements") in ("1", "on", "true"),
     )
     return f, int(page)
 

@@ -19,7 +19,21 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import BigInteger, Column, Connection, Engine, Index, Integer, MetaData, String, Table, Text, text
+from sqlalchemy import (
+    BigInteger,
+    Boolean,
+    Column,
+    Connection,
+    Double,
+    Engine,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+    text,
+)
 from sqlalchemy.schema import CreateColumn
 
 from pipeline.store.schema import SCHEMA_VERSION, store_meta
@@ -71,8 +85,11 @@ def create_review_tables(conn: Connection) -> None:
     conn.execute(text("CREATE INDEX ix_verdicts_verdict_time ON verdicts (verdict, t_decision_ns)"))
 
 
-def create_switch_table(conn: Connection) -> None:
-    """Step 4: the `bundle_switches` table, as it was added."""
+def add_bundle_changes(conn: Connection) -> None:
+    """Step 4: the `bundle_switches` table and the verdicts' shadow columns, as they were added."""
+    shadow = (Column("shadow_bundle", String(64)), Column("shadow_score", Double), Column("shadow_verdict", String(16)))
+    for column in shadow:
+        add_column("verdicts", column)(conn)
     added = MetaData()
     Table(
         "bundle_switches",
@@ -88,6 +105,7 @@ def create_switch_table(conn: Connection) -> None:
         Column("to_bundle", String(64)),
         Column("switched_ns", BigInteger),
         Column("refused", Text),
+        Column("shadow", Boolean, nullable=False),
         Index("ix_bundle_switches_time", "requested_ns"),
     )
     added.create_all(conn)
@@ -108,8 +126,9 @@ MIGRATIONS: tuple[Migration, ...] = (
     ),
     Migration(
         4,
-        "bundle_switches: every product changeover asked of a run (who, when, from, to), made or refused",
-        create_switch_table,
+        "bundle_switches: every product changeover and shadow bundle asked of a run (who, when, from, to), made or "
+        "refused; verdicts.shadow_*: the shadow bundle's verdict on the same frame",
+        add_bundle_changes,
     ),
 )
 

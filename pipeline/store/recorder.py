@@ -22,6 +22,7 @@ import numpy as np
 
 from pipeline.bundles import BundleLookup
 from pipeline.ring import FrameRing, verdict_of_record
+from pipeline.shadow import shadow_of_record
 from pipeline.store.archive import ImageArchive
 from pipeline.store.spool import SpooledVerdict, SpoolReader, SpoolWriter
 from pipeline.store.verdicts import StoredVerdict, StoreError, VerdictStore
@@ -94,8 +95,9 @@ class Recorder:
             bundle, bundles = int(rec["bundle"]), self.identity.bundles
             verdict = verdict_of_record(rec, self.identity.cameras, bundles.threshold(bundle))
             row = StoredVerdict(
-                self.identity.run, int(rec["pub_seq"]), int(rec["topic_seq"]), verdict, bundles.hash(bundle)
-            )
+                self.identity.run, int(rec["pub_seq"]), int(rec["topic_seq"]), verdict, bundles.hash(bundle),
+                shadow=shadow_of_record(rec, bundles),
+            )  # fmt: skip
             batch.rows.append(self._archived(row, image))
             batch.record_slots.append(int(slot))
         if spooled:

@@ -19,7 +19,8 @@ _RELATIVE = re.compile(r"-(\d+(?:\.\d+)?)([smhd])")
 _SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86_400}
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
-# The history CSV's and JSON's fields: the published message's, the image's, and the decision time as text.
+# The history CSV's and JSON's fields: the published message's, the image's, the decision time as text, and the
+# shadow bundle's verdict when the camera had one.
 FIELDS = (
     "time",
     "run",
@@ -36,6 +37,9 @@ FIELDS = (
     "bundle",
     "image_key",
     "image_expired_ns",
+    "shadow_bundle",
+    "shadow_score",
+    "shadow_verdict",
 )
 
 
@@ -56,6 +60,9 @@ def record(v: StoredVerdict) -> dict[str, Any]:
         "bundle": v.bundle,
         "image_key": v.image_key,
         "image_expired_ns": v.image_expired_ns,
+        "shadow_bundle": v.shadow.bundle if v.shadow else None,
+        "shadow_score": v.shadow.score if v.shadow else None,
+        "shadow_verdict": v.shadow.verdict if v.shadow else None,
     }
     return {name: values[name] for name in FIELDS}
 

@@ -1,19 +1,20 @@
 """The verdict store's tables, declared once (SQLAlchemy Core), and the schema version they make.
 
-One row per published verdict, keyed by (run_id, seq): the same message can be written twice (a
-recorder restarted after writing but before acknowledging) and is stored once. One row per run with
-the bundle and the configuration that ran. Times are integer nanoseconds since the epoch, as on the
-wire. A row outlives its images: when the archive deletes them, `image_expired_ns` says when, and the row
-stays. Operators' reviews go to `labels`, one row per review and never updated, so a later label adds
-to the audit trail instead of overwriting it; `users` holds who may review, with a password hash
-(`pipeline.store.reviews`). `bundle_switches` records every product changeover asked of a run, made or
-refused (`pipeline.store.switches`). `store_meta` holds the schema version, so a store made by this version is
-recognised, upgraded by a later one (`pipeline.store.migrations`), and refused by an older one.
+One row per published verdict, keyed by (run_id, seq): the same message can be written twice (a recorder restarted after
+writing but before acknowledging) and is stored once. One row per run with the bundle and the configuration
+that ran. Times are integer nanoseconds since the epoch, as on the wire. A row outlives its images: when the
+archive deletes them, `image_expired_ns` says when, and the row stays. Operators' reviews go to `labels`, one
+row per review and never updated, so a later label adds to the audit trail instead of overwriting it; `users`
+holds who may review, with a password hash (`pipeline.store.reviews`). `bundle_switches` records every product
+changeover (and shadow bundle) asked of a run, made or refused (`pipeline.store.switches`); a verdict's
+`shadow_*` columns hold the verdict of the camera's shadow bundle on the same frame, when it had one.
+`store_meta` holds the schema version, so a store made by this version is recognised, upgraded by a later one
+(`pipeline.store.migrations`), and refused by an older one.
 """
 
 from __future__ import annotations
 
-from sqlalchemy import BigInteger, Column, Double, Index, Integer, MetaData, String, Table, Text
+from sqlalchemy import BigInteger, Boolean, Column, Double, Index, Integer, MetaData, String, Table, Text
 
 SCHEMA_VERSION = 4  # the last step in pipeline.store.migrations reaches it
 
@@ -54,6 +55,9 @@ verdicts = Table(
     Column("bundle", String(64), nullable=False),
     Column("image_key", Text),  # archived frame and overlay, when kept
     Column("image_expired_ns", BigInteger),  # when the archive deleted them; null while they are kept
+    Column("shadow_bundle", String(64)),  # the camera's shadow bundle, when one scored the frame (never published)
+    Column("shadow_score", Double),
+    Column("shadow_verdict", String(16)),
     Index("ix_verdicts_time", "t_decision_ns"),
     Index("ix_verdicts_camera_time", "camera_id", "t_decision_ns"),
     Index("ix_verdicts_verdict_time", "verdict", "t_decision_ns"),
@@ -95,6 +99,7 @@ bundle_switches = Table(
     Column("to_bundle", String(64)),  # null when the file could not be read as a bundle
     Column("switched_ns", BigInteger),  # when the camera's next frame went to the new bundle; null: refused
     Column("refused", Text),  # why the switch was refused; null when it was made
+    Column("shadow", Boolean, nullable=False),  # the camera's shadow bundle was asked for, not its live one
     Index("ix_bundle_switches_time", "requested_ns"),
 )
 

@@ -26,6 +26,7 @@ class BundleSwitch:
     recipe: str | None = None
     switched_ns: int | None = None  # None: refused
     refused: str | None = None  # why, when refused
+    shadow: bool = False  # the camera's shadow bundle was asked for (to_bundle None with no file: shadow removed)
 
     @property
     def made(self) -> bool:

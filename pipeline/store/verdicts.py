@@ -22,6 +22,7 @@ from sqlalchemy import ColumnElement, Engine, create_engine, event, func, inspec
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import SQLAlchemyError
 
+from pipeline.shadow import ShadowVerdict
 from pipeline.store.keys import key_row
 from pipeline.store.migrations import apply_step, pending
 from pipeline.store.schema import REQUIRED_TABLES, SCHEMA_VERSION, metadata, runs, store_meta, verdicts
@@ -47,6 +48,7 @@ class StoredVerdict:
     bundle: str
     image_key: str | None = None
     image_expired_ns: int | None = None  # when the archive deleted the image; the row stays
+    shadow: ShadowVerdict | None = None  # the camera's shadow bundle's verdict on the same frame, if it had one
 
     @property
     def images_kept(self) -> bool:
@@ -71,19 +73,27 @@ class StoredVerdict:
             "bundle": self.bundle,
             "image_key": self.image_key,
             "image_expired_ns": self.image_expired_ns,
+            "shadow_bundle": self.shadow.bundle if self.shadow else None,
+            "shadow_score": self.shadow.score if self.shadow else None,
+            "shadow_verdict": self.shadow.verdict if self.shadow else None,
         }
 
     @classmethod
     def from_row(cls, row: Any) -> StoredVerdict:
         verdict = Verdict(**{f.name: getattr(row, f.name) for f in fields(Verdict)})
-        return cls(row.run_id, row.seq, row.topic_seq, verdict, row.bundle, row.image_key, row.image_expired_ns)
+        shadow = None
+        if row.shadow_bundle is not None:
+            shadow = ShadowVerdict(row.shadow_bundle, row.shadow_score, row.shadow_verdict)
+        return cls(row.run_id, row.seq, row.topic_seq, verdict, row.bundle, row.image_key, row.image_expired_ns, shadow)
 
     @classmethod
     def from_message(cls, message: dict[str, Any]) -> StoredVerdict:
-        """A published v1 body (as spooled; with `image_key` when its images were archived already)."""
+        """A published v1 body (as spooled: with `image_key` when its images were archived already, and `shadow`
+        when a shadow bundle scored the frame)."""
         verdict = Verdict(**{f.name: message[f.name] for f in fields(Verdict)})
         run, seq, topic_seq = str(message["run"]), int(message["seq"]), int(message["topic_seq"])
-        return cls(run, seq, topic_seq, verdict, str(message["bundle"]), message.get("image_key"))
+        shadow = ShadowVerdict.from_json(message.get("shadow"))
+        return cls(run, seq, topic_seq, verdict, str(message["bundle"]), message.get("image_key"), None, shadow)
 
 
 @dataclass(frozen=True)
@@ -101,6 +111,7 @@ class HistoryFilter:
     limit: int | None = 1000
     newest_first: bool = True
     offset: int = 0  # rows of the order skipped first (a page of a long history)
+    disagreements: bool = False  # only frames on which the shadow bundle's verdict differs from the live one
 
 
 def sqlite_url(path: str | Path) -> str:
@@ -309,6 +320,8 @@ def _conditions(f: HistoryFilter) -> list[ColumnElement[bool]]:
         conditions.append(c.score <= f.max_score)
     if f.run is not None:
         conditions.append(c.run_id == f.run)
+    if f.disagreements:
+        conditions.append(c.shadow_verdict.is_not(None) & (c.shadow_verdict != c.verdict))
     return conditions
 
 

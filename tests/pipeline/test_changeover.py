@@ -122,7 +122,7 @@ def test_a_changeover_mid_replay_decides_every_frame_once_by_the_bundle_of_its_t
     assert "recipe 'part_z': not in pipeline.recipes (grass_product)" in why[3]
     assert "camera 'front': not in this run (cameras: top, side)" in why[4]
     assert cli[0].returncode == 0, cli[0].stderr
-    assert f"camera top: switched from bundle {brick[:12]} to {grass[:12]}" in cli[0].stdout
+    assert f"camera top: bundle switched from {brick[:12]} to {grass[:12]}" in cli[0].stdout
 
     # Every frame got exactly one verdict, none lost or duplicated, through the switch and the infer restart.
     assert summary.drops == 0 and summary.errors == 0 and summary.verdicts == summary.frames
