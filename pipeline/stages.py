@@ -624,6 +624,8 @@ def decide_main(ctx: StageContext, args: DecideArgs) -> None:  # pragma: no cove
     finally:
         if feed is not None:
             feed.idle(stopping=True)
+        # A last heartbeat with the final seqs: a subscriber learns of a trailing verdict it missed at the end too.
+        publisher.heartbeat(args.heartbeat_ms, health_problems(state, cameras))
         publisher.close()
 
 
