@@ -26,6 +26,7 @@ from calibration.settings import OfflineConfig
 from calibration.synthetic import DEFECT_KINDS, add_defect
 from calibration.threshold import ThresholdChoice, choose_threshold, proportion_interval, require_enough_frames
 from edge.backends import OnDevice
+from edge.golden import GoldenSet
 from edge.manifest import BundleManifest, ThresholdRecord
 from edge.preprocessing import Preprocessing, to_rgb8
 from edge.scoring import Scorer
@@ -89,6 +90,7 @@ class Calibration:
     labelled: LabelledCheck | None
     examples: list[Example] = field(default_factory=list)
     skipped: SkipReport = field(default_factory=SkipReport)
+    golden: GoldenSet | None = None  # clear good frames and defects the run's self-test pushes through the line
 
     def weakness(self) -> str | None:
         """One line when the model separates defects from good frames poorly here (see metrics.weakness)."""
@@ -242,6 +244,7 @@ def calibrate(
         labelled = check_labelled(model, result, test_category, t, skip_bad, report, progress)
 
     examples = _examples(model, pre, worst_normals, defects, t)
+    golden = GoldenSet.choose(worst_normals.lowest(), defects.highest(), t)
     result.model.cpu()  # what the bundle is saved from
     arithmetic = None
     if result.model.backbone is not None:  # what the held-out frames were scored in (see Bundle.arithmetic_mismatch)
@@ -250,6 +253,7 @@ def calibrate(
         result.manifest,
         threshold=ThresholdRecord(t, backbone_arithmetic=arithmetic, choice=choice.to_dict()),
         normalization=normalization(holdout_scores, t),
+        golden=None if golden is None else golden.record(),
         calibration={
             "config": to_dict(cc),
             "holdout": {"n_images": len(used_holdout), "fingerprint": fingerprint(used_holdout)},
@@ -277,6 +281,7 @@ def calibrate(
         labelled=labelled,
         examples=examples,
         skipped=report,
+        golden=golden,
     )
 
 

@@ -25,6 +25,8 @@ from typing import Any
 import torch
 
 from edge.backbones import load_backbone
+from edge.golden import TENSOR as GOLDEN_TENSOR
+from edge.golden import GoldenSet
 from edge.manifest import BackboneRecord, BundleManifest, DatasetRecord, ManifestError
 from edge.models import AnomalyModel, get_model_class
 from edge.preprocessing import Preprocessing
@@ -43,6 +45,7 @@ class Bundle:
     manifest: BundleManifest
     hash: str
     path: Path | None = None
+    golden: GoldenSet | None = None
 
     @property
     def threshold(self) -> float | None:
@@ -118,10 +121,15 @@ def build_manifest(
     )
 
 
-def save_bundle(path: str | Path, model: AnomalyModel, manifest: BundleManifest) -> str:
-    """Write the bundle atomically (temp file + rename) and return its content hash."""
+def save_bundle(
+    path: str | Path, model: AnomalyModel, manifest: BundleManifest, golden: GoldenSet | None = None
+) -> str:
+    """Write the bundle atomically (temp file + rename) and return its content hash; `golden`: the frames of the
+    run's self-test, whose labels and scores `manifest.golden` records."""
     path = Path(path)
     tensors = {k: v.detach().cpu().contiguous() for k, v in model.tensors().items()}
+    if golden is not None:
+        tensors |= golden.tensors()
     text = json.dumps(manifest.to_dict(), sort_keys=True)
     digest = content_hash(text, tensors)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -175,8 +183,13 @@ def load_bundle(path: str | Path, backbone_weights: str | Path | None = None) ->
         module = backbone.module
     preprocessing = manifest.preprocessing
     try:
+        golden = GoldenSet.of(manifest.golden, tensors)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise BundleError(f"{path}: {exc}") from None
+    tensors = {k: v for k, v in tensors.items() if k != GOLDEN_TENSOR}
+    try:
         cls = get_model_class(manifest.model)
         model = cls.from_tensors(module, preprocessing.input_size, manifest.model_params, tensors)  # type: ignore[arg-type]
     except (KeyError, ValueError) as exc:
         raise BundleError(f"{path}: bundle tensors do not fit model {manifest.model}: {exc}") from exc
-    return Bundle(model=model.eval(), preprocessing=preprocessing, manifest=manifest, hash=digest, path=Path(path))
+    return Bundle(model.eval(), preprocessing, manifest, digest, Path(path), golden)

@@ -74,6 +74,7 @@ class BundleManifest:
     threshold: ThresholdRecord | None = None  # None until `calibrate` chooses one
     normalization: dict[str, float] | None = None  # maps scores so the threshold sits at 1.0
     calibration: dict[str, Any] | None = None  # calibration settings, held-out set and recall estimates
+    golden: dict[str, Any] | None = None  # the golden frames' labels and scores (edge.golden); frames in the tensors
 
     def holdout_scores(self) -> list[float] | None:
         """The good frames' scores the threshold was chosen from (the drift watch's reference); None for a

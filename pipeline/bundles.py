@@ -25,6 +25,7 @@ import numpy as np
 from pipeline.ring import attach_untracked, release_block
 
 if TYPE_CHECKING:  # torch comes with them: decide and the recorder never need it
+    from edge.golden import GoldenSet
     from edge.manifest import BundleManifest
     from edge.preprocessing import Preprocessing
 
@@ -77,15 +78,17 @@ class RunBundle:
     manifest: BundleManifest
     hash: str
     threshold: float
+    golden: GoldenSet | None = None  # the frames of the run's self-test, when the bundle holds them
 
     @classmethod
     def read(cls, path: str | Path, input_size: tuple[int, int] | None = None) -> RunBundle:
         """Read and verify a bundle; BundleError, naming the file, for one this run cannot decide with: no
         threshold, or an input size other than `input_size` (a run's frames share one tensor ring)."""
         from edge.bundle import BundleError, read_bundle_file
+        from edge.golden import GoldenSet
 
         path = Path(path)
-        manifest, _, digest = read_bundle_file(path)
+        manifest, tensors, digest = read_bundle_file(path)
         if manifest.threshold is None:
             raise BundleError(f"{path}: bundle has no threshold; make one with `linewatch calibrate`")
         if input_size is not None and tuple(manifest.input_size) != tuple(input_size):
@@ -96,7 +99,11 @@ class RunBundle:
             )
         if len(str(path.resolve()).encode()) >= PATH_BYTES:
             raise BundleError(f"{path}: path longer than {PATH_BYTES - 1} bytes")
-        return cls(path.resolve(), manifest, digest, manifest.threshold.value)
+        try:
+            golden = GoldenSet.of(manifest.golden, tensors)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise BundleError(f"{path}: {exc}") from None
+        return cls(path.resolve(), manifest, digest, manifest.threshold.value, golden)
 
     def cuts_like(self, other: RunBundle) -> bool:
         """Whether both resize and crop frames alike: a shadow bundle scores the frames as the live one cut them."""

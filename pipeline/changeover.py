@@ -19,7 +19,7 @@ import json
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -101,20 +101,69 @@ class SwitchOutcome:
         return cls(**body)
 
 
-def ask_switch(address: str, request: SwitchRequest, timeout_s: float) -> SwitchOutcome:
-    """Send `request` to a run's control endpoint and wait for the outcome; TimeoutError when none comes."""
+@dataclass(frozen=True)
+class SelfTestRequest:
+    """Run the golden-sample self-test of every bundle in charge now (`linewatch selftest`)."""
+
+    by: str = "unknown"
+
+    def encode(self) -> bytes:
+        return json.dumps({"v": CONTROL_VERSION, "selftest": asdict(self)}).encode()
+
+
+@dataclass(frozen=True)
+class SelfTestOutcome:
+    passed: bool
+    results: list[dict[str, Any]] = field(default_factory=list)  # pipeline.selftest.SelfTestResult fields
+    error: str | None = None  # why none ran
+
+    def encode(self) -> bytes:
+        return json.dumps({"v": CONTROL_VERSION, **asdict(self)}).encode()
+
+    @classmethod
+    def decode(cls, data: bytes) -> SelfTestOutcome:
+        body = json.loads(data)
+        if not isinstance(body, dict) or body.get("v") != CONTROL_VERSION:
+            raise ValueError(f"control reply: expected version {CONTROL_VERSION}")
+        body.pop("v")
+        return cls(**body)
+
+
+def decode_request(data: bytes) -> SwitchRequest | SelfTestRequest:
+    """ValueError, naming the field, for anything but a switch or self-test request of this version."""
+    try:
+        body = json.loads(data)
+    except ValueError:
+        raise ValueError("control request: not JSON") from None
+    if isinstance(body, dict) and body.get("v") == CONTROL_VERSION and isinstance(body.get("selftest"), dict):
+        by = body["selftest"].get("by")
+        return SelfTestRequest(by if isinstance(by, str) else "unknown")
+    return SwitchRequest.decode(data)
+
+
+def _ask(address: str, request: bytes, timeout_s: float) -> bytes:
     ctx = zmq.Context()
     sock = ctx.socket(zmq.REQ)
     sock.setsockopt(zmq.LINGER, 0)
     try:
         sock.connect(address)
-        sock.send(request.encode())
+        sock.send(request)
         if not sock.poll(int(timeout_s * 1000)):
             raise TimeoutError(f"no answer from {address} within {timeout_s:g} s (is `linewatch run` running there?)")
-        return SwitchOutcome.decode(sock.recv())
+        return sock.recv()
     finally:
         sock.close()
         ctx.term()
+
+
+def ask_switch(address: str, request: SwitchRequest, timeout_s: float) -> SwitchOutcome:
+    """Send `request` to a run's control endpoint and wait for the outcome; TimeoutError when none comes."""
+    return SwitchOutcome.decode(_ask(address, request.encode(), timeout_s))
+
+
+def ask_selftest(address: str, request: SelfTestRequest, timeout_s: float) -> SelfTestOutcome:
+    """Ask a run for its self-test and wait for the outcome; TimeoutError when none comes."""
+    return SelfTestOutcome.decode(_ask(address, request.encode(), timeout_s))
 
 
 class ControlServer:
@@ -127,7 +176,7 @@ class ControlServer:
         self.ctx = zmq.Context()
         self.sock = bound_socket(self.ctx, zmq.ROUTER, address, "pipeline.control_address", {zmq.LINGER: 0})
 
-    def requests(self) -> list[tuple[bytes, SwitchRequest]]:
+    def requests(self) -> list[tuple[bytes, SwitchRequest | SelfTestRequest]]:
         """The requests waiting now (never blocks); malformed ones are answered with the reason at once."""
         out = []
         while True:
@@ -137,11 +186,14 @@ class ControlServer:
                 return out
             identity, body = frames[0], frames[-1]
             try:
-                out.append((identity, SwitchRequest.decode(body)))
+                out.append((identity, decode_request(body)))
             except ValueError as exc:
                 self.reply(identity, SwitchOutcome("", False, error=str(exc)))
 
     def reply(self, identity: bytes, outcome: SwitchOutcome) -> None:
+        self.sock.send_multipart([identity, b"", outcome.encode()])
+
+    def reply_selftest(self, identity: bytes, outcome: SelfTestOutcome) -> None:
         self.sock.send_multipart([identity, b"", outcome.encode()])
 
     def close(self) -> None:

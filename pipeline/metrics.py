@@ -92,6 +92,10 @@ class PipelineMetrics:
             "linewatch_shadow_disagreements", "Frames the shadow bundle decided otherwise (live: published verdict)",
             ["camera", "live"], registry=r,
         )  # fmt: skip
+        self.selftest_passed = Gauge(
+            "linewatch_selftest_passed", "1: the camera's bundle passed its last golden self-test, 0: it failed",
+            ["camera"], registry=r,
+        )  # fmt: skip
         self.heartbeat_age = Gauge(
             "linewatch_stage_heartbeat_age_seconds", "Time since the stage's last heartbeat", ["stage"], registry=r
         )
@@ -101,6 +105,7 @@ class PipelineMetrics:
         for cam in cameras:
             # unknown until set: a 0 would make every reject look excessive
             self.false_reject_bound.labels(cam).set(float("nan"))
+            self.selftest_passed.labels(cam).set(float("nan"))  # not run (yet, or the bundle holds no golden frames)
             self.connected.labels(cam)
             self.reconnects.labels(cam)
             for verdict in VERDICT_NAMES:

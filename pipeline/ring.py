@@ -40,6 +40,7 @@ RECORD = np.dtype(
         ("shadow", np.int32),  # 1 + the slot of the bundle scoring it in shadow (set by preprocess); 0: none
         ("shadow_verdict", np.int32),  # the shadow bundle's verdict (decide), unpublished
         ("shadow_score", np.float64),  # the shadow bundle's score (infer)
+        ("golden", np.int32),  # 1: a golden frame of the self-test (frame_id: its index, source_index: the round)
         ("h", np.int32),
         ("w", np.int32),
         ("attempts", np.int32),  # times a reader started processing this slot

@@ -166,9 +166,23 @@ class DriftConfig:
 
 
 @dataclass(frozen=True)
+class GoldenConfig:
+    enabled: bool = True
+    """Push each bundle's golden frames (kept by `linewatch calibrate`) through the pipeline at start, before the
+    cameras, and on `linewatch selftest`: a verdict other than the recorded one, or a score off by more than
+    `score_tolerance`, fails readiness and raises the self-test alert until a later self-test passes."""
+    every_h: float = field(default=0.0, metadata=bounded(0.0, 8760.0))
+    """Also every this many hours while the run goes on (0: only at start and on demand)."""
+    score_tolerance: float = field(default=0.1, metadata=bounded(0.0, 10.0))
+    """Largest relative difference from the recorded score: bf16 on another CPU moves scores by up to ~3 %."""
+    timeout_s: float = field(default=60.0, metadata=bounded(1.0, 3600.0))
+    """A golden frame without a verdict this long after it was sent counts as failed."""
+
+
+@dataclass(frozen=True)
 class RuntimeConfig:
-    """What the streaming runtime reads: the `pipeline`, `publisher`, `metrics`, `store`, `ui` and `drift`
-    sections."""
+    """What the streaming runtime reads: the `pipeline`, `publisher`, `metrics`, `store`, `ui`, `drift` and
+    `golden` sections."""
 
     pipeline: PipelineConfig = PipelineConfig()
     publisher: PublisherConfig = PublisherConfig()
@@ -176,3 +190,4 @@ class RuntimeConfig:
     store: StoreConfig = StoreConfig()
     ui: UiConfig = UiConfig()
     drift: DriftConfig = DriftConfig()
+    golden: GoldenConfig = GoldenConfig()

@@ -41,6 +41,7 @@ from pipeline.ring import (
 from pipeline.settings import SourceConfig
 from pipeline.shadow import shadow_of_record
 from pipeline.state import (
+    FLAG_SELFTEST_FAILED,
     SPOOL_LOST,
     SPOOLED,
     STORE_ARCHIVE_BYTES,
@@ -95,6 +96,7 @@ class PreprocessArgs:
     policies: tuple[str, ...]  # each camera's backpressure policy
     output: RingSpec  # the tensor ring (uint8 at model size)
     bundles: BundleTableSpec  # which bundle decides each camera's next frame, and its preprocessing
+    golden: RingSpec | None = None  # the self-test's golden frames, at model size already (shares the doorbell)
 
 
 @dataclass(frozen=True)
@@ -366,6 +368,7 @@ def preprocess_main(ctx: StageContext, args: PreprocessArgs) -> None:  # pragma:
     out = FrameRing.attach(args.output)
     bundles = BundleTable.attach(args.bundles)
     geometry = GeometryBySlot(bundles)
+    golden = None if args.golden is None else FrameRing.attach(args.golden)
     room_wait = waiting_for_room(state, ctx.process_index)
     freeze_startup_heap()
     state.ready[ctx.process_index] = 1
@@ -404,8 +407,27 @@ def preprocess_main(ctx: StageContext, args: PreprocessArgs) -> None:  # pragma:
             rec["m_pre_ns"] = time.monotonic_ns()
             out.commit(target, rec)
             ring.release(slot)
+        if golden is not None and (slots := golden.written()).size:
+            if not _pass_golden(golden, int(slots[0]), out, room_wait):
+                return
+            busy = True
         if not busy:
             rings[0].wait_for_commit(WAIT_S)  # the cameras' rings share one doorbell
+
+
+def _pass_golden(golden: FrameRing, slot: int, out: FrameRing, room_wait: Callable[[], bool]) -> bool:
+    """A golden frame of the self-test to the tensor ring as it is (kept at the model's size, cut already);
+    False when told to stop while waiting for room."""
+    target = out.wait_free_slot(room_wait)
+    if target is None:
+        return False
+    rec = golden.headers[slot].copy()
+    rec["verdict"], rec["shadow"] = VERDICT_PASS, 0
+    out.payloads[target] = golden.payloads[slot]
+    rec["m_pre_ns"] = time.monotonic_ns()
+    out.commit(target, rec)
+    golden.release(slot)
+    return True
 
 
 class GeometryBySlot:
@@ -546,7 +568,7 @@ def _kept_maps(
     for i, s in enumerate(good):
         rec = tensors.headers[s]
         sampled = kept_pass(int(rec["camera"]), int(rec["frame_id"]), keep_pass_fraction)
-        if scores[s] > threshold or s in also or sampled:
+        if not rec["golden"] and (scores[s] > threshold or s in also or sampled):
             anomaly_map = maps[i].float().cpu().numpy()
             # The archive's scale is relative to a positive threshold; a bundle without one gets its map's max.
             scale = threshold if threshold > 0 else max(float(anomaly_map.max()), 1e-12) / 2
@@ -593,6 +615,10 @@ def decide_main(ctx: StageContext, args: DecideArgs) -> None:  # pragma: no cove
             for s in slots:
                 s = int(s)
                 rec = scores.headers[s].copy()
+                if rec["golden"]:  # the self-test's: judged by the supervisor, never published or recorded
+                    if not _decide_golden(rec, scores, s, out, bundles, room_wait):
+                        return
+                    continue
                 camera, frame_id = int(rec["camera"]), int(rec["frame_id"])
                 if frame_id <= state.last_decided[camera]:
                     scores.release(s)  # already published and counted: a retry after an upstream crash
@@ -627,6 +653,20 @@ def decide_main(ctx: StageContext, args: DecideArgs) -> None:  # pragma: no cove
         # A last heartbeat with the final seqs: a subscriber learns of a trailing verdict it missed at the end too.
         publisher.heartbeat(args.heartbeat_ms, health_problems(state, cameras))
         publisher.close()
+
+
+def _decide_golden(
+    rec: np.void, scores: FrameRing, slot: int, out: FrameRing, bundles: BundleTable, room_wait: Callable[[], bool]
+) -> bool:
+    target = out.wait_free_slot(room_wait)
+    if target is None:
+        return False
+    if rec["verdict"] != VERDICT_ERROR:
+        rec["verdict"] = VERDICT_REJECT if rec["score"] > bundles.threshold(int(rec["bundle"])) else VERDICT_PASS
+    rec["m_decide_ns"] = time.monotonic_ns()
+    out.commit(target, rec)
+    scores.release(slot)
+    return True
 
 
 def failpoint(name: str) -> int | None:
@@ -693,6 +733,8 @@ def health_problems(state: RunState, cameras: tuple[str, ...]) -> tuple[str, ...
         problems.append("verdict store unreachable (verdicts kept in the buffer and spool)")
     if state.spool[SPOOL_LOST]:
         problems.append(f"{int(state.spool[SPOOL_LOST])} verdicts not recorded (spool full)")
+    if state.flags[FLAG_SELFTEST_FAILED]:
+        problems.append("golden self-test failed: the box does not score as at calibration")
     return tuple(problems)
 
 

@@ -18,7 +18,8 @@ from pipeline.ring import attach_untracked, release_block
 # Drop reasons and who counts them: ring_full / unreadable -> the source process of that camera,
 # stale (drop_oldest skipped an older frame) -> preprocess, shutdown (in flight at a forced stop) -> supervisor.
 DROP_REASONS = ("ring_full", "unreadable", "stale", "shutdown")
-FLAG_STOP_SOURCES, FLAG_STOP_ALL = 0, 1
+FLAG_STOP_SOURCES, FLAG_STOP_ALL, FLAG_SELFTEST_FAILED = 0, 1, 2
+FLAGS = 3
 # Cells of `RunState.spool` (written by decide) and `RunState.store` (written by the recorder).
 SPOOLED, SPOOL_LOST = 0, 1
 STORE_WRITTEN, STORE_ERRORS, STORE_UNSPOOLED, STORE_ARCHIVE_BYTES, STORE_EXPIRED, STORE_FAILING = range(6)
@@ -54,7 +55,7 @@ class RunState:
             at += n
             return view
 
-        self.flags = take(2)  # supervisor
+        self.flags = take(FLAGS)  # supervisor
         per_camera = take(c * len(self.FIELDS_PER_CAMERA)).reshape(len(self.FIELDS_PER_CAMERA), c)
         # source process of each camera:
         self.captured, self.connected, self.reconnects, self.done, self.position, self.next_frame_id = per_camera[:6]
@@ -74,7 +75,7 @@ class RunState:
     @staticmethod
     def cells(cameras: int, processes: int) -> int:
         per_camera = cameras * (len(RunState.FIELDS_PER_CAMERA) + len(DROP_REASONS))
-        return 2 + per_camera + 3 * processes + 4 + 2 + 6 + len(PENDING_CELLS)
+        return FLAGS + per_camera + 3 * processes + 4 + 2 + 6 + len(PENDING_CELLS)
 
     @classmethod
     def create(cls, cameras: int, processes: int) -> RunState:

@@ -31,13 +31,14 @@ import numpy as np
 from edge.backends import check_backend
 from edge.settings import to_dict
 from pipeline.bundles import NO_BUNDLE, BundleTable, RunBundle
-from pipeline.changeover import Changeover, ControlServer
+from pipeline.changeover import Changeover, ControlServer, SelfTestOutcome, SelfTestRequest
 from pipeline.drift import DriftReference, DriftWatch, alarm_level
 from pipeline.endpoints import RunProbe
 from pipeline.logs import LogSettings
 from pipeline.metrics import PipelineMetrics
 from pipeline.restarts import RestartSchedule
 from pipeline.ring import Doorbell, FrameRing
+from pipeline.selftest import SelfTest, SelfTestResult
 from pipeline.service import ServiceNotifier
 from pipeline.settings import PipelineConfig, RuntimeConfig, SourceConfig
 from pipeline.sources import default_policy, parse_spec
@@ -61,6 +62,7 @@ from pipeline.stages import (
 )
 from pipeline.state import (
     DROP_REASONS,
+    FLAG_SELFTEST_FAILED,
     FLAG_STOP_ALL,
     FLAG_STOP_SOURCES,
     SPOOL_LOST,
@@ -72,6 +74,7 @@ from pipeline.state import (
 from pipeline.station.health import StageSlot
 from pipeline.station.settings import StationSettings, bundle_summary
 from pipeline.store.paths import StorePaths
+from pipeline.store.selftests import SelfTestLog
 from pipeline.store.switches import BundleSwitch, SwitchLog
 from pipeline.store.verdicts import StoreError, VerdictStore
 from pipeline.wire import VERDICT_NAMES
@@ -86,6 +89,7 @@ RECORDER_JOIN_TIMEOUT_S = FINAL_DRAIN_S + 10.0  # it stores what is left (or spo
 SUPERVISOR_WAIT_S = 0.05
 SYNC_EVERY_S = 0.25  # restarts checked and gauges synced this often
 BACKGROUND_STAGES = ("recorder", "station")  # off the verdict path: pipeline.background_heartbeat_timeout_s
+GOLDEN_SLOTS = 8  # golden frames in flight at once (a bundle holds up to 6)
 LATENCY_WINDOW = 100_000  # frames behind the summary's latency percentiles (Prometheus has the full history)
 
 log = logging.getLogger(__name__)
@@ -150,6 +154,7 @@ class Rings:
     verdict: FrameRing  # the supervisor drains it
     records: FrameRing | None = None  # decide -> recorder: every verdict, after publishing
     images: FrameRing | None = None  # decide -> recorder: kept frames with their maps
+    golden: FrameRing | None = None  # supervisor -> preprocess: the self-test's golden frames
 
     def occupancy(self, cameras: list[str]) -> dict[str, int]:
         named = {"tensor": self.tensor, "score": self.score, "verdict": self.verdict}
@@ -307,7 +312,7 @@ class Pipeline:
                 cleanup.enter_context(self._stop_on_signals())
             live = _LiveRun(self, ctx, state, rings, metrics)
             cleanup.callback(live.kill_all)  # before the rings and state go, however the run ends
-            live.control = self._control(cleanup, metrics)
+            live.control = self._control(cleanup, live)
             cleanup.callback(self.service.close)
             self._record_run_start(cleanup)
             self._start_stages(live)
@@ -317,7 +322,7 @@ class Pipeline:
             self._drain(live)
             return self._summarise(live)
 
-    def _control(self, cleanup: contextlib.ExitStack, metrics: PipelineMetrics) -> RunControl | None:
+    def _control(self, cleanup: contextlib.ExitStack, live: _LiveRun) -> RunControl | None:
         """The changeover endpoint and its bookkeeping; None when `pipeline.control_address` is off."""
         pc = self.config.pipeline
         if pc.control_address is None:
@@ -327,7 +332,9 @@ class Pipeline:
         cleanup.callback(server.close)
 
         def on_switch(camera: int, bundle: RunBundle) -> None:
-            metrics.set_bundle(self.cameras[camera], bundle)
+            live.metrics.set_bundle(self.cameras[camera], bundle)
+            if live.selftest is not None and self.table is not None:  # a new bundle in charge: check it at once
+                live.selftest.start(int(self.table.live[camera]), bundle, "changeover")
 
         log_switch = SwitchLog(self.store) if self.store is not None else None
 
@@ -342,7 +349,7 @@ class Pipeline:
         changeover = Changeover(
             self.run_id, self.table, self.slot_bundles, self.cameras, dict(pc.recipes), on_switch, record
         )
-        return RunControl(server, changeover)
+        return RunControl(server, changeover, live.selftest, live.live_bundles)
 
     def _record_run_start(self, cleanup: contextlib.ExitStack) -> None:
         """The run's row (bundle, the settings that ran); its stop time is written however the run ends."""
@@ -382,7 +389,7 @@ class Pipeline:
             return ring
 
         # One commit bell for all cameras: preprocess waits on any of them.
-        frames_bell = Doorbell(ctx, most=pc.ring_slots * len(self.sources))
+        frames_bell = Doorbell(ctx, most=pc.ring_slots * len(self.sources) + GOLDEN_SLOTS)
         frame_shape = (pc.max_frame_height, pc.max_frame_width, 3)
         input_h, input_w = self.manifest.input_size
         kept_shape = (input_h, input_w, 4)  # a kept frame (RGB) and its quantised anomaly map
@@ -394,6 +401,7 @@ class Pipeline:
             verdict=make(256),  # the supervisor waits on it between its other duties
             records=make(store.buffer_slots) if store else None,
             images=make(store.image_slots, kept_shape) if store else None,
+            golden=make(GOLDEN_SLOTS, (input_h, input_w, 3), frames_bell) if self.config.golden.enabled else None,
         )
 
     def _plan_stages(self, rings: Rings) -> list[StageProcess]:
@@ -406,7 +414,9 @@ class Pipeline:
         ]
         assert self.table is not None
         table = self.table.spec
-        pre = PreprocessArgs(tuple(r.spec for r in rings.frames), tuple(self.policies), rings.tensor.spec, table)
+        golden = None if rings.golden is None else rings.golden.spec
+        frames = tuple(r.spec for r in rings.frames)
+        pre = PreprocessArgs(frames, tuple(self.policies), rings.tensor.spec, table, golden)
         infer = InferArgs(
             rings.tensor.spec,
             rings.score.spec,
@@ -523,9 +533,26 @@ class Pipeline:
             self.service.watchdog()
             time.sleep(0.01)
         freeze_startup_heap()  # this process drains every verdict: no collector stalls here either
+        self._start_selftest(live)
         for i, st in enumerate(self.stages):
             if st.kind == "capture":
                 live.start(i)
+
+    def _start_selftest(self, live: _LiveRun) -> None:
+        """Every live bundle's golden frames through the pipeline before the cameras start (or a stop)."""
+        if live.selftest is None:
+            return
+        for slot, bundle in live.live_bundles():
+            live.selftest.start(slot, bundle, "start")
+        while live.selftest.running and not self._stop_requested:
+            live.drain_verdicts()
+            live.tick_selftest()
+            live.restart_failed()
+            if live.failure is not None:
+                return
+            self.probe.passed()
+            self.service.watchdog()
+            live.rings.verdict.wait_for_commit(SUPERVISOR_WAIT_S)
 
     def _supervise(self, live: _LiveRun, duration_s: float | None) -> None:
         """Count verdicts, restart failed stages and sync metrics until the sources are through or a stop."""
@@ -533,6 +560,7 @@ class Pipeline:
         last_sync = 0.0
         while True:
             busy = live.drain_verdicts()
+            live.tick_selftest()
             if live.control is not None:
                 live.control.serve()
             now = time.monotonic()
@@ -654,6 +682,11 @@ class _LiveRun:
         self._references: dict[int, DriftReference | None] = {}
         self.failure: str | None = None  # set when a stage failed once too often: the run stops
         self.control: RunControl | None = None  # the changeover endpoint, when on
+        self.selftest: SelfTest | None = None
+        if rings.golden is not None:
+            gc = pipeline.config.golden
+            self.selftest = SelfTest(rings.golden, gc.score_tolerance, gc.timeout_s, self._selftest_done)
+        self.next_selftest = time.monotonic() + pipeline.config.golden.every_h * 3600.0
 
     def start(self, index: int) -> None:
         st = self.stages[index]
@@ -668,6 +701,8 @@ class _LiveRun:
             return
         state, now = self.state, time.monotonic()
         for i, st in enumerate(self.stages):
+            if st.process is None:
+                continue  # not started yet (the cameras wait for the start-up self-test)
             if st.kind == "capture" and (state.done[st.camera] or state.stopping_sources()):
                 self.restart_at.pop(i, None)
                 continue  # finished (or told to): a capture process that ended is not restarted
@@ -728,6 +763,10 @@ class _LiveRun:
         for s in slots:
             rec = ring.headers[int(s)].copy()
             ring.release(int(s))
+            if rec["golden"]:
+                if self.selftest is not None:
+                    self.selftest.observe(rec)
+                continue
             if not tally.add(rec):
                 continue
             bundle = int(rec["bundle"])
@@ -762,6 +801,39 @@ class _LiveRun:
             else:
                 log.info("camera %s: pass scores are back in line with the calibration", cam)
 
+    def live_bundles(self) -> list[tuple[int, RunBundle]]:
+        """(slot, bundle) of each bundle deciding some camera now."""
+        table = self.pipeline.table
+        assert table is not None
+        slots = sorted({int(s) for s in table.live})
+        return [(s, self.pipeline.slot_bundles[s]) for s in slots]
+
+    def tick_selftest(self) -> None:
+        """Send waiting golden frames, judge finished rounds, start the scheduled one when due."""
+        if self.selftest is None:
+            return
+        self.selftest.pump()
+        self.selftest.poll()
+        every_h = self.pipeline.config.golden.every_h
+        if every_h > 0 and time.monotonic() >= self.next_selftest and not self.state.stopping_sources():
+            self.next_selftest = time.monotonic() + every_h * 3600.0
+            for slot, bundle in self.live_bundles():
+                self.selftest.start(slot, bundle, "scheduled")
+
+    def _selftest_done(self, result: SelfTestResult) -> None:
+        """Store the outcome and say on the heartbeat whether any bundle in charge failed its last self-test."""
+        assert self.selftest is not None
+        failing = any(self.selftest.failed(b.hash) for _, b in self.live_bundles())
+        self.state.flags[FLAG_SELFTEST_FAILED] = int(failing)
+        if self.control is not None:
+            self.control.selftest_finished(result)
+        store = self.pipeline.store
+        if store is not None:
+            try:
+                SelfTestLog(store).record(self.pipeline.run_id, result)
+            except StoreError as exc:
+                log.error("%s; the self-test of %s is not recorded", exc, result.path)
+
     def accounted(self) -> np.ndarray:
         return self.tally.counts.sum(axis=1) + self.state.drops.sum(axis=1)
 
@@ -783,6 +855,7 @@ class _LiveRun:
         for cam, watch in zip(self.pipeline.cameras, self.drift, strict=True):
             if watch is not None:
                 self.metrics.drift.labels(cam).set(watch.statistic)
+        self._sync_selftest()
         problems = self.readiness_problems(ages)
         self.pipeline.probe.set_problems(problems)
         service = self.pipeline.service
@@ -804,9 +877,31 @@ class _LiveRun:
         for c, cam in enumerate(self.pipeline.cameras):
             if not state.connected[c] and not state.done[c]:
                 problems.append(f"camera {cam} ({self.pipeline.sources[c].spec}) not connected")
+        problems += self.selftest_problems()
         if state.store[STORE_FAILING]:
             problems.append("verdict store not writable")
         return problems
+
+    def _sync_selftest(self) -> None:
+        table = self.pipeline.table
+        if self.selftest is None or table is None:
+            return
+        for c, cam in enumerate(self.pipeline.cameras):
+            last = self.selftest.latest.get(table.hash(int(table.live[c])))
+            self.metrics.selftest_passed.labels(cam).set(float("nan") if last is None else float(last.passed))
+
+    def selftest_problems(self) -> list[str]:
+        """Each camera whose bundle failed its last golden self-test, with the first failure."""
+        table = self.pipeline.table
+        if self.selftest is None or table is None:
+            return []
+        out = []
+        for c, cam in enumerate(self.pipeline.cameras):
+            if (failed := self.selftest.failed(table.hash(int(table.live[c])))) is not None:
+                more = f" (and {len(failed.failures) - 1} more)" if len(failed.failures) > 1 else ""
+                name = Path(failed.path).name
+                out.append(f"camera {cam}: golden self-test of {name} failed: {failed.failures[0]}{more}")
+        return out
 
     def restarts(self) -> dict[str, int]:
         out: dict[str, int] = {}
@@ -832,18 +927,48 @@ class _LiveRun:
                 st.process.join(JOIN_TIMEOUT_S)
 
 
-@dataclass(frozen=True)
+@dataclass
 class RunControl:
     server: ControlServer
     changeover: Changeover
+    selftest: SelfTest | None
+    live_bundles: Callable[[], list[tuple[int, RunBundle]]]
+    # requesters of an on-demand self-test, with the bundle hashes they wait for
+    waiting: list[tuple[bytes, set[str], list[SelfTestResult]]] = field(default_factory=list)
 
     def serve(self) -> None:
         """Take the waiting switch requests and answer those that are decided (never blocks)."""
         for ticket, request in self.server.requests():
-            if (outcome := self.changeover.request(ticket, request)) is not None:
+            if isinstance(request, SelfTestRequest):
+                self._selftest(ticket)
+            elif (outcome := self.changeover.request(ticket, request)) is not None:
                 self.server.reply(ticket, outcome)
         for ticket, outcome in self.changeover.poll():
             self.server.reply(ticket, outcome)
+
+    def _selftest(self, ticket: bytes) -> None:
+        if self.selftest is None:
+            self.server.reply_selftest(ticket, SelfTestOutcome(False, error="golden.enabled is false in this run"))
+            return
+        started = {b.hash for slot, b in self.live_bundles() if self.selftest.start(slot, b, "on demand")}
+        if not started:
+            self.server.reply_selftest(ticket, SelfTestOutcome(False, error="no bundle in charge holds golden frames"))
+            return
+        self.waiting.append((ticket, started, []))
+
+    def selftest_finished(self, result: SelfTestResult) -> None:
+        """Answer the requesters once every bundle they wait for has its result."""
+        still = []
+        for ticket, wanted, results in self.waiting:
+            if result.bundle in wanted:
+                wanted.discard(result.bundle)
+                results.append(result)
+            if wanted:
+                still.append((ticket, wanted, results))
+            else:
+                passed = all(r.passed for r in results)
+                self.server.reply_selftest(ticket, SelfTestOutcome(passed, [asdict(r) for r in results]))
+        self.waiting = still
 
     def refuse_pending(self, why: str) -> None:
         for ticket, outcome in self.changeover.refuse_pending(why):

@@ -37,7 +37,7 @@ def bundle_path(small_category: Path, tmp_path_factory: pytest.TempPathFactory) 
     config = config_from_dict({"model": {"input_size": 128}, "calibration": LOOSE})
     cal = calibrate(config, normal_frames(small_category))
     path = tmp_path_factory.mktemp("run") / "bundle.pt"
-    save_bundle(path, cal.fit.model, cal.manifest)
+    save_bundle(path, cal.fit.model, cal.manifest, cal.golden)
     return path
 
 
@@ -53,7 +53,7 @@ def grass_bundle(grass_category: Path, tmp_path_factory: pytest.TempPathFactory)
     config = config_from_dict({"model": {"input_size": 128}, "calibration": LOOSE})
     cal = calibrate(config, normal_frames(grass_category))
     path = tmp_path_factory.mktemp("grass-run") / "grass.pt"
-    save_bundle(path, cal.fit.model, cal.manifest)
+    save_bundle(path, cal.fit.model, cal.manifest, cal.golden)
     return path
 
 

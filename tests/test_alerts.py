@@ -189,6 +189,14 @@ def test_store_alerts_and_box_liveness(tmp_path: Path) -> None:
     promtool_test(tmp_path, inputs, checks)
 
 
+def test_a_failed_self_test_alerts_at_once_and_clears_when_one_passes(tmp_path: Path) -> None:
+    inputs = {series("linewatch_selftest_passed", camera="cam0"): "1x10 0x10 1x10"}
+    fired = [expected("LinewatchSelfTestFailed", camera="cam0")]
+    checks = [("1m", "LinewatchSelfTestFailed", []), ("3m", "LinewatchSelfTestFailed", fired),
+              ("6m", "LinewatchSelfTestFailed", [])]  # fmt: skip
+    promtool_test(tmp_path, inputs, checks)
+
+
 def test_a_healthy_line_raises_no_alert(tmp_path: Path) -> None:
     inputs = {
         series("linewatch_false_reject_bound", camera="cam0"): "0.01x120",
@@ -201,6 +209,7 @@ def test_a_healthy_line_raises_no_alert(tmp_path: Path) -> None:
         series("linewatch_camera_connected", camera="cam0"): "1x120",
         series("linewatch_store_backlog"): "3x120",
         series("linewatch_drift_statistic", camera="cam0"): "2x120",
+        series("linewatch_selftest_passed", camera="cam0"): "1x120",
         series("linewatch_drift_alarm_level"): "1e6x120",
         series("linewatch_store_lost_total"): "0x120",
         series("linewatch_up"): "1x120",

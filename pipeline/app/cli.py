@@ -28,6 +28,7 @@ if TYPE_CHECKING:
     from pipeline.supervisor import RunSummary
 
 EXIT_ERROR = 2
+EXIT_SELFTEST_FAILED = 1  # linewatch selftest: a bundle in charge failed its golden self-test
 EXIT_RUN_FAILED = 3  # the run started but ended as a failure: a stage kept failing, or no frame arrived
 log = logging.getLogger(__name__)
 
@@ -184,7 +185,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     test = MVTecCategory(args.data) if (Path(args.data) / "train" / "good").is_dir() else None
     cal = calibrate(config, samples, test, skip_bad=args.skip_bad, progress=not args.quiet)
     cal.skipped.log()
-    digest = save_bundle(args.out, cal.fit.model, cal.manifest)
+    digest = save_bundle(args.out, cal.fit.model, cal.manifest, cal.golden)
     report_dir = args.report_dir or Path(args.out).parent
     write_report(report_dir, cal, Path(args.out), digest)
     c = cal.choice
@@ -337,6 +338,28 @@ def cmd_switch(args: argparse.Namespace) -> int:
         loading = f" ({outcome.load_ms:.0f} ms to load)" if outcome.load_ms else ""
         print(f"camera {outcome.camera}: {which} switched from {before} to {after}{loading}")
     return 0
+
+
+def cmd_selftest(args: argparse.Namespace) -> int:
+    import getpass
+    import socket
+
+    from pipeline.app.config import ConfigError
+    from pipeline.changeover import SelfTestRequest, ask_selftest
+
+    address = args.address or _config(args).pipeline.control_address
+    if address is None:
+        raise ConfigError("pipeline.control_address: null, so the run takes no requests (give --address)")
+    outcome = ask_selftest(address, SelfTestRequest(f"{getpass.getuser()}@{socket.gethostname()}"), args.timeout)
+    if outcome.error is not None:
+        print(f"linewatch: no self-test: {outcome.error}", file=sys.stderr)
+        return EXIT_ERROR
+    for r in outcome.results:
+        head = f"{Path(r['path']).name} (bundle {r['bundle'][:12]}), {r['frames']} golden frames"
+        print(f"{head}: passed" if not r["failures"] else f"{head}: FAILED")
+        for failure in r["failures"]:
+            print(f"  {failure}")
+    return 0 if outcome.passed else EXIT_SELFTEST_FAILED
 
 
 def _print_run(summary: RunSummary) -> None:
@@ -603,6 +626,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--by", help="who asks, for the store's record (default: user@host)")
     p.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for the outcome (default 120)")
     p.set_defaults(func=cmd_switch)
+
+    p = sub.add_parser("selftest", help="push the golden frames of every bundle in charge through the running line")
+    p.add_argument("--config", type=Path, help="config file (pipeline.control_address)")
+    p.add_argument("--address", help="the run's control endpoint (default: pipeline.control_address)")
+    p.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for the outcome (default 120)")
+    p.set_defaults(func=cmd_selftest)
 
     p = sub.add_parser("bench", help="measure backbone, model and pipeline speed of a bundle on this box")
     _add_bundle(p, "bundle to measure (calibrated, for the pipeline)")

@@ -94,7 +94,7 @@ def calibrate_line(workdir: Path, n_frames: int, progress: bool) -> Path:
     config = with_overrides(Config(), {"calibration.holdout_fraction": 0.75})
     cal = calibrate(config, normal_frames(folder), MVTecCategory(folder), progress=progress)
     bundle = workdir / "line" / "line.pt"
-    digest = save_bundle(bundle, cal.fit.model, cal.manifest)
+    digest = save_bundle(bundle, cal.fit.model, cal.manifest, cal.golden)
     write_report(bundle.parent, cal, bundle, digest)
     c = cal.choice
     print(

@@ -163,8 +163,11 @@ def recalibrate_from_store(
         "missing": len(missing),
         "reviewed_recall": None if recall is None else recall.to_dict(),
     }
-    result = replace(result, manifest=replace(result.manifest, calibration=calibration))
-    digest = save_bundle(out, bundle.model, result.manifest)
+    # Golden frames that are no longer clear cases at the new threshold would fail the self-test for nothing.
+    golden = None if bundle.golden is None else bundle.golden.clear_at(result.choice.threshold)
+    manifest = replace(result.manifest, calibration=calibration, golden=None if golden is None else golden.record())
+    result = replace(result, manifest=manifest)
+    digest = save_bundle(out, bundle.model, result.manifest, golden)
     return StoreRecalibration(result, period, counts, len(missing), digest, len(reviewed.false_rejects), recall)
 
 

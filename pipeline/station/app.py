@@ -50,6 +50,7 @@ from pipeline.store.feed import feed_item
 from pipeline.store.keys import image_path
 from pipeline.store.records import write_csv
 from pipeline.store.reviews import LABELS, ReviewError, Reviews
+from pipeline.store.selftests import SelfTestLog
 from pipeline.store.switches import BundleSwitch, SwitchLog
 from pipeline.store.verdicts import HistoryFilter, StoreError, VerdictStore
 
@@ -254,8 +255,9 @@ class Station:
 
     async def model(self, request: Request) -> Response:
         switches = await run_in_threadpool(SwitchLog(self.store).recent, 50)
+        selftests = await run_in_threadpool(SelfTestLog(self.store).recent, 20)
         return self.page(request, "model.html", run=self.settings.run, cameras=self.deciding(switches),
-                         switches=switches)  # fmt: skip
+                         switches=switches, selftests=selftests)  # fmt: skip
 
     def deciding(self, switches: list[BundleSwitch]) -> list[tuple[str, str, BundleSummary | None]]:
         """(camera, hash, the bundle's summary when it is the one it started with) of each camera of the run: its

@@ -86,7 +86,7 @@ def create_review_tables(conn: Connection) -> None:
 
 
 def add_bundle_changes(conn: Connection) -> None:
-    """Step 4: the `bundle_switches` table and the verdicts' shadow columns, as they were added."""
+    """Step 4: the `bundle_switches` and `selftests` tables and the verdicts' shadow columns, as they were added."""
     shadow = (Column("shadow_bundle", String(64)), Column("shadow_score", Double), Column("shadow_verdict", String(16)))
     for column in shadow:
         add_column("verdicts", column)(conn)
@@ -108,6 +108,20 @@ def add_bundle_changes(conn: Connection) -> None:
         Column("shadow", Boolean, nullable=False),
         Index("ix_bundle_switches_time", "requested_ns"),
     )
+    Table(
+        "selftests",
+        added,
+        Column("selftest_id", Integer, primary_key=True, autoincrement=True),
+        Column("run_id", String(64), nullable=False),
+        Column("t_ns", BigInteger, nullable=False),
+        Column("bundle", String(64), nullable=False),
+        Column("bundle_path", Text, nullable=False),
+        Column("why", String(32), nullable=False),
+        Column("frames", Integer, nullable=False),
+        Column("passed", Boolean, nullable=False),
+        Column("failures", Text, nullable=False),
+        Index("ix_selftests_time", "t_ns"),
+    )
     added.create_all(conn)
 
 
@@ -127,7 +141,8 @@ MIGRATIONS: tuple[Migration, ...] = (
     Migration(
         4,
         "bundle_switches: every product changeover and shadow bundle asked of a run (who, when, from, to), made or "
-        "refused; verdicts.shadow_*: the shadow bundle's verdict on the same frame",
+        "refused; verdicts.shadow_*: the shadow bundle's verdict on the same frame; selftests: golden-sample "
+        "self-test outcomes",
         add_bundle_changes,
     ),
 )

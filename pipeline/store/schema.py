@@ -8,6 +8,7 @@ row per review and never updated, so a later label adds to the audit trail inste
 holds who may review, with a password hash (`pipeline.store.reviews`). `bundle_switches` records every product
 changeover (and shadow bundle) asked of a run, made or refused (`pipeline.store.switches`); a verdict's
 `shadow_*` columns hold the verdict of the camera's shadow bundle on the same frame, when it had one.
+`selftests` holds each golden-sample self-test's outcome (`pipeline.selftest`).
 `store_meta` holds the schema version, so a store made by this version is recognised, upgraded by a later one
 (`pipeline.store.migrations`), and refused by an older one.
 """
@@ -101,6 +102,21 @@ bundle_switches = Table(
     Column("refused", Text),  # why the switch was refused; null when it was made
     Column("shadow", Boolean, nullable=False),  # the camera's shadow bundle was asked for, not its live one
     Index("ix_bundle_switches_time", "requested_ns"),
+)
+
+selftests = Table(
+    "selftests",
+    metadata,
+    Column("selftest_id", Integer, primary_key=True, autoincrement=True),
+    Column("run_id", String(64), nullable=False),
+    Column("t_ns", BigInteger, nullable=False),
+    Column("bundle", String(64), nullable=False),
+    Column("bundle_path", Text, nullable=False),
+    Column("why", String(32), nullable=False),  # start | on demand | scheduled
+    Column("frames", Integer, nullable=False),
+    Column("passed", Boolean, nullable=False),
+    Column("failures", Text, nullable=False),  # one line per failed frame
+    Index("ix_selftests_time", "t_ns"),
 )
 
 # Tables every linewatch store has, whatever its version: a database without them is not a store.

@@ -31,6 +31,7 @@ from calibration.datasets import MVTecCategory
 from pipeline.app.cli import main
 from pipeline.app.config import with_overrides
 from pipeline.app.ports import free_port
+from pipeline.selftest import SelfTestResult
 from pipeline.settings import SourceConfig
 from pipeline.state import STORE_WRITTEN, RunState
 from pipeline.station.app import create_app
@@ -42,6 +43,7 @@ from pipeline.store.archive import ImageArchive
 from pipeline.store.feed import StoredFeed, decode_feed
 from pipeline.store.records import FIELDS
 from pipeline.store.reviews import Label, ReviewError, Reviews, hash_password, verify_password
+from pipeline.store.selftests import SelfTestLog
 from pipeline.store.switches import BundleSwitch, SwitchLog
 from pipeline.store.verdicts import StoredVerdict, VerdictStore
 from pipeline.supervisor import Pipeline
@@ -273,7 +275,14 @@ def test_the_model_page_shows_each_cameras_bundle_and_the_changeovers(
     cameras = page[page.index('id="cameras"') : page.index("</table>", page.index('id="cameras"'))]
     assert re.search(rf"cam0</td><td><code>{BUNDLE.hash[:16]}</code> {re.escape(BUNDLE.path)}", cameras)
     assert re.search(rf"cam1</td><td><code>{other[:16]}</code> \(switched during this run\)", cameras)
-    listed = page[page.index('id="switches"') :]
+    assert "No golden self-test recorded." in page
+    failed = SelfTestResult(
+        BUNDLE.hash, BUNDLE.path, asked, 3, ("frame 0 (held-out good): reject at score 40",), "start"
+    )
+    SelfTestLog(store).record("run-a", failed)
+    tests = TestClient(create_app(settings, store, None, NoRun())).get("/model").text
+    assert "FAILED: frame 0 (held-out good): reject at score 40" in tests[tests.index('id="selftests"') :]
+    listed = page[page.index('id="switches"') : page.index("Golden self-tests")]
     assert listed.index("alice") < listed.index("plc")  # newest first
     assert "part_b" in listed and "refused: /srv/c.pt: content hash mismatch" in listed
     assert listed.count('class="switched"') == 1 and listed.count('class="refused"') == 1
