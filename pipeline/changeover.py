@@ -94,11 +94,7 @@ class SwitchOutcome:
 
     @classmethod
     def decode(cls, data: bytes) -> SwitchOutcome:
-        body = json.loads(data)
-        if not isinstance(body, dict) or body.get("v") != CONTROL_VERSION:
-            raise ValueError(f"control reply: expected version {CONTROL_VERSION}")
-        body.pop("v")
-        return cls(**body)
+        return cls(**_reply_fields(data))
 
 
 @dataclass(frozen=True)
@@ -122,11 +118,15 @@ class SelfTestOutcome:
 
     @classmethod
     def decode(cls, data: bytes) -> SelfTestOutcome:
-        body = json.loads(data)
-        if not isinstance(body, dict) or body.get("v") != CONTROL_VERSION:
-            raise ValueError(f"control reply: expected version {CONTROL_VERSION}")
-        body.pop("v")
-        return cls(**body)
+        return cls(**_reply_fields(data))
+
+
+def _reply_fields(data: bytes) -> dict[str, Any]:
+    body = json.loads(data)
+    if not isinstance(body, dict) or body.get("v") != CONTROL_VERSION:
+        raise ValueError(f"control reply: expected version {CONTROL_VERSION}")
+    body.pop("v")
+    return body
 
 
 def decode_request(data: bytes) -> SwitchRequest | SelfTestRequest:

@@ -475,6 +475,8 @@ class Pipeline:
                 cam: bundle_summary(b.path, b.manifest, b.hash)
                 for cam, b in zip(self.cameras, (self.bundles[i] for i in self.source_bundles), strict=True)
             },
+            control_address=pc.control_address,
+            recipes=tuple(sorted(pc.recipes)),
         )
         return StationArgs(settings, slots, tuple(self.cameras))
 

@@ -57,6 +57,7 @@ from pipeline.store.verdicts import HistoryFilter, StoreError, VerdictStore
 HERE = Path(__file__).parent
 STATS_EVERY_S = 2.0  # live view: counts, rate and health refreshed this often
 SESSION_MAX_AGE_S = 12 * 3600  # one shift
+SWITCH_TIMEOUT_S = 120.0  # a changeover asked from the page: loading a bundle may take that long on a GPU box
 _REPORT_FILE = re.compile(r"[A-Za-z0-9_.-]+\.(png|html)")
 
 Handler = Callable[[Request], Awaitable[Response]]
@@ -256,8 +257,33 @@ class Station:
     async def model(self, request: Request) -> Response:
         switches = await run_in_threadpool(SwitchLog(self.store).recent, 50)
         selftests = await run_in_threadpool(SelfTestLog(self.store).recent, 20)
-        return self.page(request, "model.html", run=self.settings.run, cameras=self.deciding(switches),
-                         switches=switches, selftests=selftests)  # fmt: skip
+        st = self.settings
+        switchable = bool(st.recipes) and st.control_address is not None and access.user_of(request) is not None
+        return self.page(request, "model.html", run=st.run, cameras=self.deciding(switches), switches=switches,
+                         selftests=selftests, switchable=switchable, recipes=st.recipes)  # fmt: skip
+
+    async def switch(self, request: Request) -> Response:
+        """A logged-in user puts a camera on a recipe: the same request `linewatch switch` sends."""
+        from pipeline.changeover import SwitchRequest, ask_switch
+
+        form = await request.form()
+        if not access.csrf_ok(request, form.get("csrf")):
+            return self.stale_form(request)
+        user = access.user_of(request)
+        if user is None:
+            return self.error(request, 403, "a changeover needs a user: log in first")
+        address = self.settings.control_address
+        if address is None or self.settings.run is None:
+            return self.error(request, 409, "no run on this box takes changeover requests")
+        camera, recipe = str(form.get("camera", "")), str(form.get("recipe", ""))
+        want = SwitchRequest(camera, recipe=recipe, by=f"operator:{user}")
+        try:
+            outcome = await run_in_threadpool(ask_switch, address, want, SWITCH_TIMEOUT_S)
+        except (OSError, ValueError) as exc:
+            return self.error(request, 503, str(exc))
+        if not outcome.switched:
+            return self.error(request, 409, f"switch refused: {outcome.error}")
+        return RedirectResponse("/model", status_code=303)
 
     def deciding(self, switches: list[BundleSwitch]) -> list[tuple[str, str, BundleSummary | None]]:
         """(camera, hash, the bundle's summary when it is the one it started with) of each camera of the run: its
@@ -350,6 +376,7 @@ def create_app(settings: StationSettings, store: VerdictStore, hub: LiveHub | No
         Route("/part/{run}/{seq:int}/label", s.label, methods=["POST"]),
         Route("/image/{key:path}", read(s.image)),
         Route("/model", read(s.model)),
+        Route("/model/switch", s.switch, methods=["POST"]),
         Route("/model/report/", read(s.report)),
         Route("/model/report/{name}", read(s.report)),
         Route("/login", s.login_form, methods=["GET"]),

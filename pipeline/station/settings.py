@@ -49,6 +49,8 @@ class StationSettings:
     cameras: tuple[str, ...] = ()
     run: str | None = None
     camera_bundles: dict[str, BundleSummary] = field(default_factory=dict)  # each camera's bundle at the run's start
+    control_address: str | None = None  # the run's changeover endpoint; None: no switching from the page
+    recipes: tuple[str, ...] = ()  # pipeline.recipes' names, offered on the model page
 
 
 def bundle_summary(path: Path, manifest: BundleManifest, content_hash: str) -> BundleSummary:

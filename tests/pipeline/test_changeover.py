@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import signal
@@ -9,20 +10,24 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
+import httpx
 import pytest
 import torch
 
 from edge.bundle import content_hash, read_bundle_file
 from pipeline.app.cli import EXIT_ERROR
-from pipeline.app.config import Config
+from pipeline.app.config import Config, with_overrides
 from pipeline.app.ports import free_port
 from pipeline.changeover import SwitchOutcome, SwitchRequest, ask_switch
 from pipeline.settings import SourceConfig
+from pipeline.store.reviews import Reviews
 from pipeline.store.switches import SwitchLog
-from pipeline.supervisor import Pipeline
+from pipeline.supervisor import Pipeline, RunSummary
 from tests.pipeline.test_runtime import Subscriber, run_config
+from tests.pipeline.test_station import PASSWORD, csrf_of, log_in
 
 
 def tampered_copy(bundle: Path, out: Path) -> Path:
@@ -45,14 +50,59 @@ def resized_copy(bundle: Path, out: Path, size: int) -> Path:
     return out
 
 
+def other_weights_copy(bundle: Path, out: Path) -> Path:
+    """A valid bundle that says it was fitted with other backbone weights than this box has."""
+    raw = torch.load(bundle, weights_only=True)
+    manifest = json.loads(raw["manifest"])
+    manifest["backbone"]["weights_sha256"] = "0" * 64
+    raw["manifest"] = json.dumps(manifest, sort_keys=True)
+    raw["hash"] = content_hash(raw["manifest"], raw["tensors"])
+    torch.save(raw, out)
+    return out
+
+
+def switch_on_the_page(site: str, camera: str, recipe: str) -> int:
+    """Log in to the operator page as alice and ask for `recipe` on `camera`, as a shift lead would."""
+    with httpx.Client(base_url=site, follow_redirects=False, timeout=150) as page:
+        assert log_in(page) == 303  # type: ignore[arg-type]
+        model = page.get("/model").text
+        assert 'action="/model/switch"' in model and "<option>brick_product</option>" in model
+        form = {"csrf": csrf_of(model), "camera": camera, "recipe": recipe}
+        return page.post("/model/switch", data=form).status_code
+
+
 def switch_by_cli(address: str, *args: str) -> subprocess.CompletedProcess[str]:
     command = [sys.executable, "-m", "pipeline.app.cli", "switch", "--address", address, *args]
     return subprocess.run(command, capture_output=True, text=True, timeout=180)
 
 
-def changeover_config(port: int, control: str, recipe: Path) -> Config:
-    config = run_config(port, max_batch=2, control_address=control, recipes={"grass_product": str(recipe)})
-    return config
+def run_operated(pipeline: Pipeline, subscriber: Subscriber, operator: Callable[[], None]) -> RunSummary:
+    """Run `pipeline` while `operator` works beside it in a thread; the run stops when the operator is done
+    (or fails: its exception is raised here once the run has drained)."""
+    errors: list[BaseException] = []
+
+    def work() -> None:
+        try:
+            operator()
+        except BaseException as exc:  # noqa: BLE001 - raised in the test's thread below
+            errors.append(exc)
+        finally:
+            pipeline.request_stop()
+
+    thread = threading.Thread(target=work, daemon=True)
+    thread.start()
+    summary = pipeline.run(duration_s=240, install_signals=False)
+    thread.join(10)
+    time.sleep(0.3)  # the last messages reach the subscriber
+    subscriber.stop()
+    if errors:
+        raise errors[0]
+    return summary
+
+
+def changeover_config(port: int, control: str, recipes: dict[str, str], ui_port: int) -> Config:
+    config = run_config(port, max_batch=2, control_address=control, recipes=recipes)
+    return with_overrides(config, {"ui.port": ui_port, "ui.feed_address": f"tcp://127.0.0.1:{free_port()}"})
 
 
 def test_a_changeover_mid_replay_decides_every_frame_once_by_the_bundle_of_its_time(
@@ -67,51 +117,40 @@ def test_a_changeover_mid_replay_decides_every_frame_once_by_the_bundle_of_its_t
         SourceConfig(spec=f"folder:{small_category}", id="top", rate_ppm=900, loop=True, policy="block"),
         SourceConfig(spec=f"folder:{grass_category}", id="side", rate_ppm=900, loop=True, bundle=str(grass_bundle)),
     )
-    pipeline = Pipeline(changeover_config(port, control, grass_bundle), bundle_path, sources)
+    ui_port = free_port()
+    recipes = {"grass_product": str(grass_bundle), "brick_product": str(bundle_path)}
+    pipeline = Pipeline(changeover_config(port, control, recipes, ui_port), bundle_path, sources)
+    assert pipeline.store is not None
+    Reviews(pipeline.store).set_user("alice", PASSWORD, time.time_ns())
     refusals: list[SwitchOutcome] = []
     marks: dict[str, int] = {}
     cli: list[subprocess.CompletedProcess[str]] = []
-    errors: list[BaseException] = []
-
-    def verdicts_of(camera: str) -> int:
-        return sum(m["camera_id"] == camera for m in subscriber.messages)
-
-    def wait_for(camera: str, n: int) -> None:
-        deadline = time.monotonic() + 120
-        while verdicts_of(camera) < n and time.monotonic() < deadline:
-            time.sleep(0.05)
 
     def operator() -> None:
-        try:
-            wait_for("top", 5)
-            bad = [
-                SwitchRequest("top", bundle=str(tmp_path / "missing.pt"), by="tester"),
-                SwitchRequest("top", bundle=str(tampered_copy(grass_bundle, tmp_path / "tampered.pt")), by="tester"),
-                SwitchRequest("top", bundle=str(resized_copy(grass_bundle, tmp_path / "r96.pt", 96)), by="tester"),
-                SwitchRequest("top", recipe="part_z", by="tester"),
-                SwitchRequest("front", recipe="grass_product", by="tester"),
-            ]
-            refusals.extend(ask_switch(control, r, 30) for r in bad)
-            marks["asked_ns"] = time.time_ns()
-            cli.append(switch_by_cli(control, "--camera", "top", "--recipe", "grass_product", "--by", "shift-lead"))
-            marks["answered_ns"] = time.time_ns()
-            wait_for("top", verdicts_of("top") + 8)
-            infer = next(st.process for st in pipeline.stages if st.kind == "infer")
-            assert infer is not None and infer.pid is not None
-            os.kill(infer.pid, signal.SIGKILL)  # its successor loads both bundles of the table again
-            wait_for("top", verdicts_of("top") + 8)
-        except BaseException as exc:  # noqa: BLE001 - reported by the test below
-            errors.append(exc)
-        finally:
-            pipeline.request_stop()
+        subscriber.wait_for(5, "top")
+        bad = [
+            SwitchRequest("top", bundle=str(tmp_path / "missing.pt"), by="tester"),
+            SwitchRequest("top", bundle=str(tampered_copy(grass_bundle, tmp_path / "tampered.pt")), by="tester"),
+            SwitchRequest("top", bundle=str(resized_copy(grass_bundle, tmp_path / "r96.pt", 96)), by="tester"),
+            SwitchRequest("top", recipe="part_z", by="tester"),
+            SwitchRequest("front", recipe="grass_product", by="tester"),
+            SwitchRequest("top", bundle=str(other_weights_copy(grass_bundle, tmp_path / "other.pt")), by="tester"),
+        ]
+        refusals.extend(ask_switch(control, r, 30) for r in bad)
+        marks["asked_ns"] = time.time_ns()
+        cli.append(switch_by_cli(control, "--camera", "top", "--recipe", "grass_product", "--by", "shift-lead"))
+        marks["answered_ns"] = time.time_ns()
+        subscriber.wait_for(subscriber.verdicts("top") + 8, "top")
+        infer = next(st.process for st in pipeline.stages if st.kind == "infer")
+        assert infer is not None and infer.pid is not None
+        os.kill(infer.pid, signal.SIGKILL)  # its successor loads both bundles of the table again
+        subscriber.wait_for(subscriber.verdicts("top") + 8, "top")
+        marks["page_asked_ns"] = time.time_ns()
+        marks["page"] = switch_on_the_page(f"http://127.0.0.1:{ui_port}", "top", "brick_product")
+        marks["page_answered_ns"] = time.time_ns()
+        subscriber.wait_for(subscriber.verdicts("top") + 8, "top")
 
-    thread = threading.Thread(target=operator, daemon=True)
-    thread.start()
-    summary = pipeline.run(duration_s=240, install_signals=False)
-    thread.join(10)
-    time.sleep(0.3)
-    subscriber.stop()
-    assert not errors, errors
+    summary = run_operated(pipeline, subscriber, operator)
 
     # Refused switches say why and leave the bundle running.
     why = [r.error or "" for r in refusals]
@@ -119,8 +158,9 @@ def test_a_changeover_mid_replay_decides_every_frame_once_by_the_bundle_of_its_t
     assert "missing.pt: bundle file does not exist" in why[0]
     assert "tampered.pt: content hash mismatch" in why[1]
     assert "r96.pt: input size 96x96, but this run's bundles take 128x128" in why[2]
-    assert "recipe 'part_z': not in pipeline.recipes (grass_product)" in why[3]
+    assert "recipe 'part_z': not in pipeline.recipes (brick_product, grass_product)" in why[3]
     assert "camera 'front': not in this run (cameras: top, side)" in why[4]
+    assert "other.pt: cannot be loaded here: " in why[5] and "differ from those the model was fitted with" in why[5]
     assert cli[0].returncode == 0, cli[0].stderr
     assert f"camera top: bundle switched from {brick[:12]} to {grass[:12]}" in cli[0].stdout
 
@@ -130,14 +170,17 @@ def test_a_changeover_mid_replay_decides_every_frame_once_by_the_bundle_of_its_t
     for camera in ("top", "side"):
         ids = sorted(m["frame_id"] for m in subscriber.messages if m["camera_id"] == camera)
         assert ids == list(range(summary.cameras[camera]["frames"])), camera
-    # Each verdict's bundle is the one of its time: brick until the switch, grass from then on.
+    # Each verdict's bundle is the one of its time: brick until the switch, grass until the page's switch back.
+    assert marks["page"] == 303
     top = sorted((m for m in subscriber.messages if m["camera_id"] == "top"), key=lambda m: m["frame_id"])
-    hashes = [m["bundle"] for m in top]
-    first_grass = hashes.index(grass)
-    assert set(hashes[:first_grass]) == {brick} and set(hashes[first_grass:]) == {grass}
+    runs = [(bundle, len(list(group))) for bundle, group in itertools.groupby(m["bundle"] for m in top)]
+    assert [bundle for bundle, _ in runs] == [brick, grass, brick] and runs[1][1] >= 16
     assert all(m["bundle"] == brick for m in top if m["t_decision_ns"] < marks["asked_ns"])
-    assert all(m["bundle"] == grass for m in top if m["t_capture_ns"] > marks["answered_ns"])
-    assert len(hashes) - first_grass >= 16
+    asked, answered = marks["page_asked_ns"], marks["page_answered_ns"]
+    assert all(
+        m["bundle"] == grass for m in top if marks["answered_ns"] < m["t_capture_ns"] and m["t_decision_ns"] < asked
+    )
+    assert all(m["bundle"] == brick for m in top if m["t_capture_ns"] > answered)
     assert {m["bundle"] for m in subscriber.messages if m["camera_id"] == "side"} == {grass}
 
     # The store keeps each verdict's bundle and every request, made or refused, with who asked.
@@ -147,12 +190,14 @@ def test_a_changeover_mid_replay_decides_every_frame_once_by_the_bundle_of_its_t
     by_seq = {m["seq"]: m["bundle"] for m in subscriber.messages}
     assert all(row.bundle == by_seq[row.seq] for row in stored)
     switches = SwitchLog(pipeline.store).recent(run=summary.run_id)
-    made = [s for s in switches if s.made]
-    assert len(made) == 1 and len(switches) == 5  # the unknown camera is not a camera's record
-    assert (made[0].camera_id, made[0].from_bundle, made[0].to_bundle) == ("top", brick, grass)
-    assert made[0].recipe == "grass_product" and made[0].requested_by == "shift-lead"
-    assert made[0].requested_ns <= made[0].switched_ns  # type: ignore[operator]
-    assert sorted(s.refused is not None for s in switches) == [False, True, True, True, True]
+    made = [s for s in reversed(switches) if s.made]
+    assert len(switches) == 7  # the unknown camera is not a camera's record
+    assert [(s.camera_id, s.from_bundle, s.to_bundle, s.recipe, s.requested_by) for s in made] == [
+        ("top", brick, grass, "grass_product", "shift-lead"),
+        ("top", grass, brick, "brick_product", "operator:alice"),
+    ]
+    assert all(s.requested_ns <= s.switched_ns for s in made)  # type: ignore[operator]
+    assert sum(s.refused is not None for s in switches) == 5
 
 
 def test_switch_cli_without_a_run_fails_with_one_line(tmp_path: Path) -> None:

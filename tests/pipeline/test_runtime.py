@@ -89,6 +89,15 @@ class Subscriber(threading.Thread):
             self.topics.append(frames[0])
             self.messages.append(decode(frames))
 
+    def verdicts(self, camera: str | None = None) -> int:
+        return sum(camera is None or m["camera_id"] == camera for m in self.messages)
+
+    def wait_for(self, n: int, camera: str | None = None, timeout_s: float = 120.0) -> None:
+        """Until `n` verdicts (of `camera`) have come, at most `timeout_s`."""
+        deadline = time.monotonic() + timeout_s
+        while self.verdicts(camera) < n and time.monotonic() < deadline:
+            time.sleep(0.05)
+
     def stop(self) -> None:
         self._stop_event.set()
         self.join(5)

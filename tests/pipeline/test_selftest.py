@@ -5,8 +5,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import threading
-import time
 from pathlib import Path
 
 import numpy as np
@@ -15,10 +13,12 @@ import torch
 from edge.bundle import content_hash, load_bundle
 from edge.golden import DEFECT, GOOD, GoldenSet
 from pipeline.app.cli import EXIT_SELFTEST_FAILED
+from pipeline.app.config import with_overrides
 from pipeline.app.ports import free_port
 from pipeline.settings import SourceConfig
 from pipeline.store.selftests import SelfTestLog
 from pipeline.supervisor import Pipeline
+from tests.pipeline.test_changeover import run_operated
 from tests.pipeline.test_endpoints import get_or_none
 from tests.pipeline.test_runtime import Subscriber, run_config
 
@@ -85,23 +85,14 @@ def test_a_bundle_that_fails_its_golden_frames_keeps_readyz_failing_and_is_recor
     seen: dict[str, object] = {}
 
     def operator() -> None:
-        try:
-            deadline = time.monotonic() + 120
-            while len(subscriber.messages) < 10 and time.monotonic() < deadline:
-                time.sleep(0.05)
-            base = f"http://127.0.0.1:{pipeline.metrics_port}"
-            seen["readyz"] = get_or_none(f"{base}/readyz")
-            seen["metrics"] = get_or_none(f"{base}/metrics")
-            command = [sys.executable, "-m", "pipeline.app.cli", "selftest", "--address", control]
-            seen["cli"] = subprocess.run(command, capture_output=True, text=True, timeout=180)
-        finally:
-            pipeline.request_stop()
+        subscriber.wait_for(10)
+        base = f"http://127.0.0.1:{pipeline.metrics_port}"
+        seen["readyz"] = get_or_none(f"{base}/readyz")
+        seen["metrics"] = get_or_none(f"{base}/metrics")
+        command = [sys.executable, "-m", "pipeline.app.cli", "selftest", "--address", control]
+        seen["cli"] = subprocess.run(command, capture_output=True, text=True, timeout=180)
 
-    thread = threading.Thread(target=operator, daemon=True)
-    thread.start()
-    summary = pipeline.run(duration_s=240, install_signals=False)
-    thread.join(10)
-    subscriber.stop()
+    summary = run_operated(pipeline, subscriber, operator)
 
     readyz = seen["readyz"]
     assert readyz is not None and readyz[0] == 503, readyz  # type: ignore[index]
@@ -124,3 +115,14 @@ def test_a_bundle_that_fails_its_golden_frames_keeps_readyz_failing_and_is_recor
         [("bundle.pt", "start", True), ("wrong.pt", "start", False),
          ("bundle.pt", "on demand", True), ("wrong.pt", "on demand", False)]
     )  # fmt: skip
+
+
+def test_the_self_test_runs_again_every_golden_every_h(bundle_path: Path, small_category: Path) -> None:
+    config = with_overrides(run_config(free_port()), {"golden.every_h": 0.0005})  # every 1.8 s
+    source = SourceConfig(spec=f"folder:{small_category}", rate_ppm=600, loop=True)
+    pipeline = Pipeline(config, bundle_path, (source,))
+    summary = pipeline.run(duration_s=8, install_signals=False)
+    assert pipeline.store is not None
+    why = [r.why for _, r in reversed(SelfTestLog(pipeline.store).recent(run=summary.run_id))]
+    assert why[0] == "start" and 2 <= why.count("scheduled") <= 5 and set(why) == {"start", "scheduled"}
+    assert all(r.passed for _, r in SelfTestLog(pipeline.store).recent(run=summary.run_id))

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -21,6 +20,7 @@ from pipeline.changeover import SwitchRequest, ask_switch
 from pipeline.settings import SourceConfig
 from pipeline.store.switches import SwitchLog
 from pipeline.supervisor import Pipeline, RunBundles
+from tests.pipeline.test_changeover import run_operated
 from tests.pipeline.test_runtime import Subscriber, offline_decisions, run_config
 
 
@@ -95,43 +95,22 @@ def test_a_shadow_is_set_promoted_and_removed_while_the_line_runs(
     source = SourceConfig(spec=f"folder:{small_category}", id="top", rate_ppm=900, loop=True)
     pipeline = Pipeline(config, bundle_path, (source,))
     outcomes: dict[str, object] = {}
-    errors: list[BaseException] = []
-
-    def seen() -> int:
-        return len(subscriber.messages)
-
-    def wait_for(n: int) -> None:
-        deadline = time.monotonic() + 120
-        while seen() < n and time.monotonic() < deadline:
-            time.sleep(0.05)
 
     def operator() -> None:
-        try:
-            wait_for(5)
-            refused = edited_copy(bundle_path, tmp_path / "other-cut.pt", resize=160)
-            outcomes["cut"] = ask_switch(control, SwitchRequest("top", str(refused), shadow=True, by="qa"), 60)
-            outcomes["promote_none"] = ask_switch(control, SwitchRequest("top", promote=True, by="qa"), 60)
-            outcomes["shadow"] = ask_switch(control, SwitchRequest("top", str(candidate), shadow=True, by="qa"), 120)
-            wait_for(seen() + 10)
-            outcomes["promoted_ns"] = time.time_ns()
-            outcomes["promote"] = ask_switch(control, SwitchRequest("top", promote=True, by="qa"), 60)
-            wait_for(seen() + 10)
-            outcomes["again"] = ask_switch(control, SwitchRequest("top", str(bundle_path), shadow=True, by="qa"), 120)
-            wait_for(seen() + 5)
-            outcomes["stop"] = ask_switch(control, SwitchRequest("top", shadow=True, by="qa"), 60)
-            wait_for(seen() + 5)
-        except BaseException as exc:  # noqa: BLE001 - reported by the test below
-            errors.append(exc)
-        finally:
-            pipeline.request_stop()
+        subscriber.wait_for(5)
+        refused = edited_copy(bundle_path, tmp_path / "other-cut.pt", resize=160)
+        outcomes["cut"] = ask_switch(control, SwitchRequest("top", str(refused), shadow=True, by="qa"), 60)
+        outcomes["promote_none"] = ask_switch(control, SwitchRequest("top", promote=True, by="qa"), 60)
+        outcomes["shadow"] = ask_switch(control, SwitchRequest("top", str(candidate), shadow=True, by="qa"), 120)
+        subscriber.wait_for(subscriber.verdicts() + 10)
+        outcomes["promote"] = ask_switch(control, SwitchRequest("top", promote=True, by="qa"), 60)
+        subscriber.wait_for(subscriber.verdicts() + 10)
+        outcomes["again"] = ask_switch(control, SwitchRequest("top", str(bundle_path), shadow=True, by="qa"), 120)
+        subscriber.wait_for(subscriber.verdicts() + 5)
+        outcomes["stop"] = ask_switch(control, SwitchRequest("top", shadow=True, by="qa"), 60)
+        subscriber.wait_for(subscriber.verdicts() + 5)
 
-    thread = threading.Thread(target=operator, daemon=True)
-    thread.start()
-    summary = pipeline.run(duration_s=240, install_signals=False)
-    thread.join(10)
-    time.sleep(0.3)
-    subscriber.stop()
-    assert not errors, errors
+    summary = run_operated(pipeline, subscriber, operator)
 
     live, cand = pipeline.bundle_hash, RunBundle.read(candidate).hash
     cut, none = outcomes["cut"], outcomes["promote_none"]
