@@ -8,8 +8,10 @@ into the frame's record, so every frame is decided by exactly one bundle whateve
 afterwards; infer, decide and the recorder look the slots up for the model, the threshold and the hash.
 
 One writer per field, as in `RunState`: the supervisor fills slots and the camera map; the infer stage
-says whether it has loaded a slot's model (`loaded`, `error`). A slot stays taken for the whole run, so
-a frame in flight never finds its slot given to another bundle.
+says whether it has loaded a slot's model (`loaded`, `error`). The one hand-over: a slot whose load
+failed is set back to pending by the supervisor when a switch asks for it again, which infer only
+reads until it loads the slot. A slot stays taken for the whole run, so a frame in flight never finds
+its slot given to another bundle.
 """
 
 from __future__ import annotations
@@ -189,7 +191,10 @@ class BundleTable:
     def error(self, slot: int) -> str:
         return self.slots["error"][slot].decode(errors="replace")
 
-    # infer side
+    # infer side (and the supervisor's `retry`)
+    def set_pending(self, slot: int) -> None:
+        self.slots[slot]["loaded"] = LOAD_PENDING
+
     def set_loaded(self, slot: int, error: str | None = None) -> None:
         entry = self.slots[slot]
         if error is not None:

@@ -7,7 +7,8 @@ table; the infer stage loads and warms it up in the background while the current
 deciding. Only then does the supervisor point the camera at the new slot. Preprocess reads the
 camera's slot once per frame, so every frame is decided by exactly one bundle and none waits or is
 dropped for the switch. The requester gets a `SwitchOutcome` once the switch is made or refused; a
-refused switch leaves the current bundle running and says why. Every request is recorded in the store.
+refused switch leaves the current bundle running and says why. Every request naming a camera of the
+run is recorded in the store, made or refused, except one for the bundle the camera runs already.
 
 The request and reply are plain JSON (standard library only), so a PLC bridge can send them without
 linewatch's runtime installed.
@@ -25,7 +26,7 @@ from typing import Any
 
 import zmq
 
-from pipeline.bundles import LOAD_FAILED, LOAD_PENDING, LOADED, NO_BUNDLE, BundleTable, RunBundle
+from pipeline.bundles import LOAD_FAILED, LOADED, NO_BUNDLE, BundleTable, RunBundle
 from pipeline.store.switches import BundleSwitch
 
 CONTROL_VERSION = 1
@@ -94,7 +95,10 @@ class SwitchOutcome:
 
     @classmethod
     def decode(cls, data: bytes) -> SwitchOutcome:
-        return cls(**_reply_fields(data))
+        try:
+            return cls(**_reply_fields(data))
+        except TypeError:
+            raise ValueError("control reply: not a switch outcome of this version") from None
 
 
 @dataclass(frozen=True)
@@ -118,11 +122,17 @@ class SelfTestOutcome:
 
     @classmethod
     def decode(cls, data: bytes) -> SelfTestOutcome:
-        return cls(**_reply_fields(data))
+        try:
+            return cls(**_reply_fields(data))
+        except TypeError:
+            raise ValueError("control reply: not a self-test outcome of this version") from None
 
 
 def _reply_fields(data: bytes) -> dict[str, Any]:
-    body = json.loads(data)
+    try:
+        body = json.loads(data)
+    except ValueError:
+        raise ValueError("control reply: not JSON") from None
     if not isinstance(body, dict) or body.get("v") != CONTROL_VERSION:
         raise ValueError(f"control reply: expected version {CONTROL_VERSION}")
     body.pop("v")
@@ -146,7 +156,10 @@ def _ask(address: str, request: bytes, timeout_s: float) -> bytes:
     sock = ctx.socket(zmq.REQ)
     sock.setsockopt(zmq.LINGER, 0)
     try:
-        sock.connect(address)
+        try:
+            sock.connect(address)
+        except zmq.ZMQError as exc:
+            raise OSError(f"control address {address!r}: cannot connect ({exc})") from None
         sock.send(request)
         if not sock.poll(int(timeout_s * 1000)):
             raise TimeoutError(f"no answer from {address} within {timeout_s:g} s (is `linewatch run` running there?)")
@@ -253,7 +266,7 @@ class Changeover:
         try:
             bundle = RunBundle.read(str(path), self._input_size())
             self._check_shadow(req, camera, bundle)
-        except ValueError as exc:  # BundleError
+        except (OSError, ValueError) as exc:  # BundleError, a file that cannot be read
             return self._refuse(req, requested_ns, current, None, str(path), str(exc))
         if bundle.hash == current:
             return SwitchOutcome(req.camera, True, current, current, load_ms=0.0, shadow=req.shadow)
@@ -263,7 +276,7 @@ class Changeover:
             return self._refuse(req, requested_ns, current, bundle.hash, str(path), str(exc))
         self.slot_bundles[slot] = bundle
         if self.table.slots["loaded"][slot] == LOAD_FAILED:
-            self.table.slots["loaded"][slot] = LOAD_PENDING  # failed before: the infer stage tries again
+            self.table.set_pending(slot)  # failed before: the infer stage tries again
         self.pending.append(_Pending(ticket, req, camera, str(path), bundle, slot, requested_ns, t_request))
         log.info("camera %s: loading %s (bundle %s) to switch to", req.camera, path, bundle.hash[:12])
         return None
@@ -288,11 +301,18 @@ class Changeover:
         return SwitchOutcome(req.camera, True, current, bundle.hash, load_ms=0.0)
 
     def _check_shadow(self, req: SwitchRequest, camera: int, bundle: RunBundle) -> None:
-        live = self.slot_bundles[int(self.table.live[camera])]
-        if req.shadow and not bundle.cuts_like(live):
+        """A shadow scores the frames as the live bundle's preprocessing cut them: the two must cut them alike,
+        whichever of them changes."""
+        live, shadow = int(self.table.live[camera]), int(self.table.shadow[camera])
+        if req.shadow and not bundle.cuts_like(other := self.slot_bundles[live]):
             raise ValueError(
-                f"{bundle.path}: resizes or crops unlike camera {req.camera}'s bundle {live.path}; a shadow bundle "
+                f"{bundle.path}: resizes or crops unlike camera {req.camera}'s bundle {other.path}; a shadow bundle "
                 "scores the frames as the live one cuts them"
+            )
+        if not req.shadow and shadow != NO_BUNDLE and not bundle.cuts_like(other := self.slot_bundles[shadow]):
+            raise ValueError(
+                f"{bundle.path}: resizes or crops unlike camera {req.camera}'s shadow bundle {other.path}, which "
+                "scores the frames as the live one cuts them: stop or promote the shadow first"
             )
 
     def poll(self) -> list[tuple[Any, SwitchOutcome]]:
@@ -339,8 +359,12 @@ class Changeover:
             return f"recipe {req.recipe!r}: not in pipeline.recipes ({known})"
         if any(p.camera == camera for p in self.pending):
             return f"camera {req.camera}: a switch is already in progress"
-        if path is not None and not Path(path).is_file():
-            return f"{path}: bundle file does not exist"
+        if path is not None:
+            try:
+                if not Path(path).is_file():
+                    return f"{path}: bundle file does not exist"
+            except OSError as exc:
+                return f"{path}: cannot be read ({exc.strerror or exc})"
         return None
 
     def _input_size(self) -> tuple[int, int]:

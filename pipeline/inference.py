@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from edge.backends import BackendError, PreparedModel, engine_cache_dir, prepare_backend
+from edge.backends import PreparedModel, engine_cache_dir, prepare_backend
 from edge.bundle import BundleError, load_bundle
 from edge.preprocessing import Preprocessing
 from pipeline.bundles import ACTIVE, LOAD_FAILED, BundleTable
@@ -51,12 +51,17 @@ class BundleModels:
         self._loading: set[int] = set()
 
     def load_current(self) -> None:
-        """Load every bundle of the table that has not failed before (at the stage's start); BundleError or
-        BackendError for one that cannot be loaded."""
+        """At the stage's start: load the bundles deciding or shadowing a camera now; BundleError or BackendError
+        for one that cannot be loaded (the stage cannot inspect without it). The table's other bundles (a
+        camera's earlier one, one still loading for a switch) are loaded in the background: one that fails
+        then is marked failed, and costs no restart."""
+        in_use = {int(s) for s in (*self.table.live, *self.table.shadow) if s >= 0}
         for slot in self.table.active():
-            if self.table.slots["loaded"][slot] != LOAD_FAILED:
+            if slot in in_use:
                 self.models[slot] = self._prepare(slot)
                 self.table.set_loaded(slot)
+            elif self.table.slots["loaded"][slot] != LOAD_FAILED:
+                self.table.set_pending(slot)  # this process does not hold it yet: `poll` loads it
 
     def poll(self) -> None:
         """Start loading, in the background, every bundle added to the table since the last poll."""
@@ -75,9 +80,9 @@ class BundleModels:
     def _load_in_background(self, slot: int) -> None:
         try:
             self.models[slot] = self._prepare(slot)
-        except (BundleError, BackendError, OSError, RuntimeError, ValueError) as exc:
+        except Exception as exc:  # noqa: BLE001 - any failure refuses that bundle; the line goes on without it
             log.error("%s", exc)
-            self.table.set_loaded(slot, str(exc))
+            self.table.set_loaded(slot, str(exc) or type(exc).__name__)
         else:
             self.table.set_loaded(slot)
             log.info("bundle %s (%s) loaded", self.table.hash(slot)[:12], self.table.path(slot))

@@ -33,7 +33,7 @@ class SelfTestResult:
     t_ns: int
     frames: int
     failures: tuple[str, ...]  # one line per frame that failed; empty: passed
-    why: str = "start"  # start | on demand | scheduled
+    why: str = "start"  # start | changeover | on demand | scheduled
 
     @property
     def passed(self) -> bool:

@@ -630,9 +630,7 @@ def decide_main(ctx: StageContext, args: DecideArgs) -> None:  # pragma: no cove
                 threshold = bundles.threshold(bundle)
                 if rec["verdict"] != VERDICT_ERROR:
                     rec["verdict"] = VERDICT_REJECT if rec["score"] > threshold else VERDICT_PASS
-                if rec["shadow"] > 0:  # scored in shadow: its verdict is recorded, never published
-                    shadow_threshold = bundles.threshold(int(rec["shadow"]) - 1)
-                    rec["shadow_verdict"] = VERDICT_REJECT if rec["shadow_score"] > shadow_threshold else VERDICT_PASS
+                decide_shadow(rec, bundles)
                 rec["t_decision_ns"] = time.time_ns()
                 verdict = verdict_of_record(rec, cameras, threshold)
                 rec["pub_seq"], rec["topic_seq"] = publisher.next_seqs(verdict.verdict)
@@ -653,6 +651,14 @@ def decide_main(ctx: StageContext, args: DecideArgs) -> None:  # pragma: no cove
         # A last heartbeat with the final seqs: a subscriber learns of a trailing verdict it missed at the end too.
         publisher.heartbeat(args.heartbeat_ms, health_problems(state, cameras))
         publisher.close()
+
+
+def decide_shadow(rec: np.void, bundles: BundleTable) -> None:
+    """The shadow bundle's verdict of a frame it scored, at its own threshold: recorded, never published."""
+    if rec["shadow"] > 0:
+        rec["shadow_verdict"] = (
+            VERDICT_REJECT if rec["shadow_score"] > bundles.threshold(int(rec["shadow"]) - 1) else VERDICT_PASS
+        )
 
 
 def _decide_golden(
@@ -708,6 +714,7 @@ class PendingVerdict:
         here = rec["state"] == WRITTEN and (int(rec["camera"]), int(rec["frame_id"])) == (camera, frame_id)
         if published and not forwarded and here and (target := out.wait_free_slot(state.stopping)) is not None:
             rec["verdict"], rec["t_decision_ns"] = verdict, t_decision_ns
+            decide_shadow(rec, bundles)
             rec["pub_seq"], rec["topic_seq"], rec["m_decide_ns"] = seq, topic_seq, time.monotonic_ns()
             if feed is not None:
                 bundle = int(rec["bundle"])

@@ -31,7 +31,7 @@ import numpy as np
 from edge.backends import check_backend
 from edge.settings import to_dict
 from pipeline.bundles import NO_BUNDLE, BundleTable, RunBundle
-from pipeline.changeover import Changeover, ControlServer, SelfTestOutcome, SelfTestRequest
+from pipeline.changeover import Changeover, ControlServer, SelfTestOutcome, SelfTestRequest, SwitchOutcome
 from pipeline.drift import DriftReference, DriftWatch, alarm_level
 from pipeline.endpoints import RunProbe
 from pipeline.logs import LogSettings
@@ -391,7 +391,7 @@ class Pipeline:
         # One commit bell for all cameras: preprocess waits on any of them.
         frames_bell = Doorbell(ctx, most=pc.ring_slots * len(self.sources) + GOLDEN_SLOTS)
         frame_shape = (pc.max_frame_height, pc.max_frame_width, 3)
-        input_h, input_w = self.manifest.input_size
+        input_h, input_w = self.bundles[0].manifest.input_size  # the cameras' bundles share it (RunBundles)
         kept_shape = (input_h, input_w, 4)  # a kept frame (RGB) and its quantised anomaly map
         store = self.config.store if self.store is not None else None
         return Rings(
@@ -888,6 +888,9 @@ class _LiveRun:
         table = self.pipeline.table
         if self.selftest is None or table is None:
             return
+        # A camera switched away from a bundle that failed clears the heartbeat's complaint at once.
+        failing = any(self.selftest.failed(b.hash) for _, b in self.live_bundles())
+        self.state.flags[FLAG_SELFTEST_FAILED] = int(failing)
         for c, cam in enumerate(self.pipeline.cameras):
             last = self.selftest.latest.get(table.hash(int(table.live[c])))
             self.metrics.selftest_passed.labels(cam).set(float("nan") if last is None else float(last.passed))
@@ -941,10 +944,14 @@ class RunControl:
     def serve(self) -> None:
         """Take the waiting switch requests and answer those that are decided (never blocks)."""
         for ticket, request in self.server.requests():
-            if isinstance(request, SelfTestRequest):
-                self._selftest(ticket)
-            elif (outcome := self.changeover.request(ticket, request)) is not None:
-                self.server.reply(ticket, outcome)
+            try:
+                if isinstance(request, SelfTestRequest):
+                    self._selftest(ticket)
+                elif (outcome := self.changeover.request(ticket, request)) is not None:
+                    self.server.reply(ticket, outcome)
+            except Exception as exc:  # noqa: BLE001 - a request must never stop the line; its asker hears why
+                log.exception("control request %s failed", request)
+                self.server.reply(ticket, SwitchOutcome(getattr(request, "camera", ""), False, error=repr(exc)))
         for ticket, outcome in self.changeover.poll():
             self.server.reply(ticket, outcome)
 
@@ -975,6 +982,9 @@ class RunControl:
     def refuse_pending(self, why: str) -> None:
         for ticket, outcome in self.changeover.refuse_pending(why):
             self.server.reply(ticket, outcome)
+        for ticket, _, _ in self.waiting:
+            self.server.reply_selftest(ticket, SelfTestOutcome(False, error=why))
+        self.waiting = []
 
 
 def heartbeat_timeout_s(config: PipelineConfig, kind: str) -> float:

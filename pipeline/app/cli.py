@@ -294,11 +294,15 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     config = _config(args)
     bundle = args.bundle or config.pipeline.bundle
-    if bundle is None:
-        raise ConfigError("pipeline.bundle: no bundle given (pass --bundle or set it in the config)")
     sources = tuple(SourceConfig(spec=s) for s in args.source) if args.source else config.pipeline.sources
+    if bundle is None and not (sources and all(s.bundle for s in sources)):
+        raise ConfigError("pipeline.bundle: no bundle given (pass --bundle, set it, or name one per source)")
     pipeline = Pipeline(
-        config, Path(bundle), sources, backbone_weights=config.model.backbone_weights, log_settings=args.log_settings
+        config,
+        None if bundle is None else Path(bundle),
+        sources,
+        backbone_weights=config.model.backbone_weights,
+        log_settings=args.log_settings,
     )
     summary = pipeline.run(duration_s=args.duration)
     if args.json:

@@ -290,7 +290,11 @@ class Station:
         last switch made in this run, else the bundle it started with."""
         out = []
         for camera, start in self.settings.camera_bundles.items():
-            made = [w for w in switches if w.made and w.run_id == self.settings.run and w.camera_id == camera]
+            made = [
+                w
+                for w in switches
+                if w.made and not w.shadow and w.run_id == self.settings.run and w.camera_id == camera
+            ]
             now = made[0].to_bundle if made and made[0].to_bundle else start.hash
             out.append((camera, now, start if now == start.hash else None))
         return out

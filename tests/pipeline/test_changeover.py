@@ -135,6 +135,7 @@ def test_a_changeover_mid_replay_decides_every_frame_once_by_the_bundle_of_its_t
             SwitchRequest("top", recipe="part_z", by="tester"),
             SwitchRequest("front", recipe="grass_product", by="tester"),
             SwitchRequest("top", bundle=str(other_weights_copy(grass_bundle, tmp_path / "other.pt")), by="tester"),
+            SwitchRequest("top", bundle=str(tmp_path / ("x" * 5000)), by="tester"),  # a name no file system takes
         ]
         refusals.extend(ask_switch(control, r, 30) for r in bad)
         marks["asked_ns"] = time.time_ns()
@@ -161,6 +162,7 @@ def test_a_changeover_mid_replay_decides_every_frame_once_by_the_bundle_of_its_t
     assert "recipe 'part_z': not in pipeline.recipes (brick_product, grass_product)" in why[3]
     assert "camera 'front': not in this run (cameras: top, side)" in why[4]
     assert "other.pt: cannot be loaded here: " in why[5] and "differ from those the model was fitted with" in why[5]
+    assert "xxx: cannot be read (File name too long)" in why[6]
     assert cli[0].returncode == 0, cli[0].stderr
     assert f"camera top: bundle switched from {brick[:12]} to {grass[:12]}" in cli[0].stdout
 
@@ -191,13 +193,13 @@ def test_a_changeover_mid_replay_decides_every_frame_once_by_the_bundle_of_its_t
     assert all(row.bundle == by_seq[row.seq] for row in stored)
     switches = SwitchLog(pipeline.store).recent(run=summary.run_id)
     made = [s for s in reversed(switches) if s.made]
-    assert len(switches) == 7  # the unknown camera is not a camera's record
+    assert len(switches) == 8  # the unknown camera is not a camera's record
     assert [(s.camera_id, s.from_bundle, s.to_bundle, s.recipe, s.requested_by) for s in made] == [
         ("top", brick, grass, "grass_product", "shift-lead"),
         ("top", grass, brick, "brick_product", "operator:alice"),
     ]
     assert all(s.requested_ns <= s.switched_ns for s in made)  # type: ignore[operator]
-    assert sum(s.refused is not None for s in switches) == 5
+    assert sum(s.refused is not None for s in switches) == 6
 
 
 def test_switch_cli_without_a_run_fails_with_one_line(tmp_path: Path) -> None:

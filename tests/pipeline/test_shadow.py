@@ -106,6 +106,7 @@ def test_a_shadow_is_set_promoted_and_removed_while_the_line_runs(
         outcomes["promote"] = ask_switch(control, SwitchRequest("top", promote=True, by="qa"), 60)
         subscriber.wait_for(subscriber.verdicts() + 10)
         outcomes["again"] = ask_switch(control, SwitchRequest("top", str(bundle_path), shadow=True, by="qa"), 120)
+        outcomes["live_cut"] = ask_switch(control, SwitchRequest("top", str(refused), by="qa"), 60)
         subscriber.wait_for(subscriber.verdicts() + 5)
         outcomes["stop"] = ask_switch(control, SwitchRequest("top", shadow=True, by="qa"), 60)
         subscriber.wait_for(subscriber.verdicts() + 5)
@@ -116,6 +117,8 @@ def test_a_shadow_is_set_promoted_and_removed_while_the_line_runs(
     cut, none = outcomes["cut"], outcomes["promote_none"]
     assert not cut.switched and "other-cut.pt: resizes or crops unlike camera top's bundle" in cut.error  # type: ignore[attr-defined]
     assert not none.switched and none.error == "camera top: no shadow bundle to promote"  # type: ignore[attr-defined]
+    live_cut = outcomes["live_cut"]
+    assert not live_cut.switched and "stop or promote the shadow first" in live_cut.error  # type: ignore[attr-defined]
     for name in ("shadow", "promote", "again", "stop"):
         assert outcomes[name].switched, (name, outcomes[name])  # type: ignore[attr-defined]
     assert summary.drops == 0 and summary.verdicts == summary.frames
@@ -132,7 +135,9 @@ def test_a_shadow_is_set_promoted_and_removed_while_the_line_runs(
     assert cand in shadows[:first] and live in shadows[first:] and shadows[-1] is None
     assert all(s in (None, cand) for s in shadows[:first])
     kinds = [(s.shadow, s.made) for s in reversed(SwitchLog(pipeline.store).recent(run=summary.run_id))]
-    assert kinds == [(True, False), (False, False), (True, True), (False, True), (True, True), (True, True)]
+    assert kinds == [
+        (True, False), (False, False), (True, True), (False, True), (True, True), (False, False), (True, True)
+    ]  # fmt: skip
 
 
 def test_a_configured_shadow_that_cuts_frames_otherwise_is_refused(bundle_path: Path, tmp_path: Path) -> None:

@@ -264,6 +264,8 @@ def test_the_model_page_shows_each_cameras_bundle_and_the_changeovers(
     asked = 1_765_000_000_000_000_000
     made = BundleSwitch("run-a", "cam1", asked, "plc", "/srv/b.pt", BUNDLE.hash, other, "part_b", asked + 10**9)
     switches.record(made)
+    shadow = BundleSwitch("run-a", "cam0", asked + 2 * 10**9, "qa", "/srv/d.pt", "", other, None, asked, shadow=True)
+    switches.record(shadow)  # a shadow does not decide: cam0 still runs its start bundle
     refusal = "/srv/c.pt: content hash mismatch (recorded 1, actual 2): the file is corrupt or was modified"
     switches.record(BundleSwitch("run-a", "cam0", asked + 5 * 10**9, "alice", "/srv/c.pt", BUNDLE.hash, None,
                                  refused=refusal))  # fmt: skip
@@ -285,7 +287,8 @@ def test_the_model_page_shows_each_cameras_bundle_and_the_changeovers(
     listed = page[page.index('id="switches"') : page.index("Golden self-tests")]
     assert listed.index("alice") < listed.index("plc")  # newest first
     assert "part_b" in listed and "refused: /srv/c.pt: content hash mismatch" in listed
-    assert listed.count('class="switched"') == 1 and listed.count('class="refused"') == 1
+    assert listed.count('class="switched"') == 2 and listed.count('class="refused"') == 1
+    assert "<td>cam0 (shadow)</td>" in listed
 
 
 def test_status_counts_the_window_per_camera(tmp_path: Path) -> None:
