@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-import httpx
+import httpx2
 import pytest
 import torch
 
@@ -63,7 +63,7 @@ def other_weights_copy(bundle: Path, out: Path) -> Path:
 
 def switch_on_the_page(site: str, camera: str, recipe: str) -> int:
     """Log in to the operator page as alice and ask for `recipe` on `camera`, as a shift lead would."""
-    with httpx.Client(base_url=site, follow_redirects=False, timeout=150) as page:
+    with httpx2.Client(base_url=site, follow_redirects=False, timeout=150) as page:
         assert log_in(page) == 303  # type: ignore[arg-type]
         model = page.get("/model").text
         assert 'action="/model/switch"' in model and "<option>brick_product</option>" in model
