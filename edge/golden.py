@@ -20,6 +20,12 @@ TENSOR = "golden.frames"
 GOOD, DEFECT = 0, 1
 
 
+def clear_case(label: int, score: float, threshold: float, margin: float) -> bool:
+    """Whether a frame is decided its label's way with room to spare: a good one at most (1 - margin) x the
+    threshold, a defect at least (1 + margin) x it."""
+    return score <= (1 - margin) * threshold if label == GOOD else score >= (1 + margin) * threshold
+
+
 @dataclass(frozen=True)
 class GoldenSet:
     frames: np.ndarray  # (N, H, W, 3) uint8 at the model's input size
@@ -55,7 +61,7 @@ class GoldenSet:
         keep = [
             i
             for i, (label, score) in enumerate(zip(self.labels, self.scores, strict=True))
-            if (score <= (1 - margin) * threshold if label == GOOD else score >= (1 + margin) * threshold)
+            if clear_case(label, score, threshold, margin)
         ]
         if not keep:
             return None
@@ -71,8 +77,9 @@ class GoldenSet:
         """Up to `per_kind` good frames scoring at most (1 - margin) x threshold, lowest first, and defects
         scoring at least (1 + margin) x threshold, highest first: clear cases, which a box that scores as the
         calibration did decides the same way. None when no frame qualifies."""
-        clear_good = sorted((g for g in good if g[0] <= (1 - margin) * threshold), key=lambda g: g[0])[:per_kind]
-        clear_bad = sorted((d for d in defects if d[0] >= (1 + margin) * threshold), key=lambda d: -d[0])[:per_kind]
+        clear_good = sorted((g for g in good if clear_case(GOOD, g[0], threshold, margin)), key=lambda g: g[0])
+        clear_bad = sorted((d for d in defects if clear_case(DEFECT, d[0], threshold, margin)), key=lambda d: -d[0])
+        clear_good, clear_bad = clear_good[:per_kind], clear_bad[:per_kind]
         chosen = [(GOOD, g) for g in clear_good] + [(DEFECT, d) for d in clear_bad]
         if not chosen:
             return None

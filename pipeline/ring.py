@@ -66,6 +66,11 @@ RECORD = np.dtype(
 )
 
 
+def verdict_at(score: float, threshold: float) -> int:
+    """The decision rule: reject when score > threshold."""
+    return VERDICT_REJECT if score > threshold else VERDICT_PASS
+
+
 def verdict_of_record(rec: np.void, cameras: tuple[str, ...], threshold: float) -> Verdict:
     """The published verdict a decided record stands for."""
     verdict = VERDICT_NAMES[int(rec["verdict"])]

@@ -32,10 +32,10 @@ from pipeline.ring import (
     RECORD,
     VERDICT_ERROR,
     VERDICT_PASS,
-    VERDICT_REJECT,
     WRITTEN,
     FrameRing,
     RingSpec,
+    verdict_at,
     verdict_of_record,
 )
 from pipeline.settings import SourceConfig
@@ -629,7 +629,7 @@ def decide_main(ctx: StageContext, args: DecideArgs) -> None:  # pragma: no cove
                 bundle = int(rec["bundle"])
                 threshold = bundles.threshold(bundle)
                 if rec["verdict"] != VERDICT_ERROR:
-                    rec["verdict"] = VERDICT_REJECT if rec["score"] > threshold else VERDICT_PASS
+                    rec["verdict"] = verdict_at(rec["score"], threshold)
                 decide_shadow(rec, bundles)
                 rec["t_decision_ns"] = time.time_ns()
                 verdict = verdict_of_record(rec, cameras, threshold)
@@ -656,9 +656,7 @@ def decide_main(ctx: StageContext, args: DecideArgs) -> None:  # pragma: no cove
 def decide_shadow(rec: np.void, bundles: BundleTable) -> None:
     """The shadow bundle's verdict of a frame it scored, at its own threshold: recorded, never published."""
     if rec["shadow"] > 0:
-        rec["shadow_verdict"] = (
-            VERDICT_REJECT if rec["shadow_score"] > bundles.threshold(int(rec["shadow"]) - 1) else VERDICT_PASS
-        )
+        rec["shadow_verdict"] = verdict_at(rec["shadow_score"], bundles.threshold(int(rec["shadow"]) - 1))
 
 
 def _decide_golden(
@@ -668,7 +666,7 @@ def _decide_golden(
     if target is None:
         return False
     if rec["verdict"] != VERDICT_ERROR:
-        rec["verdict"] = VERDICT_REJECT if rec["score"] > bundles.threshold(int(rec["bundle"])) else VERDICT_PASS
+        rec["verdict"] = verdict_at(rec["score"], bundles.threshold(int(rec["bundle"])))
     rec["m_decide_ns"] = time.monotonic_ns()
     out.commit(target, rec)
     scores.release(slot)

@@ -228,6 +228,10 @@ class RunBundles:
                 )
         return cls(bundles, live, shadow)
 
+    def of_path(self, path: str | Path) -> RunBundle | None:
+        """The bundle read from `path` already, if any."""
+        return next((b for b in self.bundles if b.path == Path(path).resolve()), None)
+
 
 class Pipeline:
     def __init__(
@@ -249,7 +253,9 @@ class Pipeline:
         self.run_bundles = RunBundles.of(bundle_path, sources)
         self.bundles, self.source_bundles = self.run_bundles.bundles, self.run_bundles.live
         # The run's own bundle (its record, the data folder beside it): pipeline.bundle, else the first camera's.
-        primary = self.bundles[0] if bundle_path is None else RunBundle.read(bundle_path)
+        primary = self.bundles[0]
+        if bundle_path is not None:
+            primary = self.run_bundles.of_path(bundle_path) or RunBundle.read(bundle_path)
         self.bundle_path, self.manifest, self.bundle_hash = primary.path, primary.manifest, primary.hash
         self.table: BundleTable | None = None  # set when the run starts
         self.slot_bundles: dict[int, RunBundle] = {}  # the bundle in each slot of the table
@@ -824,9 +830,7 @@ class _LiveRun:
 
     def _selftest_done(self, result: SelfTestResult) -> None:
         """Store the outcome and say on the heartbeat whether any bundle in charge failed its last self-test."""
-        assert self.selftest is not None
-        failing = any(self.selftest.failed(b.hash) for _, b in self.live_bundles())
-        self.state.flags[FLAG_SELFTEST_FAILED] = int(failing)
+        self._flag_selftest()
         if self.control is not None:
             self.control.selftest_finished(result)
         store = self.pipeline.store
@@ -888,12 +892,16 @@ class _LiveRun:
         table = self.pipeline.table
         if self.selftest is None or table is None:
             return
-        # A camera switched away from a bundle that failed clears the heartbeat's complaint at once.
-        failing = any(self.selftest.failed(b.hash) for _, b in self.live_bundles())
-        self.state.flags[FLAG_SELFTEST_FAILED] = int(failing)
+        self._flag_selftest()  # a camera switched away from a bundle that failed clears the heartbeat's complaint
         for c, cam in enumerate(self.pipeline.cameras):
             last = self.selftest.latest.get(table.hash(int(table.live[c])))
             self.metrics.selftest_passed.labels(cam).set(float("nan") if last is None else float(last.passed))
+
+    def _flag_selftest(self) -> None:
+        """Tell the heartbeat (decide) whether a bundle in charge failed its last self-test."""
+        assert self.selftest is not None
+        failing = any(self.selftest.failed(b.hash) for _, b in self.live_bundles())
+        self.state.flags[FLAG_SELFTEST_FAILED] = int(failing)
 
     def selftest_problems(self) -> list[str]:
         """Each camera whose bundle failed its last golden self-test, with the first failure."""
