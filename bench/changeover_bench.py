@@ -26,12 +26,12 @@ from calibration.calibrate import calibrate
 from calibration.datasets import normal_frames
 from calibration.synthetic import generate_mvtec_dataset
 from edge.bundle import save_bundle
+from linewatch_plc.wire import HEARTBEAT_TOPIC, decode
 from pipeline.app.config import Config, config_from_dict
 from pipeline.app.ports import free_port
 from pipeline.changeover import SwitchRequest, ask_switch
 from pipeline.settings import SourceConfig
 from pipeline.supervisor import Pipeline, RunSummary
-from pipeline.wire import HEARTBEAT_TOPIC, decode
 
 
 def make_bundle(root: Path, family: str, n_train: int) -> tuple[Path, Path]:

@@ -30,6 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
+from linewatch_plc.wire import Verdict
 from pipeline.app.bench import Replay, timed_replay
 from pipeline.app.config import Config, load_config, with_overrides
 from pipeline.app.ports import free_port
@@ -39,7 +40,6 @@ from pipeline.station.process import serve
 from pipeline.station.settings import StationSettings
 from pipeline.store.keys import image_key
 from pipeline.store.verdicts import StoredVerdict, VerdictStore
-from pipeline.wire import Verdict
 
 CAMERAS = ("cam0", "cam1", "cam2", "cam3")
 DAYS = 30

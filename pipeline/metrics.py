@@ -14,6 +14,7 @@ import numpy as np
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, PlatformCollector, ProcessCollector
 
 from edge.bundle import versions
+from linewatch_plc.wire import VERDICT_NAMES
 from pipeline.bundles import RunBundle
 from pipeline.endpoints import EndpointServer, RunProbe
 from pipeline.state import (
@@ -27,7 +28,6 @@ from pipeline.state import (
     STORE_WRITTEN,
     RunState,
 )
-from pipeline.wire import VERDICT_NAMES
 
 LATENCY_BUCKETS = tuple(ms / 1000.0 for ms in (0.5, 1, 2, 3, 5, 7.5, 10, 15, 20, 30, 50, 75, 100, 150, 250, 500, 1000))
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64)

@@ -1,6 +1,6 @@
 """The reject signal: one ZeroMQ PUB message per verdict, for the line's PLC bridge.
 
-The message itself (fields, topics, versioning) is defined in `pipeline.wire`. PUB never blocks: a
+The message itself (fields, topics, versioning) is defined in `linewatch_plc.wire`. PUB never blocks: a
 subscriber slower than `send_hwm` messages loses messages, which it sees as a gap in `seq` /
 `topic_seq`. The counters live in shared memory, so a restarted decide stage continues the sequence
 instead of starting over. Messages sent before a subscriber has connected are lost to it.
@@ -13,7 +13,7 @@ import time
 import numpy as np
 import zmq
 
-from pipeline.wire import VERDICT_NAMES, Heartbeat, Verdict, encode
+from linewatch_plc.wire import VERDICT_NAMES, Heartbeat, Verdict, encode
 
 
 def bound_socket(ctx: zmq.Context, kind: int, address: str, key: str, options: dict[int, int]) -> zmq.Socket:

@@ -22,13 +22,13 @@ from multiprocessing.context import BaseContext
 
 import numpy as np
 
-from pipeline.wire import VERDICT_NAMES, Verdict
+from linewatch_plc.wire import VERDICT_NAMES, Verdict
 
 FREE, WRITTEN = 0, 1
 # Longest a writer short of room sleeps on the `room` doorbell before it looks at the stop flag again.
 ROOM_WAIT_S = 0.05
 NO_TRIGGER = np.iinfo(np.int64).min
-VERDICT_PASS, VERDICT_REJECT, VERDICT_ERROR = 0, 1, 2  # indices into pipeline.wire.VERDICT_NAMES
+VERDICT_PASS, VERDICT_REJECT, VERDICT_ERROR = 0, 1, 2  # indices into linewatch_plc.wire.VERDICT_NAMES
 
 # One record layout for every ring; each stage copies the header forward and fills its own fields.
 RECORD = np.dtype(

@@ -17,9 +17,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from linewatch_plc.wire import VERDICT_NAMES
 from pipeline.bundles import RunBundle
 from pipeline.ring import RECORD, FrameRing
-from pipeline.wire import VERDICT_NAMES
 
 log = logging.getLogger(__name__)
 

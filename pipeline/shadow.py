@@ -7,8 +7,8 @@ from typing import Any
 
 import numpy as np
 
+from linewatch_plc.wire import VERDICT_NAMES
 from pipeline.bundles import BundleLookup
-from pipeline.wire import VERDICT_NAMES
 
 
 @dataclass(frozen=True)

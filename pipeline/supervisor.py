@@ -30,6 +30,7 @@ import numpy as np
 
 from edge.backends import check_backend
 from edge.settings import to_dict
+from linewatch_plc.wire import VERDICT_NAMES
 from pipeline.bundles import NO_BUNDLE, BundleTable, RunBundle
 from pipeline.changeover import Changeover, ControlServer, SelfTestOutcome, SelfTestRequest, SwitchOutcome
 from pipeline.drift import DriftReference, DriftWatch, alarm_level
@@ -77,7 +78,6 @@ from pipeline.store.paths import StorePaths
 from pipeline.store.selftests import SelfTestLog
 from pipeline.store.switches import BundleSwitch, SwitchLog
 from pipeline.store.verdicts import StoreError, VerdictStore
-from pipeline.wire import VERDICT_NAMES
 
 PASS, ERROR = VERDICT_NAMES.index("pass"), VERDICT_NAMES.index("error")
 

@@ -24,12 +24,12 @@ from calibration.fit import fit
 from calibration.report import write_report
 from calibration.synthetic import TEXTURES, generate_mvtec_dataset
 from edge.bundle import load_bundle, save_bundle
+from linewatch_plc.wire import decode
 from pipeline.app.config import Config, with_overrides
 from pipeline.app.ports import free_port
 from pipeline.logs import LogSettings
 from pipeline.settings import SourceConfig
 from pipeline.supervisor import Pipeline
-from pipeline.wire import decode
 
 LINE_CATEGORY = "grass"  # the hardest of the three textures
 LINE_NORMAL_FRAMES = 400  # 300 held out: enough for 1 % at 95 % (299 needed)

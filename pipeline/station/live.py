@@ -19,8 +19,8 @@ from typing import Any
 
 import zmq
 
+from linewatch_plc.wire import HEARTBEAT_TOPIC, Heartbeat
 from pipeline.store.feed import decode_feed
-from pipeline.wire import HEARTBEAT_TOPIC, Heartbeat
 
 RECENT_PER_CAMERA = 60  # parts a new live view starts with, per camera
 CLIENT_QUEUE = 200  # batches waiting for one browser before it loses some

@@ -1,7 +1,7 @@
 """The replay endpoint: a ZeroMQ REP socket that sends missed verdicts again, from the store.
 
 A PLC bridge that sees a gap in `seq` (or reconnects) asks for (run, from_seq, to_seq) and gets the
-very messages that were published, in seq order (`pipeline.wire.ReplayRequest` and its reply). A reply
+very messages that were published, in seq order (`linewatch_plc.wire.ReplayRequest` and its reply). A reply
 holds at most `max_messages`; its header's `to_seq` says where it stopped, so a long gap takes several
 requests and no reply grows without bound. A malformed request gets an error reply naming what was wrong;
 the endpoint keeps serving. It only reads the store, so it never slows the recorder or the line.
@@ -14,9 +14,9 @@ import threading
 
 import zmq
 
+from linewatch_plc.wire import ReplayRequest, encode_replay_reply
 from pipeline.publisher import bound_socket
 from pipeline.store.verdicts import StoreError, VerdictStore
-from pipeline.wire import ReplayRequest, encode_replay_reply
 
 MAX_MESSAGES = 10_000  # per reply: a whole shift's gap is asked for in pieces
 POLL_MS = 500  # how often the serving loop looks at its stop event (a request wakes it at once)

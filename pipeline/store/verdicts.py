@@ -22,11 +22,11 @@ from sqlalchemy import ColumnElement, Engine, create_engine, event, func, inspec
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import SQLAlchemyError
 
+from linewatch_plc.wire import Verdict, encode
 from pipeline.shadow import ShadowVerdict
 from pipeline.store.keys import key_row
 from pipeline.store.migrations import apply_step, pending
 from pipeline.store.schema import REQUIRED_TABLES, SCHEMA_VERSION, metadata, runs, store_meta, verdicts
-from pipeline.wire import Verdict, encode
 
 EXPIRE_CHUNK = 500  # keys per UPDATE: well under SQLite's limit on bound parameters
 

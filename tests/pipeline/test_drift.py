@@ -14,12 +14,12 @@ import pytest
 from calibration.calibrate import calibrate
 from calibration.datasets import normal_frames
 from edge.bundle import read_bundle_file, save_bundle
+from linewatch_plc.wire import VERDICT_NAMES
 from pipeline.app.config import config_from_dict, with_overrides
 from pipeline.app.ports import free_port
 from pipeline.drift import DriftReference, DriftWatch, alarm_level
 from pipeline.settings import SourceConfig
 from pipeline.supervisor import Pipeline
-from pipeline.wire import VERDICT_NAMES
 from tests.conftest import generate_mvtec_dataset
 from tests.pipeline.test_runtime import run_config
 

@@ -16,12 +16,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from linewatch_plc.wire import Verdict
 from pipeline.app.cli import main
 from pipeline.store.archive import ImageArchive
 from pipeline.store.paths import DATA_FOLDER, DATABASE_FILE
 from pipeline.store.records import FIELDS
 from pipeline.store.verdicts import StoredVerdict, VerdictStore, sqlite_url
-from pipeline.wire import Verdict
 
 S = 1_000_000_000
 CAMERAS = ("cam0", "cam1", "line 3/top")

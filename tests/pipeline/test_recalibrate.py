@@ -22,12 +22,12 @@ from edge.bundle import load_bundle, read_bundle_file
 from edge.golden import TENSOR as GOLDEN_TENSOR
 from edge.images import list_images, read_image
 from edge.preprocessing import to_rgb8
+from linewatch_plc.wire import Verdict
 from pipeline.app.cli import main
 from pipeline.store.archive import ImageArchive
 from pipeline.store.paths import DATA_FOLDER, DATABASE_FILE
 from pipeline.store.reviews import Reviews
 from pipeline.store.verdicts import StoredVerdict, VerdictStore, sqlite_url
-from pipeline.wire import Verdict
 
 S = 1_000_000_000
 MINUTE = 60 * S

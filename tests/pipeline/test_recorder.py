@@ -8,13 +8,13 @@ from pathlib import Path
 
 import numpy as np
 
+from linewatch_plc.wire import Verdict, encode
 from pipeline.bundles import SingleBundle
 from pipeline.ring import RECORD, VERDICT_PASS, VERDICT_REJECT, FrameRing
 from pipeline.store.archive import ImageArchive
 from pipeline.store.recorder import Recorder, RunIdentity
 from pipeline.store.spool import SpoolReader, SpoolWriter
 from pipeline.store.verdicts import HistoryFilter, VerdictStore
-from pipeline.wire import Verdict, encode
 
 SHAPE = (32, 48)
 

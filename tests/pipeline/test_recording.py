@@ -342,10 +342,10 @@ BRIDGE_LINE = re.compile(r"^(REJECT|ERROR) run (\S+) seq (\d+):")
 
 
 def start_bridge(config: Config, state: Path, log: Path) -> subprocess.Popen[bytes]:
-    argv = [sys.executable, str(REPO / "deploy" / "plc_bridge.py"), "--address", config.publisher.address]
+    argv = [sys.executable, "-m", "linewatch_plc.cli", "log", "--address", config.publisher.address]
     argv += ["--replay-address", config.publisher.replay_address, "--state", str(state)]
     with log.open("a") as out:
-        env = {**os.environ, "PYTHONPATH": str(REPO)}
+        env = {**os.environ, "PYTHONPATH": str(REPO / "plc")}
         return subprocess.Popen(argv, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
 
 

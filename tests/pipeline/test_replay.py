@@ -11,10 +11,10 @@ import pytest
 import zmq
 from test_store import verdicts
 
+from linewatch_plc.wire import ReplayRequest, decode, decode_replay_reply, reply_holes
 from pipeline.app.ports import free_port
 from pipeline.store.replay import ReplayServer
 from pipeline.store.verdicts import VerdictStore
-from pipeline.wire import ReplayRequest, decode, decode_replay_reply, reply_holes
 
 
 @pytest.fixture()

@@ -23,13 +23,13 @@ import zmq
 from calibration.datasets import MVTecCategory
 from edge.bundle import load_bundle
 from edge.images import read_image
+from linewatch_plc.wire import HEARTBEAT_TOPIC, VERDICT_NAMES, GapTracker, Heartbeat, Verdict, decode
 from pipeline.app.config import Config, config_from_dict
 from pipeline.app.ports import free_port
 from pipeline.publisher import RejectPublisher
 from pipeline.ring import FrameRing
 from pipeline.settings import SourceConfig
 from pipeline.supervisor import Pipeline
-from pipeline.wire import HEARTBEAT_TOPIC, VERDICT_NAMES, GapTracker, Heartbeat, Verdict, decode
 
 
 def run_config(port: int, **pipeline: object) -> Config:

@@ -21,6 +21,7 @@ from sqlalchemy import BigInteger, Column, Connection, create_engine, inspect, t
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import SQLAlchemyError
 
+from linewatch_plc.wire import Verdict, encode
 from pipeline.app.ports import free_port
 from pipeline.store.keys import image_key
 from pipeline.store.migrations import MIGRATIONS, Migration, add_column, apply_step, check_steps
@@ -33,7 +34,6 @@ from pipeline.store.verdicts import (
     public_url,
     sqlite_url,
 )
-from pipeline.wire import Verdict, encode
 
 T0 = 1_764_748_800_000_000_000  # ns since the epoch, as on the wire
 

@@ -1,59 +1,51 @@
-"""Example PLC bridge: follow linewatch's rejects, recover every missed one, and go fail-safe on silence.
-
-    python deploy/plc_bridge.py --address tcp://127.0.0.1:5556 --replay-address tcp://127.0.0.1:5557 \\
-        --state /var/lib/linewatch/bridge.json --failsafe-after 5 --failsafe hold
-
-A real bridge drives the reject gate where this one logs: at t_capture_ns + conveyor transit time (or at
-the part's trigger/encoder count plus the gate's offset). It needs only pyzmq and `pipeline/wire.py`.
+"""Follow linewatch's verdicts: recover every missed one, and go fail-safe on silence. The PLC side's core,
+shared by the log bridge and the OPC UA and Modbus gateways (`Gate` is where its decisions go).
 
 What it follows: topics `reject` and `error` (an error is a part that could not be scored: treat it as a
-reject), or every verdict with --all, plus `heartbeat`.
+reject), or every verdict (`follow_all`, as the gateways do: they show each camera's last verdict), plus
+`heartbeat`.
 
-Missed messages. PUB/SUB loses messages (a full queue, a bridge that was down or started late, linewatch
-restarted), so the bridge checks its streams: the `topic_seq` of each verdict it follows (`seq` with --all),
-against the next message and against every heartbeat, whose topic_seqs say how many were published even
-when no later reject comes. A jump means the stretch of `seq` between what it had checked and the new
-message (or the heartbeat's seq) holds messages it missed; it asks the replay endpoint for that stretch,
-window by window, and handles the rejects that come back exactly like live ones, marked "(replayed)".
-A reject-only bridge skips replayed passes; a message seen twice (live and replayed) is handled once, by
-(run, seq). Requests go out one at a time beside the subscription and never hold up live messages: one
-unanswered after REPLAY_TIMEOUT_S is dropped with its REQ socket. Seqs the store does not hold yet (the
-recorder writes ~100 ms behind publishing) and refused or unanswered requests stay pending and are asked
-again every heartbeat interval, backing off to RETRY_MAX_S; after GIVE_UP_S a stretch is logged as LOST.
-A new run id means linewatch restarted: the old run's tail is asked for too, up to what the store holds,
-and the new run from seq 1. A replayed reject usually comes after its part has passed the gate: a real
-bridge compares t_capture_ns + transit with the clock and diverts the part further down, or flags it, when
-it is too late to kick it out at the gate.
+Missed messages. PUB/SUB loses messages (a full queue, a follower that was down or started late, linewatch
+restarted), so the follower checks its streams: the `topic_seq` of each verdict it follows (`seq` when it
+follows all), against the next message and against every heartbeat, whose topic_seqs say how many were
+published even when no later reject comes. A jump means the stretch of `seq` between what it had checked and
+the new message (or the heartbeat's seq) holds messages it missed; it asks the replay endpoint for that
+stretch, window by window, and hands the verdicts that come back to the gate exactly like live ones, marked
+replayed. A message seen twice (live and replayed) is handled once, by (run, seq). Requests go out one at a
+time beside the subscription and never hold up live messages: one unanswered after REPLAY_TIMEOUT_S is
+dropped with its REQ socket. Seqs the store does not hold yet (the recorder writes ~100 ms behind
+publishing) and refused or unanswered requests stay pending and are asked again every heartbeat interval,
+backing off to RETRY_MAX_S; after GIVE_UP_S a stretch is logged as LOST. A new run id means linewatch
+restarted: the old run's tail is asked for too, up to what the store holds, and the new run from seq 1. A
+replayed reject usually comes after its part has passed the gate: the PLC compares t_capture_ns + transit
+with its clock and diverts the part further down, or flags it, when it is too late to kick it out.
 
-Position. --state (JSON, replaced atomically after every change) keeps the run, the seq up to which every
-message followed is handled ("complete"), the last topic_seq per verdict, what each stream has checked,
-the stretches still pending and the seqs above "complete" already handled, so a restarted bridge goes on
-exactly where it stopped. Delivery is at least once across a crash: a bridge killed between handling a
-message and saving its state handles that message again (a real gate keys its command by part).
+Position. A `StateFile` (JSON, replaced atomically after every change) keeps the run, the seq up to which
+every message followed is handled ("complete"), the last topic_seq per verdict, what each stream has
+checked, the stretches still pending and the seqs above "complete" already handled, so a restarted follower
+goes on exactly where it stopped. Delivery is at least once across a crash: a follower killed between
+handling a message and saving its state handles that message again (the PLC keys its command by part).
 
 Fail-safe. A heartbeat is due every `interval_ms` (it says so itself; 1 s is assumed before the first).
-After --failsafe-after intervals without one, linewatch or the path to it is down: silence must never read
-as "all parts good", so the bridge holds the gate (--failsafe hold) or treats every part as a reject
-(--failsafe reject) until heartbeats come back. A degraded linewatch (its heartbeat's health) is logged.
+After `after` intervals without one, linewatch or the path to it is down: silence must never read as "all
+parts good", so the gate is told (it holds the line, or treats every part as a reject) until heartbeats
+come back. A degraded linewatch (its heartbeat's health) is logged and passed on.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
-import signal
-import sys
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import zmq
 
-from pipeline.wire import (
+from linewatch_plc.wire import (
     HEARTBEAT_TOPIC,
     VERDICT_NAMES,
     Heartbeat,
@@ -63,8 +55,8 @@ from pipeline.wire import (
     reply_holes,
 )
 
-REJECT_TOPICS = ("reject", "error")  # what a reject-only bridge follows: an error is treated as a reject
-ALL = "seq"  # the one stream of a bridge that follows every verdict: gaps are checked on seq
+REJECT_TOPICS = ("reject", "error")  # what a reject-only follower follows: an error is treated as a reject
+ALL = "seq"  # the one stream of a follower that follows every verdict: gaps are checked on seq
 STATE_VERSION = 1
 FIRST_INTERVAL_MS = 1000.0  # heartbeat interval assumed until the first heartbeat states its own
 REPLAY_TIMEOUT_S = 1.0  # an unanswered request is dropped after this: live messages wait for nothing
@@ -76,9 +68,36 @@ POLL_MS = 50  # the loop's longest sleep: watchdog and retries are checked this 
 FAILSAFE_ACTIONS = {"hold": "hold the gate", "reject": "treating parts as rejects"}
 
 
+class Gate(Protocol):
+    """Where the follower's decisions go: a log, OPC UA nodes, Modbus coils. Called from the follower's thread,
+    in order; each (run, seq) reaches `part` once (at least once across a crash of the follower)."""
+
+    def part(self, message: dict[str, Any], replayed: bool) -> None:
+        """A verdict followed: live, or recovered from the replay endpoint (`replayed`)."""
+
+    def heartbeat(self, hb: Heartbeat) -> None:
+        """linewatch's heartbeat: what it published so far, and its health."""
+
+    def failsafe(self, active: bool) -> None:
+        """Heartbeats stopped (True) or came back (False)."""
+
+
+class NoGate:
+    """A follower whose decisions are only logged."""
+
+    def part(self, message: dict[str, Any], replayed: bool) -> None:
+        pass
+
+    def heartbeat(self, hb: Heartbeat) -> None:
+        pass
+
+    def failsafe(self, active: bool) -> None:
+        pass
+
+
 @dataclass
 class Gap:
-    """Seqs first..last of `run` that may hold messages the bridge has not handled."""
+    """Seqs first..last of `run` that may hold messages the follower has not handled."""
 
     run: str
     first: int
@@ -219,7 +238,7 @@ class Missed:
 
 
 class Position:
-    """Where the bridge is in the current run, per stream (`seq`, or one verdict's `topic_seq`): the seq up
+    """Where the follower is in the current run, per stream (`seq`, or one verdict's `topic_seq`): the seq up
     to which every message of the stream is handled or inside a pending gap (`checked`), and how many of the
     stream's messages were published up to there (the verdict's topic_seq; for `seq`, the seq itself)."""
 
@@ -292,9 +311,10 @@ class Watchdog:
         return [f"FAIL-SAFE: no heartbeat from linewatch for {silent_ms:.0f} ms; {FAILSAFE_ACTIONS[self.action]}"]
 
 
-class Bridge:
-    """The bridge's decisions, without sockets: feed it messages, heartbeats, replay replies and the clock
-    (monotonic seconds); it returns the lines to log and the next replay request to send."""
+class Follower:
+    """The follower's decisions, without sockets: feed it messages, heartbeats, replay replies and the clock
+    (monotonic seconds); it hands parts, heartbeats and fail-safe to the gate, and returns the lines to log
+    and the next replay request to send."""
 
     def __init__(
         self,
@@ -302,8 +322,10 @@ class Bridge:
         replay: bool,
         watchdog: Watchdog,
         give_up_s: float = GIVE_UP_S,
+        gate: Gate | None = None,
     ) -> None:
         self.follow_all, self.replay, self.watchdog, self.give_up_s = follow_all, replay, watchdog, give_up_s
+        self.gate: Gate = NoGate() if gate is None else gate
         self.streams = (ALL,) if follow_all else REJECT_TOPICS
         self.position: Position | None = None
         self.gaps = Gaps()
@@ -325,7 +347,11 @@ class Bridge:
         return self.on_message(message, now)
 
     def on_heartbeat(self, hb: Heartbeat, now: float) -> list[str]:
+        failsafe = self.watchdog.active
         lines = self.watchdog.beat(hb, now) + self._enter_run(hb.run, now)
+        if failsafe:
+            self.gate.failsafe(False)
+        self.gate.heartbeat(hb)
         assert self.position is not None
         for missed in self.position.heartbeat(hb):
             lines += self._missed(missed, now)
@@ -341,14 +367,17 @@ class Bridge:
         """Check a verdict message against the streams, and handle it unless it was already."""
         run, seq, verdict = message["run"], int(message["seq"]), message["verdict"]
         lines = [] if replayed else self._enter_run(run, now)
+        # judged before the position moves past it: following all, the one stream's "complete" becomes this seq
+        new = (self.follow_all or verdict in REJECT_TOPICS) and self._is_new(run, seq)
         if self.position is not None and run == self.position.run:
             stream = ALL if self.follow_all else verdict
             if stream in self.streams:
                 missed = self.position.message(stream, seq, verdict, int(message["topic_seq"]))
                 if missed is not None:
                     lines += self._missed(missed, now)
-        if (self.follow_all or verdict in REJECT_TOPICS) and self._is_new(run, seq):
+        if new:
             self.handled.setdefault(run, set()).add(seq)
+            self.gate.part(message, replayed)
             if verdict != "pass":
                 lines.append(describe(message) + (" (replayed)" if replayed else ""))
         return lines
@@ -376,6 +405,8 @@ class Bridge:
     def tick(self, now: float) -> list[str]:
         """The clock: fail-safe on a stale heartbeat, and give up stretches pending too long."""
         lines = self.watchdog.check(now)
+        if lines:
+            self.gate.failsafe(True)
         for gap in self.gaps.expire(now, self.give_up_s):
             lines.append(f"LOST: {gap.text()} not replayed within {self.give_up_s:.0f} s; rejects among them missed")
         self._settle()
@@ -417,7 +448,7 @@ class Bridge:
                 del self.handled[run]
 
     def _enter_run(self, run: str, now: float) -> list[str]:
-        """A message or heartbeat of another run: linewatch restarted (or this bridge starts out)."""
+        """A message or heartbeat of another run: linewatch restarted (or this follower starts out)."""
         if self.position is not None and self.position.run == run:
             return []
         lines = []
@@ -448,7 +479,7 @@ class Bridge:
     # --- state ------------------------------------------------------------------------------------------
 
     def state(self) -> dict[str, Any]:
-        """What --state keeps: enough to go on exactly where this bridge stopped."""
+        """What --state keeps: enough to go on exactly where this follower stopped."""
         p = self.position
         return {
             "v": STATE_VERSION,
@@ -463,7 +494,7 @@ class Bridge:
     def restore(self, state: dict[str, Any], now: float) -> None:
         """Go on from a saved state; pending stretches are asked for at once, and given GIVE_UP_S again."""
         if state.get("v") != STATE_VERSION:
-            raise ValueError(f"state version {state.get('v')!r}, this bridge writes {STATE_VERSION}")
+            raise ValueError(f"state version {state.get('v')!r}, this follower writes {STATE_VERSION}")
         if state["run"] is not None:
             self.position = Position(state["run"], self.streams, int(state["complete"]))
             saved = state["checked"]
@@ -478,7 +509,7 @@ class Bridge:
 
 
 def describe(message: dict[str, Any]) -> str:
-    """The log line for a reject or error: where a real bridge drives the gate."""
+    """The log line for a reject or error: where the PLC drives the gate."""
     where = f"{message['verdict'].upper()} run {message['run']} seq {message['seq']}: camera {message['camera_id']} "
     where += f"frame {message['frame_id']} trigger {message['trigger']}"
     decided = f"decided {(message['t_decision_ns'] - message['t_capture_ns']) / 1e6:.1f} ms after capture"
@@ -556,12 +587,18 @@ class ReplayClient:
         self.sock.close()
 
 
+class Stop(Protocol):
+    """What ends the socket loop: a threading.Event, set by a signal handler or another thread."""
+
+    def is_set(self) -> bool: ...
+
+
 def serve(
-    bridge: Bridge, sub: zmq.Socket, replay: ReplayClient | None, state: StateFile, stop: list[int], end: float
+    follower: Follower, sub: zmq.Socket, replay: ReplayClient | None, state: StateFile, stop: Stop, end: float
 ) -> None:
-    """The socket loop, until `stop` fills or the monotonic clock passes `end`: live messages first, then the
+    """The socket loop, until `stop` is set or the monotonic clock passes `end`: live messages first, then the
     replay reply, the clock and the next replay request."""
-    while not stop and time.monotonic() < end:
+    while not stop.is_set() and time.monotonic() < end:
         poller = zmq.Poller()
         poller.register(sub, zmq.POLLIN)
         if replay is not None and replay.request is not None:
@@ -573,92 +610,57 @@ def serve(
                     frames = sub.recv_multipart(zmq.NOBLOCK)
                 except zmq.Again:
                     break
-                emit(bridge.on_frames(frames, time.monotonic()))
-                state.save(bridge.state())
+                emit(follower.on_frames(frames, time.monotonic()))
+                state.save(follower.state())
         now = time.monotonic()
         if replay is not None and replay.request is not None:
             if replay.sock in ready:
-                emit(bridge.on_reply(*replay.receive(), now))
+                emit(follower.on_reply(*replay.receive(), now))
             elif now >= replay.deadline:
-                emit(bridge.on_replay_failed(replay.abandon(), f"no answer within {REPLAY_TIMEOUT_S:g} s", now))
-        emit(bridge.tick(now))
+                emit(follower.on_replay_failed(replay.abandon(), f"no answer within {REPLAY_TIMEOUT_S:g} s", now))
+        emit(follower.tick(now))
         if replay is not None and replay.request is None:
-            request = bridge.next_request(now)
+            request = follower.next_request(now)
             if request is not None and not replay.send(request, now):
-                emit(bridge.on_replay_failed(request, "cannot send to the replay endpoint", now))
-        state.save(bridge.state())
+                emit(follower.on_replay_failed(request, "cannot send to the replay endpoint", now))
+        state.save(follower.state())
+
+
+def follow(
+    follower: Follower, address: str, replay_address: str, state: StateFile, stop: Stop, end: float = math.inf
+) -> None:
+    """Subscribe to linewatch's publisher at `address` (and ask `replay_address` for what was missed, unless
+    empty) until `stop` is set or `end` passes; the state is saved on the way out."""
+    ctx = zmq.Context()
+    sub = ctx.socket(zmq.SUB)
+    sub.setsockopt(zmq.LINGER, 0)
+    for topic in ("",) if follower.follow_all else (*REJECT_TOPICS, HEARTBEAT_TOPIC):
+        sub.setsockopt(zmq.SUBSCRIBE, topic.encode())
+    replay = ReplayClient(ctx, replay_address) if replay_address else None
+    try:
+        sub.connect(address)
+        serve(follower, sub, replay, state, stop, end)
+    finally:
+        state.save(follower.state())
+        sub.close()
+        if replay is not None:
+            replay.close()
+        ctx.term()
+
+
+def resume(follower: Follower, state: StateFile, now: float) -> list[str]:
+    """Go on from the state file when there is one; exit naming the file when it is not a follower's state."""
+    saved = state.load()
+    if saved is None:
+        return []
+    try:
+        follower.restore(saved, now)
+    except (KeyError, TypeError, ValueError) as exc:
+        why = f"not a follower state ({exc!r}); move it away to start afresh"
+        raise SystemExit(f"--state {state.path}: {why}") from None
+    return [] if saved["run"] is None else [f"resuming run {saved['run']}, complete up to seq {saved['complete']}"]
 
 
 def emit(lines: list[str]) -> None:
     for line in lines:
         print(line, flush=True)
-
-
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description="Log linewatch rejects, recover missed ones, fail safe on silence.")
-    parser.add_argument("--address", default="tcp://127.0.0.1:5556", help="linewatch's publisher")
-    parser.add_argument(
-        "--replay-address",
-        default="tcp://127.0.0.1:5557",
-        help="linewatch's replay endpoint; empty: missed messages are only logged",
-    )
-    parser.add_argument("--state", type=Path, help="file keeping this bridge's position across restarts")
-    parser.add_argument("--all", action="store_true", help="follow every verdict, not only reject/error")
-    parser.add_argument("--duration", type=float, help="exit after this many seconds")
-    parser.add_argument(
-        "--failsafe-after", type=int, default=5, help="missed heartbeats before going fail-safe (default 5)"
-    )
-    parser.add_argument(
-        "--failsafe",
-        choices=sorted(FAILSAFE_ACTIONS),
-        default="hold",
-        help="fail-safe action: hold the gate, or treat every part as a reject (default hold)",
-    )
-    args = parser.parse_args(argv)
-    if args.failsafe_after < 1:
-        parser.error("--failsafe-after must be at least 1")
-    return args
-
-
-def resume(bridge: Bridge, state: StateFile, now: float) -> list[str]:
-    """Go on from --state when there is one; exit naming the file when it is not a bridge state."""
-    saved = state.load()
-    if saved is None:
-        return []
-    try:
-        bridge.restore(saved, now)
-    except (KeyError, TypeError, ValueError) as exc:
-        raise SystemExit(f"--state {state.path}: not a bridge state ({exc!r}); move it away to start afresh") from None
-    return [] if saved["run"] is None else [f"resuming run {saved['run']}, complete up to seq {saved['complete']}"]
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    now = time.monotonic()
-    bridge = Bridge(args.all, bool(args.replay_address), Watchdog(args.failsafe_after, args.failsafe, now))
-    state = StateFile(args.state)
-    emit(resume(bridge, state, now))
-    ctx = zmq.Context()
-    sub = ctx.socket(zmq.SUB)
-    sub.setsockopt(zmq.LINGER, 0)
-    for topic in ("",) if args.all else (*REJECT_TOPICS, HEARTBEAT_TOPIC):
-        sub.setsockopt(zmq.SUBSCRIBE, topic.encode())
-    sub.connect(args.address)
-    replay = ReplayClient(ctx, args.replay_address) if args.replay_address else None
-    stop: list[int] = []
-    signal.signal(signal.SIGTERM, lambda *_: stop.append(1))
-    signal.signal(signal.SIGINT, lambda *_: stop.append(1))
-    end = now + args.duration if args.duration else math.inf
-    try:
-        serve(bridge, sub, replay, state, stop, end)
-    finally:
-        state.save(bridge.state())
-        sub.close()
-        if replay is not None:
-            replay.close()
-        ctx.term()
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,9 +1,8 @@
-"""The example PLC bridge (deploy/plc_bridge.py): its decisions fed with real wire messages, then the bridge
+"""The follower (linewatch_plc.follower): its decisions fed with real wire messages, then `linewatch-plc log`
 as a real process against a real publisher, verdict store, replay endpoint and heartbeats."""
 
 from __future__ import annotations
 
-import ast
 import json
 import os
 import re
@@ -14,19 +13,19 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 
+from linewatch_plc.follower import FIRST_ASK_S, Follower, StateFile, Watchdog
+from linewatch_plc.wire import VERDICT_NAMES, Heartbeat, ReplayRequest, Verdict, encode, encode_replay_reply
 from pipeline.app.ports import free_port
 from pipeline.publisher import RejectPublisher
 from pipeline.store.replay import ReplayServer
 from pipeline.store.verdicts import StoredVerdict, VerdictStore, sqlite_url
-from pipeline.wire import VERDICT_NAMES, Heartbeat, ReplayRequest, Verdict, encode, encode_replay_reply
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "deploy"))
-from plc_bridge import FIRST_ASK_S, Bridge, StateFile, Watchdog  # noqa: E402
+REPO = Path(__file__).resolve().parents[2]
 
 LOGGED = re.compile(r"^(REJECT|ERROR) run (\S+) seq (\d+):")
 
@@ -63,15 +62,15 @@ class Published:
         return [(self.run, s) for s, f in self.frames.items() if f[0] in (b"reject", b"error")]
 
 
-def new_bridge(follow_all: bool = False, replay: bool = True, give_up_s: float = 60.0) -> Bridge:
-    return Bridge(follow_all, replay, Watchdog(5, "hold", now=0.0), give_up_s)
+def new_bridge(follow_all: bool = False, replay: bool = True, give_up_s: float = 60.0) -> Follower:
+    return Follower(follow_all, replay, Watchdog(5, "hold", now=0.0), give_up_s)
 
 
 def logged(lines: list[str]) -> list[tuple[str, int]]:
     return [(m.group(2), int(m.group(3))) for m in map(LOGGED.match, lines) if m]
 
 
-def recover(bridge: Bridge, runs: dict[str, Published], now: float) -> list[str]:
+def recover(bridge: Follower, runs: dict[str, Published], now: float) -> list[str]:
     """Answer the bridge's replay requests from the runs' stores until it asks for nothing more now."""
     lines: list[str] = []
     while (request := bridge.next_request(now)) is not None:
@@ -209,6 +208,53 @@ def test_a_state_of_a_bridge_following_other_streams_asks_for_everything_after_c
     assert every.state()["topic_seqs"] == {"error": 0, "pass": 3, "reject": 1}
 
 
+class RecordingGate:
+    """A gate that keeps what it was handed, in order."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, object]] = []
+
+    def part(self, message: dict[str, Any], replayed: bool) -> None:
+        self.calls.append(("part", (message["seq"], message["verdict"], replayed)))
+
+    def heartbeat(self, hb: Heartbeat) -> None:
+        self.calls.append(("heartbeat", hb.seq))
+
+    def failsafe(self, active: bool) -> None:
+        self.calls.append(("failsafe", active))
+
+
+@pytest.mark.parametrize("follow_all", [True, False], ids=["all", "rejects"])
+def test_each_live_and_replayed_verdict_reaches_the_gate_once_in_order(follow_all: bool) -> None:
+    gate, r1 = RecordingGate(), Published("r1")
+    follower = Follower(follow_all, True, Watchdog(5, "hold", now=0.0), gate=gate)
+    for verdict in ["reject", "pass", "error"]:
+        follower.on_frames(r1.add(verdict), 0.0)
+    follower.on_frames(r1.heartbeat(), 0.1)
+    r1.add("reject"), r1.add("pass")  # missed on the way
+    follower.on_frames(r1.add("reject"), 0.2)
+    recover(follower, {"r1": r1}, 1.0)
+    follower.on_frames(r1.add("reject"), 1.1)
+    follower.on_frames(r1.frames[6], 1.2)  # the same message again
+    follower.on_frames(r1.heartbeat(), 1.3)
+    parts = [args for kind, args in gate.calls if kind == "part"]
+    expected = [(1, "reject", False), (2, "pass", False), (3, "error", False), (6, "reject", False)]
+    expected += [(4, "reject", True), (5, "pass", True), (7, "reject", False)]
+    assert parts == [p for p in expected if follow_all or p[1] != "pass"]
+    assert [args for kind, args in gate.calls if kind == "heartbeat"] == [3, 7] and follower.complete() == 7
+
+
+def test_the_gate_is_told_when_heartbeats_stop_and_when_they_come_back() -> None:
+    gate, r1 = RecordingGate(), Published("r1")
+    follower = Follower(False, True, Watchdog(3, "hold", now=0.0), gate=gate)
+    follower.on_frames(r1.heartbeat(interval_ms=100.0), 0.0)
+    assert follower.tick(0.29) == [] and ("failsafe", True) not in gate.calls
+    assert follower.tick(0.31)[0].startswith("FAIL-SAFE: no heartbeat from linewatch for 310 ms")
+    follower.tick(0.5)  # still silent: said once
+    follower.on_frames(r1.heartbeat(interval_ms=100.0), 0.6)
+    assert gate.calls == [("heartbeat", 0), ("failsafe", True), ("failsafe", False), ("heartbeat", 0)]
+
+
 def test_without_a_replay_endpoint_a_gap_is_logged_as_lost() -> None:
     bridge, r1 = new_bridge(replay=False), Published("r1")
     bridge.on_frames(r1.add("reject"), 0.0)
@@ -274,14 +320,6 @@ def test_a_malformed_message_or_heartbeat_is_ignored_with_a_reason() -> None:
     assert bridge.on_frames([b"heartbeat", b'{"v": 1}'], 0.0) == [
         "ignored heartbeat: malformed heartbeat: KeyError('run')"
     ]
-
-
-def test_the_bridge_imports_only_the_standard_library_zmq_and_the_wire_format() -> None:
-    tree = ast.parse((REPO / "deploy" / "plc_bridge.py").read_text())
-    imported = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
-    imported |= {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
-    foreign = {m for m in imported if m.split(".")[0] not in sys.stdlib_module_names}
-    assert foreign == {"zmq", "pipeline.wire"}
 
 
 # --- the bridge as a process, against a real line ---------------------------------------------------------
@@ -364,14 +402,14 @@ class Line:
 
 
 class BridgeProcess:
-    """deploy/plc_bridge.py run as a process against the line; its output goes to a file."""
+    """`linewatch-plc log` run as a process against the line; its output goes to a file."""
 
     def __init__(self, line: Line, log: Path, *args: str) -> None:
         self.log = log
-        argv = [sys.executable, str(REPO / "deploy" / "plc_bridge.py"), "--address", line.address]
+        argv = [sys.executable, "-m", "linewatch_plc.cli", "log", "--address", line.address]
         argv += ["--replay-address", line.replay_address, *args]
         with log.open("w") as out:
-            env = {**os.environ, "PYTHONPATH": str(REPO)}
+            env = {**os.environ, "PYTHONPATH": str(REPO / "plc")}
             self.proc = subprocess.Popen(argv, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
 
     def lines(self) -> list[str]:
