@@ -1,6 +1,6 @@
 """The deploy files agree with the code: dashboard queries name real metrics, ports match the config.
 
-The example PLC bridge has its own tests in test_plc_bridge.py."""
+The PLC side (linewatch_plc) has its own tests in tests/plc."""
 
 from __future__ import annotations
 
@@ -118,7 +118,7 @@ def test_images_run_as_a_line_box_needs(name: str) -> None:
 def test_gpu_image_keeps_the_vendor_torch_and_adds_tensorrt() -> None:
     text = (DEPLOY / "Dockerfile.gpu").read_text()
     assert re.search(r"^ARG BASE=\S*cuda\S*$", text, re.M) and "FROM ${BASE}" in text
-    assert "grep -v -E '^(torch|torchvision)==' constraints.txt" in text and "'.[opencv,tensorrt]'" in text
+    assert "grep -v -E '^(torch|torchvision)==' constraints.txt" in text and "'.[opencv,tensorrt,plc]'" in text
     env = dockerfile_env("Dockerfile.gpu")
     assert env["LINEWATCH_PIPELINE__DEVICE"] == "cuda" and env["LINEWATCH_PIPELINE__BACKEND"] == "tensorrt"
 
@@ -171,11 +171,14 @@ def test_prometheus_config_passes_promtool() -> None:
 
 
 @pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="no systemd-analyze (apt-get install systemd)")
-@pytest.mark.parametrize("name", ["linewatch.service", "linewatch-plc-bridge.service"])
+@pytest.mark.parametrize("name", ["linewatch.service", "linewatch-plc@modbus.service"])
 def test_systemd_units_verify(name: str, tmp_path: Path) -> None:
     # ExecStart's program exists only on a line box: verify the rest of the unit against /bin/true.
-    text = re.sub(r"^ExecStart=(.*\\\n)*.*$", "ExecStart=/bin/true", (DEPLOY / name).read_text(), flags=re.M)
-    (tmp_path / name).write_text(text)
+    source = DEPLOY / re.sub(r"@.+\.service$", "@.service", name)  # an instance of a template
+    text = re.sub(r"^ExecStart=(.*\\\n)*.*$", "ExecStart=/bin/true", source.read_text(), flags=re.M)
+    (tmp_path / source.name).write_text(text)
+    if source.name != name:
+        (tmp_path / name).symlink_to(source.name)
     proc = subprocess.run(["systemd-analyze", "verify", name], capture_output=True, text=True, timeout=60, cwd=tmp_path)
     assert proc.returncode == 0 and not proc.stderr.strip(), proc.stderr
 
@@ -192,9 +195,10 @@ def test_the_line_box_unit_is_watched_and_hardened() -> None:
     env = dict(e.split("=", 1) for e in unit["Environment"])
     assert unit["ReadWritePaths"][0].split() == [env["LINEWATCH_STORE__PATH"], "/var/cache/linewatch"]
     assert env["LINEWATCH_PIPELINE__ENGINE_CACHE"].startswith("/var/cache/linewatch/")
-    bridge = unit_settings("linewatch-plc-bridge.service")
-    assert "plc_bridge.py" in bridge["ExecStart"][0] and bridge["Restart"] == ["always"]
-    assert bridge["User"] == ["linewatch-bridge"] and bridge["NoNewPrivileges"] == ["yes"]
+    plc = unit_settings("linewatch-plc@.service")
+    assert "linewatch-plc %i --state /var/lib/linewatch-plc/%i.json" in plc["ExecStart"][0]
+    assert plc["Restart"] == ["always"] and plc["User"] == ["linewatch-plc"] and plc["NoNewPrivileges"] == ["yes"]
+    assert plc["CapabilityBoundingSet"] == ["CAP_NET_BIND_SERVICE"]  # Modbus's port 502, and nothing else
 
 
 def test_installs_use_the_constraints_that_the_ranges_admit() -> None:

@@ -42,6 +42,7 @@ from asyncua import Node, Server, ua
 from asyncua.crypto.permission_rules import User, UserRole
 from asyncua.crypto.truststore import TrustStore
 from asyncua.crypto.validator import CertificateValidator
+from asyncua.crypto.validator import CertificateValidatorOptions as Check
 from asyncua.server.event_generator import EventGenerator
 
 from linewatch_plc.gateway import Beat, Event, FailSafe, Part
@@ -246,7 +247,9 @@ async def _secure(server: Server, settings: OpcUaSettings) -> None:
     server.set_security_policy([ua.SecurityPolicyType.Basic256Sha256_SignAndEncrypt])
     await server.load_certificate(str(settings.certificate))
     await server.load_private_key(str(settings.private_key))
-    if settings.trusted_clients is not None:
-        store = TrustStore([settings.trusted_clients], [])
-        await store.load()
-        server.set_certificate_validator(CertificateValidator(trust_store=store))
+    if settings.trusted_clients is None:  # any client certificate in its validity and matching its URI
+        server.set_certificate_validator(CertificateValidator(Check.BASIC_VALIDATION | Check.PEER_CLIENT))
+        return
+    store = TrustStore([settings.trusted_clients], [])
+    await store.load()
+    server.set_certificate_validator(CertificateValidator(Check.TRUSTED_VALIDATION | Check.PEER_CLIENT, store))
