@@ -46,6 +46,10 @@ class PipelineConfig:
     recipes: dict[str, str] = field(default_factory=dict)
     """Named bundles (product name: bundle file) that `linewatch switch --recipe NAME`, a PLC bridge or the operator
     page can put a camera on while the run goes on."""
+    bundle_library: str | None = None
+    """Folder of bundles named by their content hash (`linewatch library add`). Where a bundle is named as
+    `sha256:HASH` (pipeline.bundle, sources[].bundle and shadow_bundle, recipes, `linewatch switch --bundle`),
+    it is HASH.pt there, and linewatch refuses to start unless that file's content hash is HASH."""
     control_address: str | None = "tcp://127.0.0.1:5559"
     """ZeroMQ endpoint taking changeover requests (`linewatch switch`); null: no changeover at run time."""
     ring_slots: int = field(default=8, metadata=bounded(2, 1024))

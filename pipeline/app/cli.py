@@ -288,12 +288,16 @@ def cmd_distil_teacher(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from pipeline.app.config import ConfigError
+    from pipeline.app.config import ConfigError, with_overrides
+    from pipeline.app.library import resolve_bundles
     from pipeline.settings import SourceConfig
     from pipeline.supervisor import Pipeline
 
     config = _config(args)
-    bundle = args.bundle or config.pipeline.bundle
+    if args.bundle is not None:  # --bundle may name a library bundle by hash too
+        config = with_overrides(config, {"pipeline.bundle": str(args.bundle)})
+    config = resolve_bundles(config)
+    bundle = config.pipeline.bundle
     sources = tuple(SourceConfig(spec=s) for s in args.source) if args.source else config.pipeline.sources
     if bundle is None and not (sources and all(s.bundle for s in sources)):
         raise ConfigError("pipeline.bundle: no bundle given (pass --bundle, set it, or name one per source)")
@@ -320,13 +324,16 @@ def cmd_switch(args: argparse.Namespace) -> int:
     import socket
 
     from pipeline.app.config import ConfigError
+    from pipeline.app.library import resolve_reference
     from pipeline.changeover import SwitchRequest, ask_switch
 
-    address = args.address or _config(args).pipeline.control_address
+    config = _config(args)
+    address = args.address or config.pipeline.control_address
     if address is None:
         raise ConfigError("pipeline.control_address: null, so the run takes no changeover requests (give --address)")
-    # A file is named from where this command runs, not from where the run was started.
-    bundle = str(args.bundle.resolve()) if args.bundle is not None else None
+    bundle = None
+    if args.bundle is not None:  # a file is named from where this command runs, not from where the run started
+        bundle = str(Path(resolve_reference(args.bundle, config.pipeline.bundle_library, "--bundle")).resolve())
     by = args.by or f"{getpass.getuser()}@{socket.gethostname()}"
     shadow = args.shadow or args.stop_shadow
     request = SwitchRequest(args.camera, bundle, args.recipe, by, shadow, args.promote)
@@ -341,6 +348,26 @@ def cmd_switch(args: argparse.Namespace) -> int:
     else:
         loading = f" ({outcome.load_ms:.0f} ms to load)" if outcome.load_ms else ""
         print(f"camera {outcome.camera}: {which} switched from {before} to {after}{loading}")
+    return 0
+
+
+def cmd_library(args: argparse.Namespace) -> int:
+    from pipeline.app.config import ConfigError
+    from pipeline.app.library import BundleLibrary
+
+    folder = args.library or _config(args).pipeline.bundle_library
+    if folder is None:
+        raise ConfigError("pipeline.bundle_library: not set (give --library)")
+    library = BundleLibrary(Path(folder))
+    if args.action == "add":
+        if not args.bundles:
+            raise ConfigError("library add: name the bundle files to add")
+        for bundle in args.bundles:
+            print(f"sha256:{library.add(bundle)}  {bundle}")
+        return 0
+    for e in library.entries():
+        threshold = "not calibrated" if e.threshold is None else f"threshold {e.threshold:.4g}"
+        print(f"sha256:{e.hash}  {e.model}, {threshold}, fitted on {e.fit_images} images, {e.created}")
     return 0
 
 
@@ -620,7 +647,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("switch", help="put a camera of the running `linewatch run` on another bundle (changeover)")
     p.add_argument("--camera", required=True, help="camera id (pipeline.sources[].id)")
     target = p.add_mutually_exclusive_group(required=True)
-    target.add_argument("--bundle", type=Path, help="calibrated bundle file")
+    target.add_argument("--bundle", help="calibrated bundle file, or sha256:HASH of pipeline.bundle_library")
     target.add_argument("--recipe", help="a name of pipeline.recipes in the run's config")
     target.add_argument("--promote", action="store_true", help="put the camera's shadow bundle in charge")
     target.add_argument("--stop-shadow", action="store_true", help="stop scoring the camera's frames in shadow")
@@ -656,6 +683,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n-train", type=int, default=100, help="normal training images per category")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("library", help="bundles named by content hash, for a deployment to name by sha256:HASH")
+    p.add_argument("action", choices=["add", "list"], help="add bundles, or list the library")
+    p.add_argument("bundles", nargs="*", type=Path, help="bundle files to add")
+    p.add_argument("--library", type=Path, help="the library folder (default: pipeline.bundle_library)")
+    p.add_argument("--config", type=Path, help="config file (pipeline.bundle_library)")
+    p.set_defaults(func=cmd_library)
 
     p = sub.add_parser("history", help="list stored verdicts, filtered by time, camera, verdict, score or run")
     _add_store_options(p)

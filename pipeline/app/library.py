@@ -1,0 +1,106 @@
+"""A bundle library: a folder of bundles named by their content hash, so a deployment names the bundle it runs
+by hash (`sha256:HASH`), and a line is rolled to another bundle, and back, by changing that one reference.
+
+Reading a reference checks the file: its recorded content hash must be HASH, and its content must still
+hash to it (`edge.bundle.read_bundle_file`). Adding copies atomically (write aside, fsync, rename), so a
+reader never sees half a file; a bundle already there is left as it is.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from edge.bundle import BundleError, read_bundle_file
+from pipeline.app.config import Config, ConfigError
+
+REFERENCE = re.compile(r"^sha256:([0-9a-f]{64})$")
+
+
+@dataclass(frozen=True)
+class LibraryEntry:
+    hash: str
+    path: Path
+    model: str
+    threshold: float | None  # None: fitted, not calibrated
+    created: str  # ISO 8601, UTC
+    fit_images: int
+
+
+class BundleLibrary:
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+
+    def path_of(self, digest: str) -> Path:
+        return self.folder / f"{digest}.pt"
+
+    def add(self, bundle: Path) -> str:
+        """Put `bundle` in the library under its content hash; returns the hash."""
+        _, _, digest = read_bundle_file(bundle)
+        target = self.path_of(digest)
+        if target.is_file():
+            return digest
+        self.folder.mkdir(parents=True, exist_ok=True)
+        part = target.with_name(f".{target.name}.part")
+        with bundle.open("rb") as src, part.open("wb") as dst:
+            shutil.copyfileobj(src, dst)
+            dst.flush()
+            os.fsync(dst.fileno())
+        part.replace(target)
+        return digest
+
+    def resolve(self, digest: str) -> Path:
+        """The file of bundle `digest`, checked; BundleError naming the file otherwise."""
+        path = self.path_of(digest)
+        _, _, recorded = read_bundle_file(path)
+        if recorded != digest:
+            raise BundleError(f"{path}: holds bundle {recorded}, not {digest} (a library file must not be renamed)")
+        return path
+
+    def entries(self) -> list[LibraryEntry]:
+        found = []
+        for path in sorted(self.folder.glob("*.pt")):
+            m, _, digest = read_bundle_file(path)
+            threshold = None if m.threshold is None else m.threshold.value
+            found.append(LibraryEntry(digest, path, m.model, threshold, m.created, m.dataset.n_images))
+        return found
+
+
+def resolve_reference(value: str, library: str | None, field: str) -> str:
+    """`value` itself, or for `sha256:HASH` the library's checked file; ConfigError naming `field`."""
+    match = REFERENCE.match(value.strip())
+    if match is None:
+        if value.startswith("sha256:"):
+            raise ConfigError(f"{field} = {value!r}: expected sha256: and 64 lowercase hex digits")
+        return value
+    if library is None:
+        raise ConfigError(f"{field} = {value}: a bundle named by hash needs pipeline.bundle_library")
+    try:
+        return str(BundleLibrary(Path(library)).resolve(match[1]))
+    except BundleError as exc:
+        raise ConfigError(f"{field} = {value[:19]}…: {exc}") from None
+
+
+def resolve_bundles(config: Config) -> Config:
+    """The config with every bundle named by hash replaced by its checked file in pipeline.bundle_library."""
+    p = config.pipeline
+    lib = p.bundle_library
+
+    def one(value: str | None, field: str) -> str | None:
+        return None if value is None else resolve_reference(value, lib, field)
+
+    sources = tuple(
+        dataclasses.replace(
+            s,
+            bundle=one(s.bundle, f"pipeline.sources[{i}].bundle"),
+            shadow_bundle=one(s.shadow_bundle, f"pipeline.sources[{i}].shadow_bundle"),
+        )
+        for i, s in enumerate(p.sources)
+    )
+    recipes = {name: resolve_reference(v, lib, f"pipeline.recipes.{name}") for name, v in p.recipes.items()}
+    pipeline = dataclasses.replace(p, bundle=one(p.bundle, "pipeline.bundle"), sources=sources, recipes=recipes)
+    return dataclasses.replace(config, pipeline=pipeline)
