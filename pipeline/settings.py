@@ -116,6 +116,9 @@ class StoreConfig:
     the bundle."""
     url: str | None = None
     """Database URL, e.g. postgresql+psycopg://user:password@host/linewatch; default: SQLite in `path`."""
+    line: str = ""
+    """This line's id, written into every stored row. One PostgreSQL can then hold a plant's lines: each box
+    writes its line's rows and reads, replays and shows only those."""
     keep_pass_fraction: float = field(default=0.01, metadata=bounded(0.0, 1.0))
     """Share of passed parts whose frame and overlay are archived (every reject's are)."""
     max_gb: float = field(default=20.0, metadata=bounded(0.001, 1e6))

@@ -154,6 +154,7 @@ class RecorderArgs:
     cameras: tuple[str, ...]
     bundles: BundleTableSpec
     feed_address: str | None = None  # where committed rows are announced (the operator station); None: nowhere
+    line: str = ""  # store.line: written into every row
 
 
 @dataclass(frozen=True)
@@ -808,7 +809,7 @@ def recorder_main(ctx: StageContext, args: RecorderArgs) -> None:  # pragma: no 
         # keep up, the buffer and the spool hold the backlog.
         os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
     records, images = FrameRing.attach(args.records), FrameRing.attach(args.images)
-    store = VerdictStore(args.url, check=False)  # checked at start by the supervisor; may be away by now
+    store = VerdictStore(args.url, check=False, line=args.line)  # checked at start by the supervisor
     archive = ImageArchive(Path(args.archive), args.max_bytes, args.max_days)
     identity = RunIdentity(args.run, args.cameras, BundleTable.attach(args.bundles))
     feed = _open_feed(args.feed_address)

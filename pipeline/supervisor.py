@@ -467,6 +467,7 @@ class Pipeline:
         slots += (StageSlot("station", len(stages), timeout_s=heartbeat_timeout_s(pc, "station")),)
         settings = StationSettings(
             store_url=paths.url,
+            store_line=paths.line,
             archive=str(paths.images),
             data=str(paths.root),
             host=ui.host,
@@ -510,6 +511,7 @@ class Pipeline:
             tuple(self.cameras),
             self.table.spec,
             self.config.ui.feed_address if self.config.ui.enabled else None,
+            paths.line,
         )
 
     def _start_metrics(self, cleanup: contextlib.ExitStack) -> PipelineMetrics:
@@ -1007,4 +1009,4 @@ def _open_store(config: RuntimeConfig, bundle_path: Path) -> tuple[StorePaths, V
         paths.root.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise StoreError(f"store.path = {str(paths.root)!r}: cannot create the data folder ({exc.strerror})") from None
-    return paths, VerdictStore(paths.url)
+    return paths, VerdictStore(paths.url, line=paths.line)

@@ -36,6 +36,7 @@ class StoreLocation:
 
     url: str
     images: Path | None
+    line: str = ""  # store.line: the line whose rows are read
 
 
 @dataclass(frozen=True)
@@ -51,7 +52,7 @@ def locate(store: StoreConfig, bundle: str | Path | None, data: Path | None, sto
     replaces the database either way. ValueError when nothing says where."""
     paths: StorePaths | None
     if data is not None:
-        paths = StorePaths(data, sqlite_url(data / DATABASE_FILE))
+        paths = StorePaths(data, sqlite_url(data / DATABASE_FILE), store.line)
     else:
         try:
             paths = StorePaths.resolve(store, bundle)
@@ -62,13 +63,13 @@ def locate(store: StoreConfig, bundle: str | Path | None, data: Path | None, sto
             raise ValueError(
                 "no store given: pass --bundle, --data DIR or --store-url URL (or set pipeline.bundle or store.path)"
             )
-        return StoreLocation(store_url, None)
-    return StoreLocation(store_url or paths.url, paths.images)
+        return StoreLocation(store_url, None, store.line)
+    return StoreLocation(store_url or paths.url, paths.images, store.line)
 
 
 def open_store(location: StoreLocation) -> VerdictStore:
     """The store at `location`, for reading: StoreError naming the place when there is none."""
-    return VerdictStore(location.url, create=False)
+    return VerdictStore(location.url, create=False, line=location.line)
 
 
 def history_filter(

@@ -36,7 +36,7 @@ def add_user(location: StoreLocation, name: str, password: str) -> bool:
     """Create `name` (True) or set its password (False) in the store at `location`, creating the store if new."""
     if location.url.startswith("sqlite:///"):
         Path(location.url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
-    store = VerdictStore(location.url)
+    store = VerdictStore(location.url, line=location.line)
     try:
         return Reviews(store).set_user(name, password, time.time_ns())
     finally:
@@ -44,7 +44,7 @@ def add_user(location: StoreLocation, name: str, password: str) -> bool:
 
 
 def list_users(location: StoreLocation) -> list[str]:
-    store = VerdictStore(location.url, create=False)
+    store = VerdictStore(location.url, create=False, line=location.line)
     try:
         return Reviews(store).user_names()
     finally:
@@ -61,6 +61,7 @@ def station_settings(location: StoreLocation, ui: UiConfig, bundle: Path | None)
         summary = bundle_summary(bundle, manifest, digest)
     return StationSettings(
         store_url=location.url,
+        store_line=location.line,
         archive=str(location.images),
         data=str(location.images.parent),
         host=ui.host,
@@ -84,5 +85,7 @@ def serve_station(settings: StationSettings) -> None:
 
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, stop)
-    VerdictStore(settings.store_url, create=False).close()  # a missing or foreign store: one line, now
+    VerdictStore(
+        settings.store_url, create=False, line=settings.store_line
+    ).close()  # a missing or foreign store: one line, now
     serve(settings, NoRun(), lambda: stopping, lambda port: print(f"operator page on http://{settings.host}:{port}/"))

@@ -60,7 +60,7 @@ def serve(
         while not stop():
             asyncio.run(asyncio.sleep(STOP_POLL_S))
         return
-    store = VerdictStore(settings.store_url, check=False)
+    store = VerdictStore(settings.store_url, check=False, line=settings.store_line)
     hub = LiveHub(settings.feed_address, settings.heartbeat_address).start()
     try:
         app = create_app(settings, store, hub, health)

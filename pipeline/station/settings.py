@@ -51,6 +51,7 @@ class StationSettings:
     camera_bundles: dict[str, BundleSummary] = field(default_factory=dict)  # each camera's bundle at the run's start
     control_address: str | None = None  # the run's changeover endpoint; None: no switching from the page
     recipes: tuple[str, ...] = ()  # pipeline.recipes' names, offered on the model page
+    store_line: str = ""  # store.line: the line whose rows the page shows
 
 
 def bundle_summary(path: Path, manifest: BundleManifest, content_hash: str) -> BundleSummary:

@@ -49,7 +49,7 @@ class Migration:
 
 
 def add_column(table: str, column: Column[Any]) -> Callable[[Connection], None]:
-    """A change adding a nullable column, typed in the connection's dialect."""
+    """A change adding a column (nullable, or with a server default), typed in the connection's dialect."""
 
     def change(conn: Connection) -> None:
         definition = CreateColumn(column).compile(dialect=conn.dialect)
@@ -125,6 +125,16 @@ def add_bundle_changes(conn: Connection) -> None:
     added.create_all(conn)
 
 
+def add_line_ids(conn: Connection) -> None:
+    """Step 5: `line_id` on runs, verdicts, bundle_switches and selftests (rows already there: the empty line),
+    and an index on the verdicts' (line_id, t_decision_ns)."""
+    for table in ("runs", "verdicts", "bundle_switches", "selftests"):
+        add_column(table, Column("line_id", String(64), nullable=False, server_default=""))(conn)
+    added = MetaData()
+    table = Table("verdicts", added, Column("line_id", String(64)), Column("t_decision_ns", BigInteger))
+    Index("ix_verdicts_line_time", table.c.line_id, table.c.t_decision_ns).create(conn)
+
+
 # The columns and tables are declared here as they were added, apart from schema.py: a later change there must not
 # rewrite what a step did to stores already upgraded.
 MIGRATIONS: tuple[Migration, ...] = (
@@ -144,6 +154,11 @@ MIGRATIONS: tuple[Migration, ...] = (
         "refused; verdicts.shadow_*: the shadow bundle's verdict on the same frame; selftests: golden-sample "
         "self-test outcomes",
         add_bundle_changes,
+    ),
+    Migration(
+        5,
+        "line_id on runs, verdicts, bundle_switches and selftests: one database can hold a plant's lines",
+        add_line_ids,
     ),
 )
 

@@ -20,6 +20,7 @@ DATABASE_FILE = "verdicts.sqlite"
 class StorePaths:
     root: Path
     url: str
+    line: str = ""  # the line whose rows this box writes and reads (store.line)
 
     @property
     def images(self) -> Path:
@@ -38,4 +39,4 @@ class StorePaths:
             root = Path(bundle_path).resolve().parent / DATA_FOLDER
         else:
             raise ValueError("store.path: not set and no bundle to put the data folder beside (give --bundle)")
-        return cls(root, store.url or f"sqlite:///{root / DATABASE_FILE}")
+        return cls(root, store.url or f"sqlite:///{root / DATABASE_FILE}", store.line)

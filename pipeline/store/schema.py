@@ -8,7 +8,9 @@ row per review and never updated, so a later label adds to the audit trail inste
 holds who may review, with a password hash (`pipeline.store.reviews`). `bundle_switches` records every product
 changeover (and shadow bundle) asked of a run, made or refused (`pipeline.store.switches`); a verdict's
 `shadow_*` columns hold the verdict of the camera's shadow bundle on the same frame, when it had one.
-`selftests` holds each golden-sample self-test's outcome (`pipeline.selftest`).
+`selftests` holds each golden-sample self-test's outcome (`pipeline.selftest`). Every row of runs, verdicts,
+bundle_switches and selftests carries `line_id` (store.line), so one database can hold a plant's lines; a box
+reads only its own line's rows.
 `store_meta` holds the schema version, so a store made by this version is recognised, upgraded by a later one
 (`pipeline.store.migrations`), and refused by an older one.
 """
@@ -17,7 +19,7 @@ from __future__ import annotations
 
 from sqlalchemy import BigInteger, Boolean, Column, Double, Index, Integer, MetaData, String, Table, Text
 
-SCHEMA_VERSION = 4  # the last step in pipeline.store.migrations reaches it
+SCHEMA_VERSION = 5  # the last step in pipeline.store.migrations reaches it
 
 metadata = MetaData()
 
@@ -37,6 +39,7 @@ runs = Table(
     Column("bundle_hash", String(64), nullable=False),
     Column("bundle_path", Text, nullable=False),
     Column("config_json", Text, nullable=False),  # the runtime settings that ran, as JSON
+    Column("line_id", String(64), nullable=False, server_default=""),
 )
 
 verdicts = Table(
@@ -59,9 +62,11 @@ verdicts = Table(
     Column("shadow_bundle", String(64)),  # the camera's shadow bundle, when one scored the frame (never published)
     Column("shadow_score", Double),
     Column("shadow_verdict", String(16)),
+    Column("line_id", String(64), nullable=False, server_default=""),
     Index("ix_verdicts_time", "t_decision_ns"),
     Index("ix_verdicts_camera_time", "camera_id", "t_decision_ns"),
     Index("ix_verdicts_verdict_time", "verdict", "t_decision_ns"),
+    Index("ix_verdicts_line_time", "line_id", "t_decision_ns"),
 )
 
 users = Table(
@@ -101,6 +106,7 @@ bundle_switches = Table(
     Column("switched_ns", BigInteger),  # when the camera's next frame went to the new bundle; null: refused
     Column("refused", Text),  # why the switch was refused; null when it was made
     Column("shadow", Boolean, nullable=False),  # the camera's shadow bundle was asked for, not its live one
+    Column("line_id", String(64), nullable=False, server_default=""),
     Index("ix_bundle_switches_time", "requested_ns"),
 )
 
@@ -116,6 +122,7 @@ selftests = Table(
     Column("frames", Integer, nullable=False),
     Column("passed", Boolean, nullable=False),
     Column("failures", Text, nullable=False),  # one line per failed frame
+    Column("line_id", String(64), nullable=False, server_default=""),
     Index("ix_selftests_time", "t_ns"),
 )
 

@@ -18,7 +18,8 @@ class SelfTestLog:
     def record(self, run: str, result: SelfTestResult) -> None:
         """StoreError when the store cannot take it."""
         values = {
-            "run_id": run, "t_ns": result.t_ns, "bundle": result.bundle, "bundle_path": result.path,
+            "run_id": run, "line_id": self.store.line, "t_ns": result.t_ns, "bundle": result.bundle,
+            "bundle_path": result.path,
             "why": result.why, "frames": result.frames, "passed": result.passed,
             "failures": "\n".join(result.failures),
         }  # fmt: skip
@@ -27,7 +28,8 @@ class SelfTestLog:
     def recent(self, limit: int = 20, run: str | None = None) -> list[tuple[str, SelfTestResult]]:
         """(run, result) of the latest self-tests, newest first."""
         c = selftests.c
-        query = select(selftests).order_by(c.t_ns.desc(), c.selftest_id.desc()).limit(limit)
+        query = select(selftests).where(c.line_id == self.store.line)
+        query = query.order_by(c.t_ns.desc(), c.selftest_id.desc()).limit(limit)
         if run is not None:
             query = query.where(c.run_id == run)
         return self.store.transact(lambda conn: [_result(r) for r in conn.execute(query)], write=False)

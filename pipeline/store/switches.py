@@ -39,13 +39,14 @@ class SwitchLog:
 
     def record(self, switch: BundleSwitch) -> None:
         """StoreError when the store cannot take it."""
-        values = asdict(switch)
+        values = asdict(switch) | {"line_id": self.store.line}
         self.store.transact(lambda conn: conn.execute(bundle_switches.insert().values(**values)), write=True)
 
     def recent(self, limit: int = 50, run: str | None = None, camera: str | None = None) -> list[BundleSwitch]:
         """The latest switches (of one run, one camera), newest first."""
         c = bundle_switches.c
-        query = select(bundle_switches).order_by(c.requested_ns.desc(), c.switch_id.desc()).limit(limit)
+        query = select(bundle_switches).where(c.line_id == self.store.line)
+        query = query.order_by(c.requested_ns.desc(), c.switch_id.desc()).limit(limit)
         if run is not None:
             query = query.where(c.run_id == run)
         if camera is not None:
@@ -54,5 +55,5 @@ class SwitchLog:
 
 
 def _switch(row: Any) -> BundleSwitch:
-    fields = {k: v for k, v in row._mapping.items() if k != "switch_id"}
+    fields = {k: v for k, v in row._mapping.items() if k not in ("switch_id", "line_id")}
     return BundleSwitch(**fields)

@@ -122,11 +122,14 @@ class VerdictStore:
     """Open (creating when new, unless `create` is False) a store, upgrading an older one; refuse a foreign,
     corrupt or newer one in one line."""
 
-    def __init__(self, url: str, create: bool = True, check: bool = True) -> None:
+    def __init__(self, url: str, create: bool = True, check: bool = True, line: str = "") -> None:
         """`check` False: connect at the first read or write (for a process whose parent checked the store and
-        that must start even while the database is away)."""
-        self.url = url
+        that must start even while the database is away). `line` (store.line): every row written carries it,
+        and only its rows are read."""
+        self.url, self.line = url, line
         self.where = _where(url)
+        if len(line) > 64:
+            raise StoreError(f"store.line = {line[:20]!r}...: expected at most 64 characters, got {len(line)}")
         if not create and url.startswith("sqlite:///") and not Path(self.where).is_file():
             # Checked before connecting: opening a missing SQLite file would create it.
             raise StoreError(f"{self.where}: no verdict store here (no such file)")
@@ -180,6 +183,7 @@ class VerdictStore:
     def start_run(self, run: str, bundle_hash: str, bundle_path: str, config: dict[str, Any], started_ns: int) -> None:
         row = {
             "run_id": run,
+            "line_id": self.line,
             "started_ns": started_ns,
             "bundle_hash": bundle_hash,
             "bundle_path": bundle_path,
@@ -188,7 +192,7 @@ class VerdictStore:
         self._write(lambda conn: conn.execute(self._insert_new(runs, ["run_id"]), [row]))
 
     def stop_run(self, run: str, stopped_ns: int) -> None:
-        statement = runs.update().where(runs.c.run_id == run).values(stopped_ns=stopped_ns)
+        statement = runs.update().where(runs.c.run_id == run, runs.c.line_id == self.line).values(stopped_ns=stopped_ns)
         self._write(lambda conn: conn.execute(statement))
 
     def write(self, batch: Sequence[StoredVerdict]) -> int:
@@ -197,25 +201,27 @@ class VerdictStore:
             return 0
         # RETURNING lists the rows actually inserted (rowcount of a batch is not reported by every driver).
         statement = self._insert_new(verdicts, ["run_id", "seq"]).returning(verdicts.c.seq)
-        return len(self._write(lambda conn: conn.execute(statement, [v.row() for v in batch]).all()))
+        rows = [v.row() | {"line_id": self.line} for v in batch]
+        return len(self._write(lambda conn: conn.execute(statement, rows).all()))
 
     def range(self, run: str, from_seq: int, to_seq: int) -> list[StoredVerdict]:
         """The stored verdicts of `run` with from_seq <= seq <= to_seq, in seq order."""
         c = verdicts.c
-        query = select(verdicts).where(c.run_id == run, c.seq >= from_seq, c.seq <= to_seq).order_by(c.seq)
+        query = select(verdicts).where(self.mine(), c.run_id == run, c.seq >= from_seq, c.seq <= to_seq).order_by(c.seq)
         return self._read(lambda conn: [StoredVerdict.from_row(r) for r in conn.execute(query)])
 
     def count(self, run: str) -> int:
-        query = select(func.count()).select_from(verdicts).where(verdicts.c.run_id == run)
+        query = select(func.count()).select_from(verdicts).where(self.mine(), verdicts.c.run_id == run)
         return int(self._read(lambda conn: conn.execute(query).scalar_one()))
 
     def run_record(self, run: str) -> dict[str, Any] | None:
-        row = self._read(lambda conn: conn.execute(select(runs).where(runs.c.run_id == run)).mappings().first())
+        query = select(runs).where(runs.c.run_id == run, runs.c.line_id == self.line)
+        row = self._read(lambda conn: conn.execute(query).mappings().first())
         return None if row is None else dict(row)
 
     def runs_list(self) -> list[dict[str, Any]]:
         """Every run's row, the newest start first."""
-        query = select(runs).order_by(runs.c.started_ns.desc(), runs.c.run_id)
+        query = select(runs).where(runs.c.line_id == self.line).order_by(runs.c.started_ns.desc(), runs.c.run_id)
         return self._read(lambda conn: [dict(r) for r in conn.execute(query).mappings()])
 
     def search(self, f: HistoryFilter) -> list[StoredVerdict]:
@@ -226,14 +232,20 @@ class VerdictStore:
             if f.newest_first
             else (c.t_decision_ns, c.run_id, c.seq)
         )
-        query = select(verdicts).where(*_conditions(f)).order_by(*order).limit(f.limit).offset(f.offset or None)
+        query = (
+            select(verdicts)
+            .where(self.mine(), *_conditions(f))
+            .order_by(*order)
+            .limit(f.limit)
+            .offset(f.offset or None)
+        )
         return self._read(lambda conn: [StoredVerdict.from_row(r) for r in conn.execute(query)])
 
     def verdict_counts(self, f: HistoryFilter) -> dict[str, int]:
         """How many of the verdicts `f` selects are of each kind (pass, reject, error); its limit and order
         do not apply. Counted in the database: a day of a busy line is millions of rows."""
         c = verdicts.c
-        query = select(c.verdict, func.count()).where(*_conditions(f)).group_by(c.verdict)
+        query = select(c.verdict, func.count()).where(self.mine(), *_conditions(f)).group_by(c.verdict)
         return self._read(lambda conn: {kind: int(n) for kind, n in conn.execute(query)})
 
     def passes_with_images(self, since_ns: int, until_ns: int, camera: str | None = None) -> list[StoredVerdict]:
@@ -241,7 +253,9 @@ class VerdictStore:
         c = verdicts.c
         period = HistoryFilter(since_ns, until_ns, camera, verdict="pass")
         kept = (c.image_key.is_not(None), c.image_expired_ns.is_(None))
-        query = select(verdicts).where(*_conditions(period), *kept).order_by(c.t_decision_ns, c.run_id, c.seq)
+        query = (
+            select(verdicts).where(self.mine(), *_conditions(period), *kept).order_by(c.t_decision_ns, c.run_id, c.seq)
+        )
         return self._read(lambda conn: [StoredVerdict.from_row(r) for r in conn.execute(query)])
 
     def mark_expired(self, keys: Sequence[str], t_ns: int) -> int:
@@ -265,6 +279,7 @@ class VerdictStore:
                     statement = (
                         verdicts.update()
                         .where(
+                            self.mine(),
                             c.run_id == run,
                             c.seq.in_(list(chunk)),
                             c.image_key.in_(list(chunk.values())),
@@ -277,6 +292,10 @@ class VerdictStore:
             return changed
 
         return self._write(work) if by_run else 0
+
+    def mine(self) -> ColumnElement[bool]:
+        """The condition selecting this line's verdicts (a plant database holds other lines' too)."""
+        return verdicts.c.line_id == self.line
 
     def close(self) -> None:
         self.engine.dispose()

@@ -410,3 +410,38 @@ def test_an_upgrade_that_fails_is_refused_in_one_line(tmp_path: Path) -> None:
         "(duplicate column name: image_expired_ns); it stays at version 1"
     )
     assert schema_version(sqlite_url(path)) == "1"
+
+
+def test_lines_sharing_one_database_each_write_their_line_and_read_only_their_own(store_url: str) -> None:
+    from pipeline.selftest import SelfTestResult
+    from pipeline.store.selftests import SelfTestLog
+    from pipeline.store.switches import BundleSwitch, SwitchLog
+
+    line_a, line_b = VerdictStore(store_url, line="line-a"), VerdictStore(store_url, line="line-b")
+    try:
+        for store, run, n in ((line_a, "run-a", 12), (line_b, "run-b", 7)):
+            store.start_run(run, "hash", "/data/line.pt", {}, T0)
+            assert store.write(verdicts(run, n)) == n
+            SwitchLog(store).record(BundleSwitch(run, "top", T0, "alice", "/b.pt", "hash", "hash2", switched_ns=T0))
+            SelfTestLog(store).record(run, SelfTestResult("hash", "/b.pt", T0, 6, ()))
+        everything = HistoryFilter(limit=1000)
+        assert {v.run for v in line_a.search(everything)} == {"run-a"} and len(line_a.search(everything)) == 12
+        assert sum(line_b.verdict_counts(everything).values()) == 7
+        assert line_a.range("run-b", 1, 7) == [] and line_b.count("run-b") == 7  # replay: its own runs only
+        assert [r["run_id"] for r in line_a.runs_list()] == ["run-a"] and line_b.run_record("run-a") is None
+        assert [s.run_id for s in SwitchLog(line_b).recent()] == ["run-b"]
+        assert [run for run, _ in SelfTestLog(line_a).recent()] == ["run-a"]
+        engine = create_engine(store_url)
+        with engine.connect() as conn:  # and every row says whose it is
+            for table in ("runs", "verdicts", "bundle_switches", "selftests"):
+                rows = conn.execute(text(f"SELECT run_id, line_id FROM {table}")).all()
+                assert {(run, line) for run, line in rows} == {("run-a", "line-a"), ("run-b", "line-b")}, table
+        engine.dispose()
+    finally:
+        line_a.close()
+        line_b.close()
+
+
+def test_a_line_id_longer_than_the_column_is_refused_in_one_line(tmp_path: Path) -> None:
+    with pytest.raises(StoreError, match=r"store.line = .*: expected at most 64 characters, got 65"):
+        VerdictStore(f"sqlite:///{tmp_path / 'store.db'}", line="x" * 65)
