@@ -60,6 +60,9 @@ def build_parser() -> argparse.ArgumentParser:
     opcua.add_argument("--private-key", type=Path, help="the certificate's private key (PEM)")
     opcua.add_argument("--trusted-clients", type=Path, help="folder of client (or CA) certificates admitted")
     opcua.add_argument("--users", type=Path, help="logins file (linewatch-plc add-user): anonymous refused")
+    opcua.add_argument(
+        "--event-history", type=int, default=10_000, help="reject events kept for HistoryRead (default 10000)"
+    )
     modbus = commands.add_parser("modbus", help="serve the line over Modbus TCP")
     follow_options(modbus)
     modbus.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
@@ -80,6 +83,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         parser.error("--failsafe-after must be at least 1")
     if args.command == "opcua" and (args.certificate is None) != (args.private_key is None):
         parser.error("--certificate and --private-key go together")
+    if args.command == "opcua" and args.event_history < 0:
+        parser.error("--event-history must be 0 or more")
     if args.command == "modbus" and args.pulse_ms <= 0:
         parser.error("--pulse-ms must be above 0")
     return args
@@ -110,7 +115,9 @@ async def serve_opcua(args: argparse.Namespace) -> None:
     from linewatch_plc.users import load_users
 
     users = None if args.users is None else load_users(args.users)
-    settings = OpcUaSettings(args.endpoint, args.certificate, args.private_key, args.trusted_clients, users)
+    settings = OpcUaSettings(
+        args.endpoint, args.certificate, args.private_key, args.trusted_clients, users, args.event_history
+    )
     view = OpcUaView(args.camera)
     server = await start_server(view, settings)
     emit([f"OPC UA on {args.endpoint} ({'Basic256Sha256' if args.certificate else 'no security'})"])

@@ -2,7 +2,8 @@
 
 Address space, namespace `urn:linewatch:plc` (browse names):
 
-    Objects/Linewatch                      emits RejectEvent for every reject and error (live and replayed)
+    Objects/Linewatch                      the source of a RejectEvent for every reject and error (live and
+                                           replayed), emitted by the Server object (ns=0;i=2253)
         LinewatchOk      Boolean           heartbeats arrive in time (false before the first one, and in fail-safe)
         FailSafe         Boolean           no heartbeat for --failsafe-after intervals: hold the line or reject all
         Health           String            ok | degraded (linewatch's own view)
@@ -23,7 +24,9 @@ Address space, namespace `urn:linewatch:plc` (browse names):
 
     RejectEventType (subtype of BaseEventType): Run, Camera, Verdict, Bundle String; Seq, FrameId UInt64;
     Trigger Int64; Score, Threshold Double; CaptureTime DateTime; Replayed Boolean (recovered from the
-    replay endpoint: its part has likely passed the gate). Severity 900 live, 700 replayed.
+    replay endpoint: its part has likely passed the gate). Severity 900 live, 700 replayed. The last
+    --event-history events are kept (in memory, Historical Access), so a client that subscribes late, or
+    reconnects, reads the rejects it missed with HistoryRead (`read_event_history`) and merges them by Seq.
 
 Security: without a certificate the endpoint is NoSecurity; with `--certificate`/`--private-key` it is
 Basic256Sha256 Sign & Encrypt only, and `--trusted-clients DIR` admits only client certificates signed by
@@ -34,7 +37,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -97,6 +100,7 @@ class OpcUaSettings:
     private_key: Path | None = None
     trusted_clients: Path | None = None
     users: dict[str, str] | None = None  # name -> stored hash (users.load_users)
+    event_history: int = 10_000  # reject events kept for HistoryRead; 0: none
 
 
 class PasswordUsers:
@@ -148,7 +152,11 @@ class OpcUaView:
         self.cameras_folder = await self.line_object.add_folder(idx, "Cameras")
         base = ua.ObjectIds.BaseEventType
         event_type = await server.create_custom_event_type(idx, "RejectEventType", base, EVENT_FIELDS)
-        self.events: EventGenerator = await server.get_event_generator(event_type, self.line_object)
+        # Emitted by the Server object, where OPC UA clients subscribe to a server's events, with Linewatch as
+        # the source; the Server object also keeps them for HistoryRead.
+        self.events: EventGenerator = await server.get_event_generator(event_type, ua.ObjectIds.Server)
+        self.events.event.SourceNode = self.line_object.nodeid
+        self.events.event.SourceName = "Linewatch"
         for camera in self.initial_cameras:
             await self.camera(camera)
 
@@ -235,6 +243,8 @@ async def start_server(view: OpcUaView, settings: OpcUaSettings) -> Server:
     idx = await server.register_namespace(NAMESPACE)
     await view.build(server, idx)
     await server.start()
+    if settings.event_history:
+        await server.historize_node_event(server.nodes.server, timedelta(days=7), settings.event_history)
     return server
 
 
