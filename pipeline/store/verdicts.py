@@ -13,12 +13,13 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import ColumnElement, Engine, create_engine, event, func, inspect, select
+from sqlalchemy import ColumnElement, Engine, create_engine, event, func, inspect, select, text
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import SQLAlchemyError
 
@@ -29,6 +30,7 @@ from pipeline.store.migrations import apply_step, pending
 from pipeline.store.schema import REQUIRED_TABLES, SCHEMA_VERSION, metadata, runs, store_meta, verdicts
 
 EXPIRE_CHUNK = 500  # keys per UPDATE: well under SQLite's limit on bound parameters
+SCHEMA_LOCK_KEY = 0x6C696E65  # the advisory lock of linewatch's schema changes on a shared PostgreSQL ("line")
 
 log = logging.getLogger(__name__)
 
@@ -141,6 +143,24 @@ class VerdictStore:
             raise StoreError(f"{self.where}: cannot open the verdict store ({_reason(exc)})") from None
 
     def _prepare(self, create: bool) -> None:
+        with self._schema_lock():
+            self._prepare_locked(create)
+
+    @contextmanager
+    def _schema_lock(self) -> Iterator[None]:
+        """Boxes of a plant starting together on one empty (or older) PostgreSQL take turns creating or upgrading
+        the schema: a session-level advisory lock, held while it is checked and changed."""
+        if self.engine.dialect.name != "postgresql":
+            yield
+            return
+        with self.engine.connect() as conn:
+            conn.execute(text("SELECT pg_advisory_lock(:key)"), {"key": SCHEMA_LOCK_KEY})
+            try:
+                yield
+            finally:
+                conn.execute(text("SELECT pg_advisory_unlock(:key)"), {"key": SCHEMA_LOCK_KEY})
+
+    def _prepare_locked(self, create: bool) -> None:
         tables = set(inspect(self.engine).get_table_names())
         if not tables and not create:
             raise StoreError(f"{self.where}: no verdict store here (the database has no tables)")

@@ -445,3 +445,25 @@ def test_lines_sharing_one_database_each_write_their_line_and_read_only_their_ow
 def test_a_line_id_longer_than_the_column_is_refused_in_one_line(tmp_path: Path) -> None:
     with pytest.raises(StoreError, match=r"store.line = .*: expected at most 64 characters, got 65"):
         VerdictStore(f"sqlite:///{tmp_path / 'store.db'}", line="x" * 65)
+
+
+def open_store_in_a_process(url: str, line: str) -> None:
+    VerdictStore(url, line=line).close()
+
+
+def test_boxes_starting_together_on_one_empty_postgresql_all_open_it(postgres_url: str) -> None:
+    """A plant's lines started at once on a new database: the schema is made once, and no box fails."""
+    name = f"plant_{os.getpid()}_{time.monotonic_ns()}"
+    admin = create_engine(postgres_url, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(text(f"CREATE DATABASE {name}"))
+    admin.dispose()
+    url = make_url(postgres_url).set(database=name).render_as_string(hide_password=False)
+    context = mp.get_context("spawn")
+    boxes = [context.Process(target=open_store_in_a_process, args=(url, f"line-{i}")) for i in range(6)]
+    for box in boxes:
+        box.start()
+    for box in boxes:
+        box.join(120)
+    assert [box.exitcode for box in boxes] == [0] * 6
+    assert schema_version(url) == str(SCHEMA_VERSION)
