@@ -246,9 +246,7 @@ def report(result: PlantResult) -> str:
     rows.append(f"{'plant':10} {'sum of lines':22} " + " ".join(f"{total[v]:>7}" for v in VERDICTS))
     rows.append(f"{'plant':10} {'plant:..._frames:sum':22} " + " ".join(f"{result.plant[v]:>7}" for v in VERDICTS))
     verdict = "equal" if result.consistent else "DIFFERENT: " + "; ".join(result.problems)
-    rows.append(
-        f"{len(result.own)} lines, {result.seconds:.0f} s: the plant's aggregates and the lines' own: {verdict}"
-    )
+    rows.append(f"{len(result.own)} lines, {result.seconds:.0f} s; plant aggregates against the lines' own: {verdict}")
     return "\n".join(rows)
 
 
