@@ -111,7 +111,7 @@ def test_the_settings_are_config_keys_linewatch_accepts_and_the_bundle_is_named_
     config = load_config(None, {"LINEWATCH_CONFIG": "", **env})  # ... and validates like the file
     assert yaml.safe_load(config_file)["store"]["path"] == "/var/lib/linewatch"
     assert HASH_REFERENCE.match(config.pipeline.bundle or "") and config.pipeline.bundle_library == "/bundles"
-    assert [s.id for s in config.pipeline.sources]
+    assert [s.id for s in config.pipeline.sources] and config.store.line == overlay  # its rows in a plant store
     box = one(docs, "Deployment", "linewatch")
     mounts = {m["mountPath"]: m for m in container(box, "linewatch")["volumeMounts"]}
     assert mounts["/bundles"]["readOnly"] is True

@@ -28,13 +28,14 @@ needs_prometheus = pytest.mark.skipif(
 
 
 def plant_recorded_names() -> set[str]:
-    return {r["record"] for g in yaml.safe_load(RULES.read_text())["groups"] for r in g["rules"]}
+    return {r["record"] for g in yaml.safe_load(RULES.read_text())["groups"] for r in g["rules"] if "record" in r}
 
 
 @needs_prometheus
 def test_the_plant_rules_sum_each_line_and_the_plant_from_the_lines_series(tmp_path: Path) -> None:
     """Four lines (two cameras on line-2, one box per line): a counter rising 60 pass and 6 reject per minute
-    per camera; line-4 is down. The per-line and plant sums and rates are checked at 10 minutes."""
+    per camera; line-4 is not ready; line-5's box cannot be scraped at all, and the plant has lost line box
+    box6's Prometheus. The per-line and plant figures and the alert are checked at 10 minutes."""
     series = []
     for n in range(1, 5):
         cameras = ("top", "side") if n == 2 else ("top",)
@@ -45,6 +46,11 @@ def test_the_plant_rules_sum_each_line_and_the_plant_from_the_lines_series(tmp_p
         box = f'plant="plant-a", line="line-{n}", instance="box{n}:9108", job="linewatch"'
         series.append({"series": f"linewatch_up{{{box}}}", "values": "1x40"})
         series.append({"series": f"linewatch_ready{{{box}}}", "values": ("0x40" if n == 4 else "1x40")})
+        series.append({"series": f"up{{{box}}}", "values": "1x40"})
+    series.append(
+        {"series": 'up{plant="plant-a", line="line-5", instance="box5:9108", job="linewatch"}', "values": "0x40"}
+    )
+    series.append({"series": 'up{instance="box6:9090", job="linewatch-federate"}', "values": "0x40"})
     line = {"plant": "plant-a"}
     expected = [
         ("line:linewatch_frames:sum", [({**line, "line": "line-2", "verdict": "pass"}, 1200)]),
@@ -53,6 +59,7 @@ def test_the_plant_rules_sum_each_line_and_the_plant_from_the_lines_series(tmp_p
         ("line:linewatch_reject_ratio:rate5m", [({**line, "line": f"line-{n}"}, 0.1 / 1.1) for n in range(1, 5)]),
         ("plant:linewatch_parts:rate5m", [(line, 5.5)]),
         ("plant:linewatch_lines_ready:sum", [(line, 3)]),
+        ("line:linewatch_up:min", [({**line, "line": f"line-{n}"}, 0 if n == 5 else 1) for n in range(1, 6)]),
     ]
 
     def check(expr: str, wanted: list[tuple[dict[str, str], float]]) -> dict:
@@ -72,6 +79,22 @@ def test_the_plant_rules_sum_each_line_and_the_plant_from_the_lines_series(tmp_p
                 "interval": "15s",
                 "input_series": series,
                 "promql_expr_test": [check(expr, wanted) for expr, wanted in expected],
+                "alert_rule_test": [
+                    {
+                        "eval_time": "10m",
+                        "alertname": "LinewatchLineBoxUnreachable",
+                        "exp_alerts": [
+                            {
+                                "exp_labels": {
+                                    "instance": "box6:9090",
+                                    "job": "linewatch-federate",
+                                    "severity": "warning",
+                                },
+                                "exp_annotations": unreachable_annotations("box6:9090"),
+                            }
+                        ],
+                    }
+                ],
             }
         ],
     }
@@ -79,6 +102,12 @@ def test_the_plant_rules_sum_each_line_and_the_plant_from_the_lines_series(tmp_p
     path.write_text(yaml.safe_dump(test, sort_keys=False))
     proc = subprocess.run(["promtool", "test", "rules", str(path)], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def unreachable_annotations(instance: str) -> dict[str, str]:
+    groups = yaml.safe_load(RULES.read_text())["groups"]
+    rule = next(r for g in groups for r in g["rules"] if r.get("alert") == "LinewatchLineBoxUnreachable")
+    return {k: v.replace("{{ $labels.instance }}", instance) for k, v in rule["annotations"].items()}
 
 
 def _labels(name: str, labels: dict[str, str]) -> str:

@@ -68,11 +68,16 @@ def _add_store_options(p: argparse.ArgumentParser) -> None:
 
 
 def _store_location(args: argparse.Namespace) -> StoreLocation:
-    from pipeline.app.config import load_config
+    from pipeline.app.config import load_config, with_overrides
     from pipeline.app.history import locate
+    from pipeline.app.library import check_data_folder, names_by_hash
 
     config = load_config(args.config)  # not _config: no override and no torch for a read of the store
-    return locate(config.store, args.bundle or config.pipeline.bundle, args.data, args.store_url)
+    bundle = args.bundle or config.pipeline.bundle
+    if names_by_hash(str(bundle)) and args.data is None:  # the data folder is store.path's, not the library's
+        check_data_folder(with_overrides(config, {"pipeline.bundle": str(bundle)}))
+        bundle = None
+    return locate(config.store, bundle, args.data, args.store_url)
 
 
 def _config(args: argparse.Namespace) -> Config:
@@ -289,13 +294,14 @@ def cmd_distil_teacher(args: argparse.Namespace) -> int:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from pipeline.app.config import ConfigError, with_overrides
-    from pipeline.app.library import resolve_bundles
+    from pipeline.app.library import check_data_folder, resolve_bundles
     from pipeline.settings import SourceConfig
     from pipeline.supervisor import Pipeline
 
     config = _config(args)
     if args.bundle is not None:  # --bundle may name a library bundle by hash too
         config = with_overrides(config, {"pipeline.bundle": str(args.bundle)})
+    check_data_folder(config)
     config = resolve_bundles(config)
     bundle = config.pipeline.bundle
     sources = tuple(SourceConfig(spec=s) for s in args.source) if args.source else config.pipeline.sources
@@ -516,10 +522,13 @@ def cmd_user(args: argparse.Namespace) -> int:
 
 def cmd_station(args: argparse.Namespace) -> int:
     from pipeline.app.config import load_config, with_overrides
+    from pipeline.app.library import resolve_reference
     from pipeline.app.operators import serve_station, station_settings
 
     config = with_overrides(load_config(args.config), {"ui.host": args.host, "ui.port": args.port})
-    bundle = args.bundle or (Path(config.pipeline.bundle) if config.pipeline.bundle else None)
+    named = args.bundle or config.pipeline.bundle
+    library = config.pipeline.bundle_library
+    bundle = None if named is None else Path(resolve_reference(str(named), library, "pipeline.bundle"))
     serve_station(station_settings(_store_location(args), config.ui, bundle))
     return 0
 

@@ -3,7 +3,8 @@ by hash (`sha256:HASH`), and a line is rolled to another bundle, and back, by ch
 
 Reading a reference checks the file: its recorded content hash must be HASH, and its content must still
 hash to it (`edge.bundle.read_bundle_file`). Adding copies atomically (write aside, fsync, rename), so a
-reader never sees half a file; a bundle already there is left as it is.
+reader never sees half a file; a bundle already there is left as it is. edge.bundle (torch) is imported where a
+bundle is read: naming a library file, as the store commands do to find the data folder, needs no torch.
 """
 
 from __future__ import annotations
@@ -15,7 +16,6 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from edge.bundle import BundleError, read_bundle_file
 from pipeline.app.config import Config, ConfigError
 
 REFERENCE = re.compile(r"^sha256:([0-9a-f]{64})$")
@@ -40,6 +40,8 @@ class BundleLibrary:
 
     def add(self, bundle: Path) -> str:
         """Put `bundle` in the library under its content hash; returns the hash."""
+        from edge.bundle import read_bundle_file
+
         _, _, digest = read_bundle_file(bundle)
         target = self.path_of(digest)
         if target.is_file():
@@ -55,6 +57,8 @@ class BundleLibrary:
 
     def resolve(self, digest: str) -> Path:
         """The file of bundle `digest`, checked; BundleError naming the file otherwise."""
+        from edge.bundle import BundleError, read_bundle_file
+
         path = self.path_of(digest)
         _, _, recorded = read_bundle_file(path)
         if recorded != digest:
@@ -62,6 +66,8 @@ class BundleLibrary:
         return path
 
     def entries(self) -> list[LibraryEntry]:
+        from edge.bundle import read_bundle_file
+
         found = []
         for path in sorted(self.folder.glob("*.pt")):
             m, _, digest = read_bundle_file(path)
@@ -70,8 +76,9 @@ class BundleLibrary:
         return found
 
 
-def resolve_reference(value: str, library: str | None, field: str) -> str:
-    """`value` itself, or for `sha256:HASH` the library's checked file; ConfigError naming `field`."""
+def library_path(value: str, library: str | None, field: str) -> str:
+    """`value` itself, or for `sha256:HASH` the library's file for it, unread (finding the data folder beside
+    it needs no torch); ConfigError naming `field`."""
     match = REFERENCE.match(value.strip())
     if match is None:
         if value.startswith("sha256:"):
@@ -79,8 +86,31 @@ def resolve_reference(value: str, library: str | None, field: str) -> str:
         return value
     if library is None:
         raise ConfigError(f"{field} = {value}: a bundle named by hash needs pipeline.bundle_library")
+    return str(BundleLibrary(Path(library)).path_of(match[1]))
+
+
+def names_by_hash(value: str | None) -> bool:
+    return value is not None and value.strip().startswith("sha256:")
+
+
+def check_data_folder(config: Config) -> None:
+    """A bundle named by hash lives in a library shared by lines: its folder is no place for one line's data, so
+    store.path must say where that goes. ConfigError otherwise."""
+    p = config.pipeline
+    named = [p.bundle, *(s.bundle for s in p.sources)]
+    if config.store.path is None and any(names_by_hash(b) for b in named):
+        raise ConfigError("store.path: not set, and the bundle is named by hash (its library folder is shared)")
+
+
+def resolve_reference(value: str, library: str | None, field: str) -> str:
+    """`value` itself, or for `sha256:HASH` the library's checked file; ConfigError naming `field`."""
+    from edge.bundle import BundleError
+
+    path = library_path(value, library, field)
+    if path == value:
+        return value
     try:
-        return str(BundleLibrary(Path(library)).resolve(match[1]))
+        return str(BundleLibrary(Path(library or "")).resolve(Path(path).stem))
     except BundleError as exc:
         raise ConfigError(f"{field} = {value[:19]}…: {exc}") from None
 

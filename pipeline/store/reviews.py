@@ -22,9 +22,9 @@ import secrets
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import and_, exists, select
 
-from pipeline.store.schema import labels, users
+from pipeline.store.schema import labels, users, verdicts
 from pipeline.store.verdicts import StoredVerdict, VerdictStore
 
 # Each label and the verdict it may be given to.
@@ -141,8 +141,9 @@ class Reviews:
         """The verdicts decided in [since_ns, until_ns) whose current label is `label`, oldest first."""
         if label not in LABELS:
             raise ReviewError(f"label {label!r}: expected one of {', '.join(LABELS)}")
-        c = labels.c
-        query = select(c.run_id, c.seq, c.label).order_by(c.label_id)
+        c, v = labels.c, verdicts.c
+        mine = and_(v.run_id == c.run_id, v.seq == c.seq, v.line_id == self.store.line)  # this line's verdicts
+        query = select(c.run_id, c.seq, c.label).where(exists().where(mine)).order_by(c.label_id)
         current: dict[tuple[str, int], str] = {}
         for run, seq, name in self.store.transact(lambda conn: conn.execute(query).all(), write=False):
             current[(run, seq)] = name

@@ -14,14 +14,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import getpass
-import math
+import signal
 import sys
 import threading
-import time
 from pathlib import Path
 
-from linewatch_plc.follower import FAILSAFE_ACTIONS, Follower, StateFile, Watchdog, emit, follow, resume
-from linewatch_plc.gateway import FollowSettings, LineView, run_gateway
+from linewatch_plc.follower import FAILSAFE_ACTIONS, FollowSettings, StateFile, emit, follow, prepare
+from linewatch_plc.gateway import LineView, run_gateway
 
 ENDPOINT = "opc.tcp://127.0.0.1:4840/linewatch"
 
@@ -83,6 +82,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         parser.error("--failsafe-after must be at least 1")
     if args.command == "opcua" and (args.certificate is None) != (args.private_key is None):
         parser.error("--certificate and --private-key go together")
+    if args.command == "opcua" and args.certificate is None and (args.users or args.trusted_clients):
+        parser.error("--users and --trusted-clients need --certificate: without it passwords travel in clear")
+    if args.command == "modbus" and not 0 <= args.device_id <= 247:
+        parser.error(f"--device-id {args.device_id}: expected a Modbus unit id, 0 to 247")
     if args.command == "opcua" and args.event_history < 0:
         parser.error("--event-history must be 0 or more")
     if args.command == "modbus" and args.pulse_ms <= 0:
@@ -96,17 +99,12 @@ def settings_of(args: argparse.Namespace) -> FollowSettings:
 
 
 def run_log(args: argparse.Namespace) -> int:
-    import signal
-
-    now = time.monotonic()
-    follower = Follower(args.all, bool(args.replay_address), Watchdog(args.failsafe_after, args.failsafe, now))
-    state = StateFile(args.state)
-    emit(resume(follower, state, now))
+    settings = settings_of(args)
+    follower, end = prepare(settings, follow_all=args.all)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
-    end = now + args.duration if args.duration else math.inf
-    follow(follower, args.address, args.replay_address, state, stop, end)
+    follow(follower, args.address, args.replay_address, settings.state, stop, end)
     return 0
 
 

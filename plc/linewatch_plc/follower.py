@@ -587,6 +587,13 @@ class ReplayClient:
         self.sock.close()
 
 
+class StateSink(Protocol):
+    """Where the follower's state goes after each pass of the socket loop: a `StateFile`, or a gateway's queue
+    (which writes it once what came before has reached the PLC)."""
+
+    def save(self, state: dict[str, Any]) -> None: ...
+
+
 class Stop(Protocol):
     """What ends the socket loop: a threading.Event, set by a signal handler or another thread."""
 
@@ -594,7 +601,7 @@ class Stop(Protocol):
 
 
 def serve(
-    follower: Follower, sub: zmq.Socket, replay: ReplayClient | None, state: StateFile, stop: Stop, end: float
+    follower: Follower, sub: zmq.Socket, replay: ReplayClient | None, state: StateSink, stop: Stop, end: float
 ) -> None:
     """The socket loop, until `stop` is set or the monotonic clock passes `end`: live messages first, then the
     replay reply, the clock and the next replay request."""
@@ -611,7 +618,6 @@ def serve(
                 except zmq.Again:
                     break
                 emit(follower.on_frames(frames, time.monotonic()))
-                state.save(follower.state())
         now = time.monotonic()
         if replay is not None and replay.request is not None:
             if replay.sock in ready:
@@ -626,8 +632,29 @@ def serve(
         state.save(follower.state())
 
 
+@dataclass(frozen=True)
+class FollowSettings:
+    """Where linewatch is, and how the follower behaves (the options every command shares)."""
+
+    address: str
+    replay_address: str
+    state: StateFile
+    failsafe_after: int
+    failsafe: str  # hold | reject
+    duration_s: float | None = None
+
+
+def prepare(settings: FollowSettings, follow_all: bool, gate: Gate | None = None) -> tuple[Follower, float]:
+    """A follower resumed from the state file (its lines logged), and the monotonic time to stop at."""
+    now = time.monotonic()
+    watchdog = Watchdog(settings.failsafe_after, settings.failsafe, now)
+    follower = Follower(follow_all, bool(settings.replay_address), watchdog, gate=gate)
+    emit(resume(follower, settings.state, now))
+    return follower, now + settings.duration_s if settings.duration_s else math.inf
+
+
 def follow(
-    follower: Follower, address: str, replay_address: str, state: StateFile, stop: Stop, end: float = math.inf
+    follower: Follower, address: str, replay_address: str, state: StateSink, stop: Stop, end: float = math.inf
 ) -> None:
     """Subscribe to linewatch's publisher at `address` (and ask `replay_address` for what was missed, unless
     empty) until `stop` is set or `end` passes; the state is saved on the way out."""

@@ -2,24 +2,29 @@
 Modbus server) running on asyncio.
 
 The follower's socket loop is synchronous (zmq.Poller); the protocol servers are asyncio. The follower's
-`QueueGate` posts typed events into the event loop (`call_soon_threadsafe`), one consumer applies them in
-the order they were decided, and a `tick` every TICK_S lets the view time pulses.
+`QueueGate` posts typed events into the event loop (`call_soon_threadsafe`), and one consumer applies them in
+the order they were decided; a `tick` every TICK_S lets the view time its pulses.
+
+Delivery. The follower's state goes through the same queue (`Checkpoint`) and is written to the state file
+only once every event before it has been applied and the view is idle (a Modbus view: no reject waiting for
+its pulse). A gateway that crashes therefore hands on again what it had not delivered (at least once); a
+stopped one first finishes the pulses it owes, for up to DRAIN_S.
 """
 
 from __future__ import annotations
 
 import asyncio
-import math
 import signal
 import threading
 import time
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from linewatch_plc.follower import Follower, StateFile, Watchdog, emit, follow, resume
+from linewatch_plc.follower import FollowSettings, emit, follow, prepare
 from linewatch_plc.wire import Heartbeat
 
 TICK_S = 0.005  # how often the view's clock runs: pulse lengths are this exact
+DRAIN_S = 10.0  # a stopping gateway's longest wait for the pulses it owes
 
 
 @dataclass(frozen=True)
@@ -38,7 +43,28 @@ class FailSafe:
     active: bool
 
 
+@dataclass(frozen=True)
+class Checkpoint:
+    state: dict[str, Any]  # the follower's state once the events before it are handled
+
+
+@dataclass(frozen=True)
+class Done:
+    """The follower has stopped: nothing comes after this."""
+
+
 Event = Part | Beat | FailSafe
+Posted = Event | Checkpoint | Done
+
+
+def score_or_nan(message: dict[str, Any]) -> float:
+    """The message's score; NaN for a part that could not be scored."""
+    return float("nan") if message["score"] is None else float(message["score"])
+
+
+def trigger_or(message: dict[str, Any], none: int) -> int:
+    """The part's trigger / encoder value; `none` when its source has none."""
+    return none if message["trigger"] is None else int(message["trigger"])
 
 
 class LineView(Protocol):
@@ -50,15 +76,19 @@ class LineView(Protocol):
     async def tick(self, now: float) -> None:
         """The clock (monotonic s), every TICK_S: pulses end on it."""
 
+    def idle(self) -> bool:
+        """Everything applied so far has reached the PLC side (nothing waits for a pulse)."""
+
 
 class QueueGate:
-    """The follower's gate: each call becomes an event on the asyncio loop's queue (thread-safe)."""
+    """The follower's gate and state sink: each call becomes an item on the asyncio loop's queue (thread-safe)."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, queue: asyncio.Queue[Event]) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop, queue: asyncio.Queue[Posted]) -> None:
         self.loop, self.queue = loop, queue
+        self.posted_state: dict[str, Any] | None = None
 
-    def _post(self, event: Event) -> None:
-        self.loop.call_soon_threadsafe(self.queue.put_nowait, event)
+    def _post(self, item: Posted) -> None:
+        self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
 
     def part(self, message: dict[str, Any], replayed: bool) -> None:
         self._post(Part(message, replayed))
@@ -69,52 +99,68 @@ class QueueGate:
     def failsafe(self, active: bool) -> None:
         self._post(FailSafe(active))
 
+    def save(self, state: dict[str, Any]) -> None:
+        if state != self.posted_state:
+            self.posted_state = state
+            self._post(Checkpoint(state))
 
-@dataclass(frozen=True)
-class FollowSettings:
-    """Where linewatch is, and how the follower behaves (the options every gateway shares)."""
-
-    address: str
-    replay_address: str
-    state: StateFile
-    failsafe_after: int
-    failsafe: str  # hold | reject
-    duration_s: float | None = None
+    def done(self) -> None:
+        self._post(Done())
 
 
 async def run_gateway(view: LineView, settings: FollowSettings) -> None:
     """Follow linewatch into `view` until SIGTERM/SIGINT (or the duration); the caller has started the server."""
     loop = asyncio.get_running_loop()
-    queue: asyncio.Queue[Event] = asyncio.Queue()
+    queue: asyncio.Queue[Posted] = asyncio.Queue()
     stop = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
-    now = time.monotonic()
-    watchdog = Watchdog(settings.failsafe_after, settings.failsafe, now)
-    follower = Follower(True, bool(settings.replay_address), watchdog, gate=QueueGate(loop, queue))
-    emit(resume(follower, settings.state, now))
-    end = now + settings.duration_s if settings.duration_s else math.inf
+    gate = QueueGate(loop, queue)
+    follower, end = prepare(settings, follow_all=True, gate=gate)
     failed: list[BaseException] = []
 
     def follow_until_stopped() -> None:
         try:
-            follow(follower, settings.address, settings.replay_address, settings.state, stop, end)
+            follow(follower, settings.address, settings.replay_address, gate, stop, end)
         except BaseException as exc:  # handed to the loop's thread, which raises it
             failed.append(exc)
+        finally:
+            gate.done()
 
     thread = threading.Thread(target=follow_until_stopped, name="follower", daemon=True)
     thread.start()
     try:
-        while thread.is_alive() or not queue.empty():
-            try:
-                event = await asyncio.wait_for(queue.get(), TICK_S)
-            except TimeoutError:
-                pass
-            else:
-                await view.apply(event)
-            await view.tick(time.monotonic())
+        await consume(view, queue, settings)
     finally:
         stop.set()
         await asyncio.to_thread(thread.join)
     if failed:
         raise failed[0]
+
+
+async def consume(view: LineView, queue: asyncio.Queue[Posted], settings: FollowSettings) -> None:
+    """Apply what the follower posts until it is done; write each checkpoint once the view is idle behind it."""
+    pending: dict[str, Any] | None = None
+    while True:
+        try:
+            item = await asyncio.wait_for(queue.get(), TICK_S)
+        except TimeoutError:
+            item = None
+        if isinstance(item, Done):
+            break
+        if isinstance(item, Checkpoint):
+            pending = item.state
+        elif item is not None:
+            await view.apply(item)
+        await view.tick(time.monotonic())
+        if pending is not None and view.idle():
+            settings.state.save(pending)
+            pending = None
+    drain_until = time.monotonic() + DRAIN_S
+    while not view.idle() and time.monotonic() < drain_until:
+        await asyncio.sleep(TICK_S)
+        await view.tick(time.monotonic())
+    if pending is not None and view.idle():
+        settings.state.save(pending)
+    elif pending is not None:
+        emit(["stopped with rejects still waiting for their pulse: they are handed on again at the next start"])

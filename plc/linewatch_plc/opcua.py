@@ -16,7 +16,7 @@ Address space, namespace `urn:linewatch:plc` (browse names):
             Verdict      String            pass | reject | error
             Score        Double            NaN when not scored
             Threshold    Double            reject when Score > Threshold
-            Seq, FrameId UInt64
+            Seq, FrameId UInt64            of the newest verdict (a recovered older one does not replace it)
             Trigger      Int64             the part's trigger / encoder value, -1 when the source has none
             CaptureTime, DecisionTime  DateTime
             Bundle       String            content hash of the bundle that decided
@@ -48,7 +48,7 @@ from asyncua.crypto.validator import CertificateValidator
 from asyncua.crypto.validator import CertificateValidatorOptions as Check
 from asyncua.server.event_generator import EventGenerator
 
-from linewatch_plc.gateway import Beat, Event, FailSafe, Part
+from linewatch_plc.gateway import Beat, Event, FailSafe, Part, score_or_nan, trigger_or
 from linewatch_plc.users import verify_password
 
 NAMESPACE = "urn:linewatch:plc"
@@ -144,6 +144,7 @@ class OpcUaView:
         self.initial_cameras = list(cameras)
         self.cameras: dict[str, Nodes] = {}
         self.rejects: dict[str, int] = {}
+        self.shown: dict[str, tuple[str, int]] = {}  # camera -> (run, seq) of the verdict its nodes show
 
     async def build(self, server: Server, idx: int) -> None:
         self.idx = idx
@@ -178,28 +179,34 @@ class OpcUaView:
     async def tick(self, now: float) -> None:
         pass
 
+    def idle(self) -> bool:
+        return True  # events go out as they are applied
+
     async def _part(self, m: dict[str, Any], replayed: bool) -> None:
-        name, score = str(m["camera_id"]), m["score"]
+        name, run, seq = str(m["camera_id"]), m["run"], int(m["seq"])
         nodes = await self.camera(name)
         rejected = m["verdict"] != "pass"
         self.rejects[name] += rejected
-        await nodes.write(
-            Verdict=m["verdict"],
-            Score=float("nan") if score is None else float(score),
-            Threshold=float(m["threshold"]),
-            Seq=int(m["seq"]),
-            FrameId=int(m["frame_id"]),
-            Trigger=-1 if m["trigger"] is None else int(m["trigger"]),
-            CaptureTime=utc(m["t_capture_ns"]),
-            DecisionTime=utc(m["t_decision_ns"]),
-            Bundle=str(m["bundle"]),
-            Rejects=self.rejects[name],
-        )
+        shown = self.shown.get(name)
+        if not replayed or (shown is not None and shown[0] == run and seq > shown[1]):  # a recovered older one
+            self.shown[name] = (run, seq)  # does not replace the newest verdict
+            await nodes.write(
+                Verdict=m["verdict"],
+                Score=score_or_nan(m),
+                Threshold=float(m["threshold"]),
+                Seq=seq,
+                FrameId=int(m["frame_id"]),
+                Trigger=trigger_or(m, -1),
+                CaptureTime=utc(m["t_capture_ns"]),
+                DecisionTime=utc(m["t_decision_ns"]),
+                Bundle=str(m["bundle"]),
+            )
+        await nodes.write(Rejects=self.rejects[name])
         if rejected:
             await self._reject_event(m, replayed)
 
     async def _reject_event(self, m: dict[str, Any], replayed: bool) -> None:
-        event, score = self.events.event, m["score"]
+        event = self.events.event
         for name, value in {
             "Run": m["run"],
             "Camera": str(m["camera_id"]),
@@ -207,8 +214,8 @@ class OpcUaView:
             "Bundle": str(m["bundle"]),
             "Seq": int(m["seq"]),
             "FrameId": int(m["frame_id"]),
-            "Trigger": -1 if m["trigger"] is None else int(m["trigger"]),
-            "Score": float("nan") if score is None else float(score),
+            "Trigger": trigger_or(m, -1),
+            "Score": score_or_nan(m),
             "Threshold": float(m["threshold"]),
             "CaptureTime": utc(m["t_capture_ns"]),
             "Replayed": replayed,

@@ -5,11 +5,14 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import os
+import re
 import secrets
 from pathlib import Path
 
 ITERATIONS = 310_000  # OWASP's figure for PBKDF2-HMAC-SHA256
 SCHEME = "pbkdf2_sha256"
+STORED = re.compile(rf"^{SCHEME}\$[0-9]+\$[0-9a-f]+\$[0-9a-f]{{64}}$")
 
 
 def hash_password(password: str, iterations: int = ITERATIONS) -> str:
@@ -19,9 +22,10 @@ def hash_password(password: str, iterations: int = ITERATIONS) -> str:
 
 
 def verify_password(password: str, stored: str) -> bool:
-    scheme, iterations, salt, digest = stored.split("$")
-    if scheme != SCHEME:
+    """False for a wrong password, and for anything but a stored hash of this scheme."""
+    if not STORED.match(stored) or len(stored.split("$")[2]) % 2:
         return False
+    _, iterations, salt, digest = stored.split("$")
     got = hashlib.pbkdf2_hmac("sha256", password.encode(), bytes.fromhex(salt), int(iterations)).hex()
     return hmac.compare_digest(got, digest)
 
@@ -37,8 +41,7 @@ def load_users(path: Path) -> dict[str, str]:
         if not line.strip() or line.lstrip().startswith("#"):
             continue
         name, _, stored = line.strip().partition(":")
-        parts = stored.split("$")
-        if not name or len(parts) != 4 or parts[0] != SCHEME or not parts[1].isdigit():
+        if not name or not STORED.match(stored) or len(stored.split("$")[2]) % 2:
             raise ValueError(f"{path}:{number}: expected NAME:{SCHEME}$ITERATIONS$SALT$HASH (linewatch-plc add-user)")
         users[name] = stored
     if not users:
@@ -52,5 +55,9 @@ def add_user(path: Path, name: str, password: str) -> None:
         raise ValueError(f"user name {name!r}: expected a name without ':' or surrounding spaces")
     lines = path.read_text().splitlines() if path.is_file() else []
     kept = [line for line in lines if line.partition(":")[0].strip() != name]
-    path.write_text("\n".join([*kept, f"{name}:{hash_password(password)}"]) + "\n")
-    path.chmod(0o600)
+    text = "\n".join([*kept, f"{name}:{hash_password(password)}"]) + "\n"
+    part = path.with_name(f".{path.name}.part")  # made owner-only before a byte is written, then renamed
+    fd = os.open(part, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    part.replace(path)

@@ -13,6 +13,7 @@ from edge.bundle import read_bundle_file
 from pipeline.app.cli import main
 from pipeline.app.config import ConfigError, config_from_dict
 from pipeline.app.library import BundleLibrary, resolve_bundles
+from pipeline.store.verdicts import VerdictStore, sqlite_url
 
 
 def test_add_names_the_file_by_its_content_hash_once_and_list_shows_it(
@@ -98,3 +99,21 @@ def test_run_by_hash_decides_with_that_bundle(
     with sqlite3.connect(tmp_path / "data" / "verdicts.sqlite") as db:
         bundles = db.execute("SELECT bundle, count(*) FROM verdicts GROUP BY bundle").fetchall()
     assert summary["verdicts"] > 0 and bundles == [(digest, summary["verdicts"])]
+
+
+def test_a_run_by_hash_needs_store_path_and_the_store_commands_find_it_there(
+    bundle_path: Path, tmp_path: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    library = BundleLibrary(tmp_path / "library")
+    digest = library.add(bundle_path)
+    config = tmp_path / "c.yaml"
+    config.write_text(json.dumps({"pipeline": {"bundle_library": str(library.folder)}, "metrics": {"port": 0}}))
+    for argv in (["run", "--source", "camera:0"], ["history"]):
+        assert main([*argv, "--config", str(config), "--bundle", f"sha256:{digest}"]) == 2
+        (line,) = capfd.readouterr().err.strip().splitlines()[-1:]
+        assert "store.path: not set, and the bundle is named by hash" in line  # the library is shared by lines
+    data = tmp_path / "data"
+    data.mkdir()
+    VerdictStore(sqlite_url(data / "verdicts.sqlite")).close()
+    config.write_text(json.dumps({"pipeline": {"bundle_library": str(library.folder)}, "store": {"path": str(data)}}))
+    assert main(["history", "--config", str(config), "--bundle", f"sha256:{digest}"]) == 0

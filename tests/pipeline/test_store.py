@@ -414,10 +414,12 @@ def test_an_upgrade_that_fails_is_refused_in_one_line(tmp_path: Path) -> None:
 
 def test_lines_sharing_one_database_each_write_their_line_and_read_only_their_own(store_url: str) -> None:
     from pipeline.selftest import SelfTestResult
+    from pipeline.store.reviews import Reviews
     from pipeline.store.selftests import SelfTestLog
     from pipeline.store.switches import BundleSwitch, SwitchLog
 
     line_a, line_b = VerdictStore(store_url, line="line-a"), VerdictStore(store_url, line="line-b")
+    LABEL = "false_reject"  # seq 1 is a reject
     try:
         for store, run, n in ((line_a, "run-a", 12), (line_b, "run-b", 7)):
             store.start_run(run, "hash", "/data/line.pt", {}, T0)
@@ -431,6 +433,9 @@ def test_lines_sharing_one_database_each_write_their_line_and_read_only_their_ow
         assert [r["run_id"] for r in line_a.runs_list()] == ["run-a"] and line_b.run_record("run-a") is None
         assert [s.run_id for s in SwitchLog(line_b).recent()] == ["run-b"]
         assert [run for run, _ in SelfTestLog(line_a).recent()] == ["run-a"]
+        for store, run in ((line_a, "run-a"), (line_b, "run-b")):
+            Reviews(store).add_label(run, 1, LABEL, "", "alice", T0)
+        assert [v.run for v in Reviews(line_b).labelled(LABEL)] == ["run-b"]  # reviews: this line's verdicts
         engine = create_engine(store_url)
         with engine.connect() as conn:  # and every row says whose it is
             for table in ("runs", "verdicts", "bundle_switches", "selftests"):

@@ -47,6 +47,7 @@ class SecureGateway:
     server: Identity
     trusted: Identity
     stranger: Identity
+    process: subprocess.Popen[bytes]
 
 
 @pytest.fixture(scope="module")
@@ -71,7 +72,7 @@ def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SecureGateway]
         while "OPC UA on" not in (tmp / "gateway.log").read_text():
             assert proc.poll() is None and time.monotonic() < deadline, (tmp / "gateway.log").read_text()
             time.sleep(0.1)
-        yield SecureGateway(endpoint, server, trusted, stranger)
+        yield SecureGateway(endpoint, server, trusted, stranger, proc)
     finally:
         proc.terminate()
         proc.wait(10)
@@ -105,19 +106,51 @@ def test_a_trusted_client_with_a_known_login_reads_the_line(gateway: SecureGatew
 
 
 @pytest.mark.parametrize(
-    "who, user, password",
+    "who, user, password, refusal",
     [
-        ("none", None, None),
-        ("trusted", None, None),
-        ("trusted", "alice", "wrong"),
-        ("trusted", "mallory", PASSWORD),
-        ("stranger", "alice", PASSWORD),
+        ("none", None, None, "No matching endpoints"),  # the endpoint offers Basic256Sha256 only
+        ("trusted", None, None, "BadIdentityTokenRejected"),
+        ("trusted", "alice", "wrong", "BadUserAccessDenied"),
+        ("trusted", "mallory", PASSWORD, "BadUserAccessDenied"),
+        ("stranger", "alice", PASSWORD, "BadCertificateUntrusted"),
     ],
     ids=["no-security", "anonymous", "wrong-password", "unknown-user", "untrusted-certificate"],
 )
 def test_anything_less_gets_no_session(
-    gateway: SecureGateway, who: str, user: str | None, password: str | None
+    gateway: SecureGateway, who: str, user: str | None, password: str | None, refusal: str
 ) -> None:
     identity = {"none": None, "trusted": gateway.trusted, "stranger": gateway.stranger}[who]
-    with pytest.raises((ua.UaError, OSError, TimeoutError, asyncio.TimeoutError)):
+    with pytest.raises(ua.UaError, match=refusal):
         asyncio.run(read_line(gateway, identity, user, password))
+    assert gateway.process.poll() is None  # refused, and still serving
+    assert asyncio.run(read_line(gateway, gateway.trusted, "alice", PASSWORD))["LinewatchOk"] is False
+
+
+@pytest.mark.parametrize(
+    "args, expected",
+    [
+        (["--users", "users.txt"], "--users and --trusted-clients need --certificate"),
+        (["--trusted-clients", "clients"], "--users and --trusted-clients need --certificate"),
+        (["--certificate", "server.der"], "--certificate and --private-key go together"),
+    ],
+)
+def test_an_endpoint_that_would_send_passwords_in_clear_is_refused_at_start(args: list[str], expected: str) -> None:
+    env = {**os.environ, "PYTHONPATH": str(REPO / "plc")}
+    done = subprocess.run(
+        [sys.executable, "-m", "linewatch_plc.cli", "opcua", *args], capture_output=True, text=True, env=env
+    )
+    assert done.returncode == 2 and expected in done.stderr.strip().splitlines()[-1]
+
+
+def test_a_users_file_with_a_malformed_line_is_refused_naming_the_line(tmp_path: Path) -> None:
+    from linewatch_plc.users import add_user, load_users, verify_password
+
+    users = tmp_path / "users.txt"
+    add_user(users, "alice", PASSWORD)
+    assert users.stat().st_mode & 0o777 == 0o600
+    (stored,) = load_users(users).values()
+    assert verify_password(PASSWORD, stored) and not verify_password("nope", stored)
+    assert not verify_password(PASSWORD, "pbkdf2_sha256$1000$zz$" + "0" * 64)  # not a hash: no login, no crash
+    users.write_text(users.read_text() + "bob:pbkdf2_sha256$1000$nothex$" + "0" * 64 + "\n")
+    with pytest.raises(ValueError, match=rf"^{users}:2: expected NAME:pbkdf2_sha256"):
+        load_users(users)
