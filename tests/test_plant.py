@@ -1,6 +1,7 @@
 """The plant view: the plant Prometheus's recording rules (unit-tested with promtool), the plant dashboard, and
 a plant simulated on this machine (bench/plant_bench.py): four `linewatch run` lines sharing one PostgreSQL,
-scraped by one real Prometheus, whose aggregates must equal the lines' own counters and store rows."""
+each scraped by its own Prometheus, federated by the plant's (deploy/plant/prometheus.yml), whose aggregates
+must equal the lines' own counters and store rows."""
 
 from __future__ import annotations
 
