@@ -3,15 +3,12 @@
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
-from postgres_server import postgres_server, server_binaries
-from sqlalchemy import create_engine, text
-from sqlalchemy.engine import make_url
+from postgres_server import new_database, postgres_server, server_binaries
 
 from calibration.calibrate import calibrate
 from calibration.datasets import normal_frames
@@ -79,10 +76,4 @@ def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     """An empty store database of each kind: a new SQLite file, or a new database on the server."""
     if request.param == "sqlite":
         return f"sqlite:///{tmp_path / 'store.db'}"
-    server = request.getfixturevalue("postgres_url")
-    name = f"store_{uuid.uuid4().hex[:12]}"
-    admin = create_engine(server, isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(text(f"CREATE DATABASE {name}"))
-    admin.dispose()
-    return make_url(server).set(database=name).render_as_string(hide_password=False)
+    return new_database(request.getfixturevalue("postgres_url"), "store")

@@ -10,6 +10,7 @@ import os
 import shutil
 import subprocess
 import tempfile
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -67,3 +68,16 @@ def postgres_server(bin_dir: Path) -> Iterator[str]:
         yield server.url
     finally:
         server.remove()
+
+
+def new_database(server_url: str, prefix: str) -> str:
+    """The URL of a new, empty database on the server at `server_url`."""
+    from sqlalchemy import create_engine, text
+    from sqlalchemy.engine import make_url
+
+    name = f"{prefix}_{uuid.uuid4().hex[:12]}"
+    admin = create_engine(server_url, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(text(f"CREATE DATABASE {name}"))
+    admin.dispose()
+    return make_url(server_url).set(database=name).render_as_string(hide_password=False)

@@ -9,13 +9,11 @@ import json
 import re
 import shutil
 import subprocess
-import uuid
 from pathlib import Path
 
 import pytest
 import yaml
-from sqlalchemy import create_engine, text
-from sqlalchemy.engine import make_url
+from postgres_server import new_database
 
 from tests.test_bench_scripts import load
 from tests.test_deploy import exported_names
@@ -132,12 +130,7 @@ def test_the_plant_dashboard_shows_every_line_from_the_plant_rules_and_opens_a_l
 
 @pytest.fixture()
 def plant_database(postgres_url: str) -> str:
-    name = f"plant_{uuid.uuid4().hex[:12]}"
-    admin = create_engine(postgres_url, isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(text(f"CREATE DATABASE {name}"))
-    admin.dispose()
-    return make_url(postgres_url).set(database=name).render_as_string(hide_password=False)
+    return new_database(postgres_url, "plant")
 
 
 @needs_prometheus

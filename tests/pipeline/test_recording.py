@@ -22,6 +22,7 @@ import cv2
 import numpy as np
 import pytest
 from postgres_server import PostgresServer, server_binaries
+from store_helpers import stored_messages
 from test_runtime import Subscriber, _alive, _ppid
 
 from calibration.datasets import MVTecCategory
@@ -46,14 +47,6 @@ def store_config(data: Path, url: str | None = None, **store: Any) -> Config:
             "store": {"path": str(data), "url": url, **store},
         }
     )
-
-
-def stored_messages(url: str, run: str) -> list[dict[str, Any]]:
-    store = VerdictStore(url)
-    try:
-        return [json.loads(v.message()[1]) for v in store.range(run, 1, 10**9)]
-    finally:
-        store.close()
 
 
 def test_every_published_verdict_is_stored_once_with_the_images_of_rejects(

@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from postgres_server import new_database
 from sqlalchemy import BigInteger, Column, Connection, create_engine, inspect, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import SQLAlchemyError
@@ -458,12 +459,7 @@ def open_store_in_a_process(url: str, line: str) -> None:
 
 def test_boxes_starting_together_on_one_empty_postgresql_all_open_it(postgres_url: str) -> None:
     """A plant's lines started at once on a new database: the schema is made once, and no box fails."""
-    name = f"plant_{os.getpid()}_{time.monotonic_ns()}"
-    admin = create_engine(postgres_url, isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(text(f"CREATE DATABASE {name}"))
-    admin.dispose()
-    url = make_url(postgres_url).set(database=name).render_as_string(hide_password=False)
+    url = new_database(postgres_url, "plant")
     context = mp.get_context("spawn")
     boxes = [context.Process(target=open_store_in_a_process, args=(url, f"line-{i}")) for i in range(6)]
     for box in boxes:

@@ -22,10 +22,10 @@ from typing import Any
 import pytest
 from asyncua import Client, ua
 from pymodbus.client import ModbusTcpClient
+from store_helpers import stored_messages
 
 from linewatch_plc import modbus as mb
 from pipeline.app.ports import free_port
-from pipeline.store.verdicts import VerdictStore
 
 REPO = Path(__file__).resolve().parents[2]
 CAMERA = "top"
@@ -215,14 +215,6 @@ def scenario(bundle_path: Path, small_category: Path, tmp_path_factory: pytest.T
                 proc.wait(10)
             except subprocess.TimeoutExpired:
                 proc.kill()
-
-
-def stored_messages(url: str, run: str) -> list[dict[str, Any]]:
-    store = VerdictStore(url)
-    try:
-        return [json.loads(v.message()[1]) for v in store.range(run, 1, 10**9)]
-    finally:
-        store.close()
 
 
 def wait_for_rejects(url: str, line: subprocess.Popen[bytes], at_least: int) -> str:
