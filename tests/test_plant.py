@@ -39,15 +39,15 @@ def test_the_plant_rules_sum_each_line_and_the_plant_from_the_lines_series(tmp_p
     for n in range(1, 5):
         cameras = ("top", "side") if n == 2 else ("top",)
         for camera in cameras:
-            labels = f'plant="plant-a", line="line-{n}", instance="box{n}:9108", job="linewatch", camera="{camera}"'
+            labels = f'plant="plant-a", line="line-{n}", instance="linewatch:9108", job="linewatch", camera="{camera}"'
             series.append({"series": f'linewatch_frames_total{{{labels}, verdict="pass"}}', "values": "0+15x40"})
             series.append({"series": f'linewatch_frames_total{{{labels}, verdict="reject"}}', "values": "0+1.5x40"})
-        box = f'plant="plant-a", line="line-{n}", instance="box{n}:9108", job="linewatch"'
+        box = f'plant="plant-a", line="line-{n}", instance="linewatch:9108", job="linewatch"'
         series.append({"series": f"linewatch_up{{{box}}}", "values": "1x40"})
         series.append({"series": f"linewatch_ready{{{box}}}", "values": ("0x40" if n == 4 else "1x40")})
         series.append({"series": f"up{{{box}}}", "values": "1x40"})
     series.append(
-        {"series": 'up{plant="plant-a", line="line-5", instance="box5:9108", job="linewatch"}', "values": "0x40"}
+        {"series": 'up{plant="plant-a", line="line-5", instance="linewatch:9108", job="linewatch"}', "values": "0x40"}
     )
     series.append({"series": 'up{instance="box6:9090", job="linewatch-federate"}', "values": "0x40"})
     line = {"plant": "plant-a"}

@@ -74,7 +74,7 @@ def _store_location(args: argparse.Namespace) -> StoreLocation:
 
     config = load_config(args.config)  # not _config: no override and no torch for a read of the store
     bundle = args.bundle or config.pipeline.bundle
-    if names_by_hash(str(bundle)) and args.data is None:  # the data folder is store.path's, not the library's
+    if names_by_hash(str(bundle)) and args.data is None and args.store_url is None:  # store.path's, not the library's
         check_data_folder(with_overrides(config, {"pipeline.bundle": str(bundle)}))
         bundle = None
     return locate(config.store, bundle, args.data, args.store_url)
@@ -301,10 +301,12 @@ def cmd_run(args: argparse.Namespace) -> int:
     config = _config(args)
     if args.bundle is not None:  # --bundle may name a library bundle by hash too
         config = with_overrides(config, {"pipeline.bundle": str(args.bundle)})
-    check_data_folder(config)
+    sources = tuple(SourceConfig(spec=s) for s in args.source) if args.source else config.pipeline.sources
+    check_data_folder(config, sources)
     config = resolve_bundles(config)
     bundle = config.pipeline.bundle
-    sources = tuple(SourceConfig(spec=s) for s in args.source) if args.source else config.pipeline.sources
+    if not args.source:
+        sources = config.pipeline.sources  # their bundles named by hash, now files
     if bundle is None and not (sources and all(s.bundle for s in sources)):
         raise ConfigError("pipeline.bundle: no bundle given (pass --bundle, set it, or name one per source)")
     pipeline = Pipeline(

@@ -13,10 +13,12 @@ import dataclasses
 import os
 import re
 import shutil
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline.app.config import Config, ConfigError
+from pipeline.settings import SourceConfig
 
 REFERENCE = re.compile(r"^sha256:([0-9a-f]{64})$")
 
@@ -93,12 +95,14 @@ def names_by_hash(value: str | None) -> bool:
     return value is not None and value.strip().startswith("sha256:")
 
 
-def check_data_folder(config: Config) -> None:
-    """A bundle named by hash lives in a library shared by lines: its folder is no place for one line's data, so
-    store.path must say where that goes. ConfigError otherwise."""
+def check_data_folder(config: Config, sources: Sequence[SourceConfig] | None = None) -> None:
+    """The data folder goes beside the run's main bundle (pipeline.bundle, else the first source's) unless
+    store.path says where. A main bundle named by hash lives in a library shared by lines, no place for one
+    line's data: then store.path must be set. ConfigError otherwise."""
     p = config.pipeline
-    named = [p.bundle, *(s.bundle for s in p.sources)]
-    if config.store.path is None and any(names_by_hash(b) for b in named):
+    sources = p.sources if sources is None else sources
+    main = p.bundle or (sources[0].bundle if sources else None)
+    if config.store.enabled and config.store.path is None and names_by_hash(main):
         raise ConfigError("store.path: not set, and the bundle is named by hash (its library folder is shared)")
 
 

@@ -66,7 +66,9 @@ def build_parser() -> argparse.ArgumentParser:
     follow_options(modbus)
     modbus.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     modbus.add_argument("--port", type=int, default=502, help="TCP port (default 502)")
-    modbus.add_argument("--device-id", type=int, default=1, help="Modbus device (unit) id (default 1)")
+    modbus.add_argument(
+        "--device-id", type=int, default=1, help="Modbus unit id (default 1; 0: answer every unit id)"
+    )
     modbus.add_argument("--camera", action="append", default=[], help="camera k's register block, in order (repeat)")
     modbus.add_argument("--pulse-ms", type=float, default=50.0, help="reject coil pulse length (default 50 ms)")
     add_user = commands.add_parser("add-user", help="add an OPC UA login (password read from stdin or a prompt)")
@@ -84,8 +86,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         parser.error("--certificate and --private-key go together")
     if args.command == "opcua" and args.certificate is None and (args.users or args.trusted_clients):
         parser.error("--users and --trusted-clients need --certificate: without it passwords travel in clear")
-    if args.command == "modbus" and not 0 <= args.device_id <= 247:
-        parser.error(f"--device-id {args.device_id}: expected a Modbus unit id, 0 to 247")
+    if args.command == "modbus" and not 0 <= args.device_id <= 255:
+        parser.error(f"--device-id {args.device_id}: expected a Modbus unit id, 0 to 255")
     if args.command == "opcua" and args.event_history < 0:
         parser.error("--event-history must be 0 or more")
     if args.command == "modbus" and args.pulse_ms <= 0:

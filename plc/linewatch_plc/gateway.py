@@ -5,10 +5,12 @@ The follower's socket loop is synchronous (zmq.Poller); the protocol servers are
 `QueueGate` posts typed events into the event loop (`call_soon_threadsafe`), and one consumer applies them in
 the order they were decided; a `tick` every TICK_S lets the view time its pulses.
 
-Delivery. The follower's state goes through the same queue (`Checkpoint`) and is written to the state file
-only once every event before it has been applied and the view is idle (a Modbus view: no reject waiting for
-its pulse). A gateway that crashes therefore hands on again what it had not delivered (at least once); a
-stopped one first finishes the pulses it owes, for up to DRAIN_S.
+Delivery. The follower's state goes through the same queue (`Checkpoint`). When it comes out, the view marks
+what it owes the PLC so far (`mark`: for Modbus, how many rejects each coil had been given); the state is
+written once the view has delivered up to that mark (each of those pulses ended). A backlog therefore delays
+a checkpoint only until the rejects before it are pulsed, not until the queues run dry. A gateway that
+crashes hands on again what it had not delivered (at least once); a stopped one first finishes the pulses
+it owes, for up to DRAIN_S.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import asyncio
 import signal
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -57,6 +60,17 @@ Event = Part | Beat | FailSafe
 Posted = Event | Checkpoint | Done
 
 
+def shows_newer(shown: tuple[str, int] | None, message: dict[str, Any], replayed: bool, run: str | None) -> bool:
+    """Whether a camera's display should move from the verdict `shown` (run, seq) to `message`: a live one
+    always; a recovered one when nothing is shown, when it is later in the shown run, or when it belongs to
+    the run linewatch's heartbeat names (`run`) and the shown one does not."""
+    if not replayed or shown is None:
+        return True
+    if message["run"] == shown[0]:
+        return int(message["seq"]) > shown[1]
+    return message["run"] == run
+
+
 def score_or_nan(message: dict[str, Any]) -> float:
     """The message's score; NaN for a part that could not be scored."""
     return float("nan") if message["score"] is None else float(message["score"])
@@ -76,8 +90,11 @@ class LineView(Protocol):
     async def tick(self, now: float) -> None:
         """The clock (monotonic s), every TICK_S: pulses end on it."""
 
-    def idle(self) -> bool:
-        """Everything applied so far has reached the PLC side (nothing waits for a pulse)."""
+    def mark(self) -> Any:
+        """What has been handed to the view so far, to ask `reached` about later."""
+
+    def reached(self, mark: Any) -> bool:
+        """Everything handed to the view up to `mark` has reached the PLC side."""
 
 
 class QueueGate:
@@ -139,8 +156,9 @@ async def run_gateway(view: LineView, settings: FollowSettings) -> None:
 
 
 async def consume(view: LineView, queue: asyncio.Queue[Posted], settings: FollowSettings) -> None:
-    """Apply what the follower posts until it is done; write each checkpoint once the view is idle behind it."""
-    pending: dict[str, Any] | None = None
+    """Apply what the follower posts until it is done; write each checkpoint once the view has delivered what
+    came before it."""
+    pending: deque[tuple[Any, dict[str, Any]]] = deque()  # (view's mark, state), oldest first
     while True:
         try:
             item = await asyncio.wait_for(queue.get(), TICK_S)
@@ -149,18 +167,24 @@ async def consume(view: LineView, queue: asyncio.Queue[Posted], settings: Follow
         if isinstance(item, Done):
             break
         if isinstance(item, Checkpoint):
-            pending = item.state
+            pending.append((view.mark(), item.state))
         elif item is not None:
             await view.apply(item)
         await view.tick(time.monotonic())
-        if pending is not None and view.idle():
-            settings.state.save(pending)
-            pending = None
+        write_reached(view, pending, settings)
     drain_until = time.monotonic() + DRAIN_S
-    while not view.idle() and time.monotonic() < drain_until:
+    while pending and time.monotonic() < drain_until:
         await asyncio.sleep(TICK_S)
         await view.tick(time.monotonic())
-    if pending is not None and view.idle():
-        settings.state.save(pending)
-    elif pending is not None:
-        emit(["stopped with rejects still waiting for their pulse: they are handed on again at the next start"])
+        write_reached(view, pending, settings)
+    if pending:
+        emit(["stopped with rejects not yet pulsed: they are handed on again at the next start"])
+
+
+def write_reached(view: LineView, pending: deque[tuple[Any, dict[str, Any]]], settings: FollowSettings) -> None:
+    """Write the newest checkpoint the view has delivered up to, and forget it and the ones before it."""
+    reached = None
+    while pending and view.reached(pending[0][0]):
+        reached = pending.popleft()[1]
+    if reached is not None:
+        settings.state.save(reached)

@@ -47,7 +47,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from linewatch_plc.gateway import Beat, Event, FailSafe, Part, score_or_nan, trigger_or
+from linewatch_plc.gateway import Beat, Event, FailSafe, Part, score_or_nan, shows_newer, trigger_or
 
 COIL_OK, COIL_TOGGLE, COIL_FAILSAFE, COIL_DEGRADED = 0, 1, 2, 3
 COIL_REJECT, COIL_LATE_REJECT = 16, 32
@@ -113,7 +113,8 @@ class PulseOutput:
     on_until: float = 0.0  # the pulse in progress ends then (monotonic s); 0: none
     free_at: float = 0.0  # the next pulse may start then
     held: bool = False  # held on by the fail-safe
-    count: int = 0
+    count: int = 0  # rejects given to this coil
+    pulsed: int = 0  # of them, pulses ended
 
 
 @dataclass
@@ -167,17 +168,25 @@ class ModbusView:
         elif isinstance(event, FailSafe):
             self._failsafe(event.active)
 
-    def idle(self) -> bool:
-        """No reject is waiting for its pulse."""
-        return not any(b.live.waiting or b.late.waiting for b in self.blocks.values())
+    def outputs(self) -> list[PulseOutput]:
+        return [out for block in self.blocks.values() for out in (block.live, block.late)]
+
+    def mark(self) -> tuple[int, ...]:
+        """How many rejects each coil has been given so far."""
+        return tuple(out.count for out in self.outputs())
+
+    def reached(self, mark: tuple[int, ...]) -> bool:
+        """Every reject given up to `mark` has had its pulse end, or waits on a coil the fail-safe holds on (its
+        part is rejected with every other; it still gets its own pulse once the fail-safe ends)."""
+        outputs = zip(self.outputs(), mark, strict=True)
+        return all(out.pulsed + (len(out.waiting) if out.held else 0) >= given for out, given in outputs)
 
     def _part(self, message: dict[str, Any], replayed: bool) -> None:
         block = self.block_of(str(message["camera_id"]))
         if block is None:
             return
-        run, seq = message["run"], int(message["seq"])
-        newest = not replayed or (block.shown is not None and block.shown[0] == run and seq > block.shown[1])
-        if newest:
+        seq = int(message["seq"])
+        if shows_newer(block.shown, message, replayed, self.run):
             self._show(block, message)
         if message["verdict"] != "pass":
             out = block.late if replayed else block.live
@@ -229,6 +238,7 @@ class ModbusView:
         img = self.image
         if out.on_until and now >= out.on_until:
             out.on_until, out.free_at = 0.0, now + self.pulse_s
+            out.pulsed += 1
         if held != out.held:
             out.held = held
             if not held:

@@ -48,7 +48,7 @@ from asyncua.crypto.validator import CertificateValidator
 from asyncua.crypto.validator import CertificateValidatorOptions as Check
 from asyncua.server.event_generator import EventGenerator
 
-from linewatch_plc.gateway import Beat, Event, FailSafe, Part, score_or_nan, trigger_or
+from linewatch_plc.gateway import Beat, Event, FailSafe, Part, score_or_nan, shows_newer, trigger_or
 from linewatch_plc.users import verify_password
 
 NAMESPACE = "urn:linewatch:plc"
@@ -145,6 +145,7 @@ class OpcUaView:
         self.cameras: dict[str, Nodes] = {}
         self.rejects: dict[str, int] = {}
         self.shown: dict[str, tuple[str, int]] = {}  # camera -> (run, seq) of the verdict its nodes show
+        self.run: str | None = None  # the run linewatch's last heartbeat named
 
     async def build(self, server: Server, idx: int) -> None:
         self.idx = idx
@@ -179,7 +180,10 @@ class OpcUaView:
     async def tick(self, now: float) -> None:
         pass
 
-    def idle(self) -> bool:
+    def mark(self) -> None:
+        return None
+
+    def reached(self, mark: None) -> bool:
         return True  # events go out as they are applied
 
     async def _part(self, m: dict[str, Any], replayed: bool) -> None:
@@ -187,9 +191,8 @@ class OpcUaView:
         nodes = await self.camera(name)
         rejected = m["verdict"] != "pass"
         self.rejects[name] += rejected
-        shown = self.shown.get(name)
-        if not replayed or (shown is not None and shown[0] == run and seq > shown[1]):  # a recovered older one
-            self.shown[name] = (run, seq)  # does not replace the newest verdict
+        if shows_newer(self.shown.get(name), m, replayed, self.run):  # a recovered older one stays behind
+            self.shown[name] = (run, seq)
             await nodes.write(
                 Verdict=m["verdict"],
                 Score=score_or_nan(m),
@@ -227,6 +230,7 @@ class OpcUaView:
 
     async def _heartbeat(self, beat: Beat) -> None:
         hb = beat.heartbeat
+        self.run = hb.run
         await self.line.write(
             LinewatchOk=True,
             Health=hb.health,

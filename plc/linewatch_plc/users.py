@@ -12,7 +12,7 @@ from pathlib import Path
 
 ITERATIONS = 310_000  # OWASP's figure for PBKDF2-HMAC-SHA256
 SCHEME = "pbkdf2_sha256"
-STORED = re.compile(rf"^{SCHEME}\$[0-9]+\$[0-9a-f]+\$[0-9a-f]{{64}}$")
+STORED = re.compile(rf"^{SCHEME}\$[0-9]{{4,8}}\$[0-9a-f]+\$[0-9a-f]{{64}}$")  # 1,000 to 99,999,999 iterations
 
 
 def hash_password(password: str, iterations: int = ITERATIONS) -> str:
@@ -57,7 +57,8 @@ def add_user(path: Path, name: str, password: str) -> None:
     kept = [line for line in lines if line.partition(":")[0].strip() != name]
     text = "\n".join([*kept, f"{name}:{hash_password(password)}"]) + "\n"
     part = path.with_name(f".{path.name}.part")  # made owner-only before a byte is written, then renamed
-    fd = os.open(part, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    part.unlink(missing_ok=True)  # a leftover (or a link planted there) is not written through
+    fd = os.open(part, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "w") as f:
         f.write(text)
     part.replace(path)

@@ -117,3 +117,20 @@ def test_a_run_by_hash_needs_store_path_and_the_store_commands_find_it_there(
     VerdictStore(sqlite_url(data / "verdicts.sqlite")).close()
     config.write_text(json.dumps({"pipeline": {"bundle_library": str(library.folder)}, "store": {"path": str(data)}}))
     assert main(["history", "--config", str(config), "--bundle", f"sha256:{digest}"]) == 0
+
+
+def test_only_a_main_bundle_named_by_hash_needs_store_path(bundle_path: Path, tmp_path: Path) -> None:
+    from pipeline.app.library import check_data_folder
+    from pipeline.settings import SourceConfig
+
+    library = BundleLibrary(tmp_path / "library")
+    ref = f"sha256:{library.add(bundle_path)}"
+    cameras = [{"spec": "camera:0", "id": "top"}, {"spec": "camera:1", "id": "side", "bundle": ref}]
+    plain_main = config_from_dict({"pipeline": {"bundle": str(bundle_path), "sources": cameras}})
+    check_data_folder(plain_main)  # the data folder goes beside the plain main bundle
+    without_store = config_from_dict({"pipeline": {"bundle": ref}, "store": {"enabled": False}})
+    check_data_folder(without_store)  # nothing is stored
+    first_by_hash = config_from_dict({"pipeline": {"sources": list(reversed(cameras))}})
+    with pytest.raises(ConfigError, match="store.path: not set"):
+        check_data_folder(first_by_hash)
+    check_data_folder(first_by_hash, (SourceConfig(spec="camera:0"),))  # --source replaced them
