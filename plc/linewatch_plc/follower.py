@@ -559,7 +559,11 @@ class ReplayClient:
     def _connect(self) -> zmq.Socket:
         sock = self.ctx.socket(zmq.REQ)
         sock.setsockopt(zmq.LINGER, 0)
-        sock.connect(self.address)
+        try:
+            sock.connect(self.address)
+        except zmq.ZMQError:
+            sock.close()  # an open socket would hold the context's term() forever
+            raise
         return sock
 
     def send(self, request: ReplayRequest, now: float) -> bool:
@@ -663,9 +667,10 @@ def follow(
     sub.setsockopt(zmq.LINGER, 0)
     for topic in ("",) if follower.follow_all else (*REJECT_TOPICS, HEARTBEAT_TOPIC):
         sub.setsockopt(zmq.SUBSCRIBE, topic.encode())
-    replay = ReplayClient(ctx, replay_address) if replay_address else None
+    replay = None
     try:
-        sub.connect(address)
+        replay = connected(lambda: ReplayClient(ctx, replay_address), "--replay-address", replay_address)
+        connected(lambda: sub.connect(address), "--address", address)
         serve(follower, sub, replay, state, stop, end)
     finally:
         state.save(follower.state())
@@ -673,6 +678,16 @@ def follow(
         if replay is not None:
             replay.close()
         ctx.term()
+
+
+def connected(connect: Any, option: str, address: str) -> Any:
+    """`connect()`'s result; ValueError naming the option for an address ZeroMQ cannot use."""
+    if option == "--replay-address" and not address:
+        return None
+    try:
+        return connect()
+    except zmq.ZMQError as exc:
+        raise ValueError(f"{option} {address!r}: not a ZeroMQ endpoint ({exc}); e.g. tcp://10.0.3.20:5556") from None
 
 
 def resume(follower: Follower, state: StateFile, now: float) -> list[str]:

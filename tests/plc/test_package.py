@@ -10,6 +10,8 @@ import venv
 import zipfile
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[2]
 PACKAGE = REPO / "plc" / "linewatch_plc"
 ALLOWED = {"zmq": None, "asyncua": "opcua.py", "pymodbus": "modbus.py"}  # library -> the one module using it
@@ -84,3 +86,14 @@ def test_the_wheel_built_from_plc_holds_only_linewatch_plc_and_needs_no_numpy_or
     proc = subprocess.run([python, "-c", script], capture_output=True, text=True, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "numpy absent"  # the venv really lacks it
+
+
+@pytest.mark.parametrize("option", ["--address", "--replay-address"])
+@pytest.mark.parametrize("command", ["log", "modbus"])
+def test_an_address_zeromq_cannot_use_is_refused_in_one_line(command: str, option: str) -> None:
+    args = [command, option, "tcp://nowhere", "--duration", "5"] + (["--port", "0"] if command == "modbus" else [])
+    done = subprocess.run(
+        [sys.executable, "-m", "linewatch_plc.cli", *args], capture_output=True, text=True, cwd=REPO / "plc", timeout=60
+    )
+    lines = done.stderr.strip().splitlines()
+    assert done.returncode == 2 and lines[-1].startswith(f"linewatch-plc: {option} 'tcp://nowhere': not a ZeroMQ")
