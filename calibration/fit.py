@@ -152,7 +152,7 @@ def fit_patchcore(
 def fit_padim(
     backbone: FeatureBackbone,
     images: torch.Tensor | FrameStack,
-    n_features: int = 152,
+    n_features: int = 100,
     sigma: float = 4.0,
     batch_size: int = 4,
     seed: int = 0,

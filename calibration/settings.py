@@ -33,10 +33,8 @@ class PatchCoreConfig:
 
 @dataclass(frozen=True)
 class PadimConfig:
-    n_features: int = field(default=152, metadata=bounded(1))
-    """Random subset of feature channels modelled per position (paper: 100 for ResNet18). 152 is every channel of
-    EfficientNet-Lite0's two layers: over 65 categories x 5 seeds it localised better than 100 (PRO +0.018,
-    pixel AUROC +0.005, beyond the seed spread) for about 3 ms more per frame (docs/quality.md, PaDiM)."""
+    n_features: int = field(default=100, metadata=bounded(1))
+    """Random subset of feature channels modelled per position (paper: 100 for ResNet18)."""
 
 
 @dataclass(frozen=True)
