@@ -66,9 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
     follow_options(modbus)
     modbus.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     modbus.add_argument("--port", type=int, default=502, help="TCP port (default 502)")
-    modbus.add_argument(
-        "--device-id", type=int, default=1, help="Modbus unit id (default 1; 0: answer every unit id)"
-    )
+    modbus.add_argument("--device-id", type=int, default=1, help="Modbus unit id (default 1; 0: answer every unit id)")
     modbus.add_argument("--camera", action="append", default=[], help="camera k's register block, in order (repeat)")
     modbus.add_argument("--pulse-ms", type=float, default=50.0, help="reject coil pulse length (default 50 ms)")
     add_user = commands.add_parser("add-user", help="add an OPC UA login (password read from stdin or a prompt)")
