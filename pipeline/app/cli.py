@@ -301,12 +301,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     config = _config(args)
     if args.bundle is not None:  # --bundle may name a library bundle by hash too
         config = with_overrides(config, {"pipeline.bundle": str(args.bundle)})
-    sources = tuple(SourceConfig(spec=s) for s in args.source) if args.source else config.pipeline.sources
-    check_data_folder(config, sources)
+    given = tuple(SourceConfig(spec=s) for s in args.source) if args.source else None  # --source replaces them
+    check_data_folder(config, given)
     config = resolve_bundles(config)
     bundle = config.pipeline.bundle
-    if not args.source:
-        sources = config.pipeline.sources  # their bundles named by hash, now files
+    sources = given or config.pipeline.sources
     if bundle is None and not (sources and all(s.bundle for s in sources)):
         raise ConfigError("pipeline.bundle: no bundle given (pass --bundle, set it, or name one per source)")
     pipeline = Pipeline(

@@ -4,7 +4,7 @@ by hash (`sha256:HASH`), and a line is rolled to another bundle, and back, by ch
 Reading a reference checks the file: its recorded content hash must be HASH, and its content must still
 hash to it (`edge.bundle.read_bundle_file`). Adding copies atomically (write aside, fsync, rename), so a
 reader never sees half a file; a bundle already there is left as it is. edge.bundle (torch) is imported where a
-bundle is read: naming a library file, as the store commands do to find the data folder, needs no torch.
+bundle is read: the store commands check a reference (`check_data_folder`) without torch.
 """
 
 from __future__ import annotations
@@ -78,17 +78,17 @@ class BundleLibrary:
         return found
 
 
-def library_path(value: str, library: str | None, field: str) -> str:
-    """`value` itself, or for `sha256:HASH` the library's file for it, unread (finding the data folder beside
-    it needs no torch); ConfigError naming `field`."""
+def referenced_digest(value: str, library: str | None, field: str) -> str | None:
+    """The HASH of a `sha256:HASH` reference, None for a bundle named by its file; ConfigError naming `field`
+    for a malformed reference or one without pipeline.bundle_library."""
     match = REFERENCE.match(value.strip())
     if match is None:
-        if value.startswith("sha256:"):
+        if names_by_hash(value):
             raise ConfigError(f"{field} = {value!r}: expected sha256: and 64 lowercase hex digits")
-        return value
+        return None
     if library is None:
         raise ConfigError(f"{field} = {value}: a bundle named by hash needs pipeline.bundle_library")
-    return str(BundleLibrary(Path(library)).path_of(match[1]))
+    return match[1]
 
 
 def names_by_hash(value: str | None) -> bool:
@@ -110,11 +110,11 @@ def resolve_reference(value: str, library: str | None, field: str) -> str:
     """`value` itself, or for `sha256:HASH` the library's checked file; ConfigError naming `field`."""
     from edge.bundle import BundleError
 
-    path = library_path(value, library, field)
-    if path == value:
+    digest = referenced_digest(value, library, field)
+    if digest is None or library is None:
         return value
     try:
-        return str(BundleLibrary(Path(library or "")).resolve(Path(path).stem))
+        return str(BundleLibrary(Path(library)).resolve(digest))
     except BundleError as exc:
         raise ConfigError(f"{field} = {value[:19]}…: {exc}") from None
 

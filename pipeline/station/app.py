@@ -226,12 +226,10 @@ class Station:
 
     async def label(self, request: Request) -> Response:
         run, seq = request.path_params["run"], request.path_params["seq"]
-        form = await request.form()
-        if not access.csrf_ok(request, form.get("csrf")):
-            return self.stale_form(request)
-        user = access.user_of(request)
-        if user is None:
-            return self.error(request, 403, "reviewing needs a user: log in first")
+        posted = await self.user_form(request, "reviewing")
+        if isinstance(posted, Response):
+            return posted
+        form, user = posted
         try:
             await run_in_threadpool(
                 self.reviews.add_label, run, seq, str(form.get("label", "")), str(form.get("note", "")), user,
@@ -240,6 +238,17 @@ class Station:
         except ReviewError as exc:
             return self.error(request, 400, str(exc))
         return RedirectResponse(f"/part/{run}/{seq}", status_code=303)
+
+    async def user_form(self, request: Request, what: str) -> tuple[Any, str] | Response:
+        """(form, user) of a form a logged-in user posted; else the page that says why not (a stale form, or
+        `what` needs a user)."""
+        form = await request.form()
+        if not access.csrf_ok(request, form.get("csrf")):
+            return self.stale_form(request)
+        user = access.user_of(request)
+        if user is None:
+            return self.error(request, 403, f"{what} needs a user: log in first")
+        return form, user
 
     async def image(self, request: Request) -> Response:
         kind = request.query_params.get("kind", "frame")
@@ -266,12 +275,10 @@ class Station:
         """A logged-in user puts a camera on a recipe: the same request `linewatch switch` sends."""
         from pipeline.changeover import SwitchRequest, ask_switch
 
-        form = await request.form()
-        if not access.csrf_ok(request, form.get("csrf")):
-            return self.stale_form(request)
-        user = access.user_of(request)
-        if user is None:
-            return self.error(request, 403, "a changeover needs a user: log in first")
+        posted = await self.user_form(request, "a changeover")
+        if isinstance(posted, Response):
+            return posted
+        form, user = posted
         address = self.settings.control_address
         if address is None or self.settings.run is None:
             return self.error(request, 409, "no run on this box takes changeover requests")

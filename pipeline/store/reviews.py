@@ -142,7 +142,7 @@ class Reviews:
         if label not in LABELS:
             raise ReviewError(f"label {label!r}: expected one of {', '.join(LABELS)}")
         c, v = labels.c, verdicts.c
-        mine = and_(v.run_id == c.run_id, v.seq == c.seq, v.line_id == self.store.line)  # this line's verdicts
+        mine = and_(v.run_id == c.run_id, v.seq == c.seq, self.store.mine())  # this line's verdicts
         query = select(c.run_id, c.seq, c.label).where(exists().where(mine)).order_by(c.label_id)
         current: dict[tuple[str, int], str] = {}
         for run, seq, name in self.store.transact(lambda conn: conn.execute(query).all(), write=False):

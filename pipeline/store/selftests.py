@@ -28,7 +28,7 @@ class SelfTestLog:
     def recent(self, limit: int = 20, run: str | None = None) -> list[tuple[str, SelfTestResult]]:
         """(run, result) of the latest self-tests, newest first."""
         c = selftests.c
-        query = select(selftests).where(c.line_id == self.store.line)
+        query = select(selftests).where(self.store.mine(selftests))
         query = query.order_by(c.t_ns.desc(), c.selftest_id.desc()).limit(limit)
         if run is not None:
             query = query.where(c.run_id == run)

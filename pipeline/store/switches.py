@@ -45,7 +45,7 @@ class SwitchLog:
     def recent(self, limit: int = 50, run: str | None = None, camera: str | None = None) -> list[BundleSwitch]:
         """The latest switches (of one run, one camera), newest first."""
         c = bundle_switches.c
-        query = select(bundle_switches).where(c.line_id == self.store.line)
+        query = select(bundle_switches).where(self.store.mine(bundle_switches))
         query = query.order_by(c.requested_ns.desc(), c.switch_id.desc()).limit(limit)
         if run is not None:
             query = query.where(c.run_id == run)

@@ -19,7 +19,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import ColumnElement, Engine, create_engine, event, func, inspect, select, text
+from sqlalchemy import ColumnElement, Engine, Table, create_engine, event, func, inspect, select, text
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import SQLAlchemyError
 
@@ -212,7 +212,7 @@ class VerdictStore:
         self._write(lambda conn: conn.execute(self._insert_new(runs, ["run_id"]), [row]))
 
     def stop_run(self, run: str, stopped_ns: int) -> None:
-        statement = runs.update().where(runs.c.run_id == run, runs.c.line_id == self.line).values(stopped_ns=stopped_ns)
+        statement = runs.update().where(self.mine(runs), runs.c.run_id == run).values(stopped_ns=stopped_ns)
         self._write(lambda conn: conn.execute(statement))
 
     def write(self, batch: Sequence[StoredVerdict]) -> int:
@@ -235,13 +235,13 @@ class VerdictStore:
         return int(self._read(lambda conn: conn.execute(query).scalar_one()))
 
     def run_record(self, run: str) -> dict[str, Any] | None:
-        query = select(runs).where(runs.c.run_id == run, runs.c.line_id == self.line)
+        query = select(runs).where(self.mine(runs), runs.c.run_id == run)
         row = self._read(lambda conn: conn.execute(query).mappings().first())
         return None if row is None else dict(row)
 
     def runs_list(self) -> list[dict[str, Any]]:
         """Every run's row, the newest start first."""
-        query = select(runs).where(runs.c.line_id == self.line).order_by(runs.c.started_ns.desc(), runs.c.run_id)
+        query = select(runs).where(self.mine(runs)).order_by(runs.c.started_ns.desc(), runs.c.run_id)
         return self._read(lambda conn: [dict(r) for r in conn.execute(query).mappings()])
 
     def search(self, f: HistoryFilter) -> list[StoredVerdict]:
@@ -313,9 +313,9 @@ class VerdictStore:
 
         return self._write(work) if by_run else 0
 
-    def mine(self) -> ColumnElement[bool]:
-        """The condition selecting this line's verdicts (a plant database holds other lines' too)."""
-        return verdicts.c.line_id == self.line
+    def mine(self, table: Table = verdicts) -> ColumnElement[bool]:
+        """The condition selecting this line's rows of `table` (a plant database holds other lines' too)."""
+        return table.c.line_id == self.line
 
     def close(self) -> None:
         self.engine.dispose()

@@ -17,7 +17,9 @@ import getpass
 import signal
 import sys
 import threading
+from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 from linewatch_plc.follower import FAILSAFE_ACTIONS, FollowSettings, StateFile, emit, follow, prepare
 from linewatch_plc.gateway import LineView, run_gateway
@@ -131,7 +133,7 @@ async def serve_modbus(args: argparse.Namespace) -> None:
     await follow_into(view, args, server.shutdown)
 
 
-async def follow_into(view: LineView, args: argparse.Namespace, close) -> None:  # noqa: ANN001
+async def follow_into(view: LineView, args: argparse.Namespace, close: Callable[[], Awaitable[Any]]) -> None:
     try:
         await run_gateway(view, settings_of(args))
     finally:

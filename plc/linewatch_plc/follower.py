@@ -669,7 +669,8 @@ def follow(
         sub.setsockopt(zmq.SUBSCRIBE, topic.encode())
     replay = None
     try:
-        replay = connected(lambda: ReplayClient(ctx, replay_address), "--replay-address", replay_address)
+        if replay_address:
+            replay = connected(lambda: ReplayClient(ctx, replay_address), "--replay-address", replay_address)
         connected(lambda: sub.connect(address), "--address", address)
         serve(follower, sub, replay, state, stop, end)
     finally:
@@ -682,8 +683,6 @@ def follow(
 
 def connected(connect: Any, option: str, address: str) -> Any:
     """`connect()`'s result; ValueError naming the option for an address ZeroMQ cannot use."""
-    if option == "--replay-address" and not address:
-        return None
     try:
         return connect()
     except zmq.ZMQError as exc:
